@@ -1,0 +1,64 @@
+"""The public verb: `optimize(unet, config) -> FRDiffUNet`, and the one error it raises.
+
+Invariants:
+- Preconditions are checked here, at the API boundary, and only here: anything but a diffusers
+  `UNet2DConditionModel`, an already optimized UNet, or a `torch.compile`d module raises
+  `UnsupportedModelError` saying what was found, what is supported, and what to do.
+- `optimize` captures nothing itself: graphs are built lazily per input signature on first use, so it is
+  cheap, and nothing runs at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .config import FRDiffConfig
+from .unet import FRDiffUNet
+
+logger = logging.getLogger(__name__)
+
+
+class UnsupportedModelError(TypeError):
+    """`optimize()` was given a model it cannot accelerate; the message says what to do instead."""
+
+
+def _check_model(unet: object) -> None:
+    from diffusers import UNet2DConditionModel
+
+    if isinstance(unet, FRDiffUNet):
+        raise UnsupportedModelError(
+            "optimize() was given an FRDiffUNet: frdiff_compile has already been applied to this UNet. "
+            "Pass the original UNet2DConditionModel (available as `.unet` on the FRDiffUNet), or build a new "
+            "one with a different FRDiffConfig."
+        )
+    if isinstance(unet, torch._dynamo.eval_frame.OptimizedModule):
+        raise UnsupportedModelError(
+            f"optimize() was given a torch.compile'd module wrapping {type(unet._orig_mod).__name__}; "
+            "frdiff_compile must be called before torch.compile. Pass the uncompiled UNet2DConditionModel and "
+            "set FRDiffConfig(compile=True) to compile the keyframe and reuse graphs."
+        )
+    if not isinstance(unet, UNet2DConditionModel):
+        raise UnsupportedModelError(
+            f"optimize() supports diffusers UNet2DConditionModel (SD 1.x, SD 2.x, SDXL), found "
+            f"{type(unet).__module__}.{type(unet).__qualname__}. Pass `pipe.unet` of a Stable Diffusion "
+            "class pipeline."
+        )
+
+
+def optimize(unet: torch.nn.Module, config: FRDiffConfig | None = None) -> FRDiffUNet:
+    """Wrap `unet` so every generation runs FRDiff's keyframe and reuse graphs.
+
+    Use it as `pipe.unet = frdiff_compile.optimize(pipe.unet)`; the pipeline needs no other change.
+    """
+    if config is None:
+        config = FRDiffConfig()
+    if not isinstance(config, FRDiffConfig):
+        raise ValueError(f"config must be an FRDiffConfig, got {type(config).__name__}")
+    _check_model(unet)
+    device = next(unet.parameters()).device
+    compile_graphs = config.compile if config.compile is not None else device.type == "cuda"
+    wrapped = FRDiffUNet(unet, config, compile=compile_graphs)
+    logger.info("frdiff_compile.optimize: %s on %s, compile=%s", config, device, compile_graphs)
+    return wrapped

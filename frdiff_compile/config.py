@@ -1,0 +1,118 @@
+"""Typed, frozen configuration for `frdiff_compile.optimize`.
+
+Invariants:
+- A `FRDiffConfig` is immutable and validated on construction: every invalid field raises `ValueError`
+  naming the field, the value and the allowed range (never an `assert`).
+- It round-trips through JSON (`to_json` / `from_json`) with a `version` field, so a configuration can be
+  stored next to a benchmark result or a tuned keyframe policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+CONFIG_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class FRDiffConfig:
+    """How `optimize` accelerates a UNet.
+
+    Attributes:
+        keyframe_interval: M. Steps 0, M, 2M, ... of a generation run the full UNet and refresh the feature
+            cache; the others reuse it. M=1 reproduces the UNet exactly; M=2 (default) is the paper's
+            quality-preserving setting; M=3 is faster at a measurable quality cost.
+        keyframes: an explicit per-step mask (True = keyframe), e.g. an Auto-FR policy. It overrides
+            `keyframe_interval`, must start with True, and only applies to generations of exactly
+            `len(keyframes)` steps (others raise at call time rather than silently using a wrong schedule).
+        score_mixing: blend the reuse output with the last keyframe output by the weight
+            lambda(i/N) = clip(mix_slope * (i/N - mix_bias) + 0.5, 0, 1); where lambda is 0 the UNet is not
+            called at all. Off = pure feature reuse on every non-keyframe step (slower, sometimes sharper).
+        mix_bias: b. Larger b keeps more early steps as "jumps" on the keyframe output (faster, blurrier);
+            smaller b uses feature reuse earlier.
+        mix_slope: how fast lambda goes from 0 to 1 around b (the paper's tau=30 is slope 7.5).
+        compile: run both graphs through `torch.compile`. None (default) means on for CUDA models, off
+            elsewhere; eager graphs are still the fast path on CPU because they skip the cached work.
+        compile_mode: passed to `torch.compile(mode=...)` when compiling.
+        max_cached_shapes: how many input signatures (batch, resolution, text length, dtype, ...) keep
+            their graph pair and cache buffers; the least recently used is dropped past this.
+        version: the configuration format version.
+    """
+
+    keyframe_interval: int = 2
+    keyframes: tuple[bool, ...] | None = None
+    score_mixing: bool = True
+    mix_bias: float = 0.5
+    mix_slope: float = 7.5
+    compile: bool | None = None
+    compile_mode: str | None = None
+    max_cached_shapes: int = 4
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        # Guard clauses, one per field, so the message names exactly what is wrong.
+        if isinstance(self.keyframe_interval, bool) or not isinstance(self.keyframe_interval, int):
+            raise ValueError(f"keyframe_interval must be an int >= 1, got {self.keyframe_interval!r}")
+        if self.keyframe_interval < 1:
+            raise ValueError(f"keyframe_interval must be >= 1, got {self.keyframe_interval}")
+        if self.keyframes is not None:
+            mask = tuple(self.keyframes)
+            if not mask or not all(isinstance(k, bool) for k in mask):
+                raise ValueError(
+                    f"keyframes must be a non-empty sequence of bools (True = keyframe), got {self.keyframes!r}"
+                )
+            if not mask[0]:
+                raise ValueError("keyframes[0] must be True: step 0 always computes the full UNet")
+            object.__setattr__(self, "keyframes", mask)
+        for name, low, high in (("mix_bias", -1.0, 2.0), ("mix_slope", 1e-3, 1e3)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite float in [{low}, {high}], got {value!r}")
+            if not low <= value <= high:
+                raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+            object.__setattr__(self, name, float(value))
+        if not isinstance(self.score_mixing, bool):
+            raise ValueError(f"score_mixing must be a bool, got {self.score_mixing!r}")
+        if self.compile is not None and not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be None, True or False, got {self.compile!r}")
+        if self.compile_mode is not None and not isinstance(self.compile_mode, str):
+            raise ValueError(f"compile_mode must be None or a torch.compile mode string, got {self.compile_mode!r}")
+        if isinstance(self.max_cached_shapes, bool) or not isinstance(self.max_cached_shapes, int):
+            raise ValueError(f"max_cached_shapes must be an int in [1, 64], got {self.max_cached_shapes!r}")
+        if not 1 <= self.max_cached_shapes <= 64:
+            raise ValueError(f"max_cached_shapes must be in [1, 64], got {self.max_cached_shapes}")
+        if self.version != CONFIG_VERSION:
+            raise ValueError(f"version must be {CONFIG_VERSION} (this release's format), got {self.version!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if self.keyframes is not None:
+            data["keyframes"] = list(self.keyframes)
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FRDiffConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown FRDiffConfig fields {unknown}; known fields are {sorted(known)}")
+        data = dict(data)
+        if data.get("keyframes") is not None:
+            data["keyframes"] = tuple(data["keyframes"])
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> FRDiffConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"FRDiffConfig JSON is malformed: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"FRDiffConfig JSON must be an object, got {type(data).__name__}")
+        return cls.from_dict(data)

@@ -1,0 +1,131 @@
+"""Build: derive the keyframe and reuse graphs of one captured UNet graph.
+
+Invariants:
+- The captured graph is copied, never edited, and both copies share the captured module's attributes (the
+  UNet's own parameters).
+- Keyframe graph: `(*inputs, *caches, keyframe_out) -> out`. It computes exactly the captured graph and
+  writes every cache point and `out` into the buffers it is given, with in-place `copy_` (impure, so
+  dead-code elimination keeps it). `out` is a fresh tensor, never a buffer.
+- Reuse graph: `(*inputs, *caches, keyframe_out, weight) -> score_blend(weight, out_fr, keyframe_out)`.
+  Each cache point's uses read its buffer instead; dead-code elimination then removes everything only the
+  cache points fed. `weight` is a 0-d tensor, so a new blend weight never recompiles a compiled graph.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import torch
+from torch import fx
+
+from ..kernels.blend import score_blend
+from .plan import Plan, count_nodes
+
+aten = torch.ops.aten
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildReport:
+    keyframe: dict[str, int]  # node counts of the keyframe graph
+    reuse: dict[str, int]  # node counts of the reuse graph
+    cache_points: int
+    removed: dict[str, int]  # reuse-graph nodes removed, by the class of their innermost module
+
+    def __str__(self) -> str:
+        removed = ", ".join(f"{k}={v}" for k, v in sorted(self.removed.items(), key=lambda kv: -kv[1])[:8])
+        return (
+            f"BuildReport: {self.cache_points} cache points; keyframe {self.keyframe['ops']} ops / "
+            f"{self.keyframe['conv']} conv / {self.keyframe['attention']} attention; reuse {self.reuse['ops']} ops"
+            f" / {self.reuse['conv']} conv / {self.reuse['attention']} attention; removed {removed}"
+        )
+
+
+@dataclasses.dataclass
+class GraphPair:
+    keyframe: fx.GraphModule
+    reuse: fx.GraphModule
+    report: BuildReport
+
+
+def _copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, fx.Node]]:
+    """A new GraphModule over a copy of gm's graph, sharing gm's attributes; nodes indexed by name."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, env)
+    graph.output(out)
+    copy = fx.GraphModule(gm, graph)
+    return copy, {old.name: new for old, new in env.items()}
+
+
+def _add_placeholders(gm: fx.GraphModule, names: list[str]) -> list[fx.Node]:
+    last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    added = []
+    for name in names:
+        with gm.graph.inserting_after(last):
+            last = gm.graph.placeholder(name)
+        added.append(last)
+    return added
+
+
+def _is_impure(node: fx.Node) -> bool:
+    # fx keeps ops tagged nondeterministic_seeded (sdpa, dropout) even when unused; in an inference graph
+    # with eval-mode dropout they are pure, and keeping them would leave every attention in the reuse graph.
+    return node.is_impure(impure_random=False)
+
+
+def _finish(gm: fx.GraphModule) -> None:
+    gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def build_keyframe_graph(captured: fx.GraphModule, plan: Plan) -> fx.GraphModule:
+    gm, nodes = _copy(captured)
+    placeholders = _add_placeholders(gm, [f"cache_{i}" for i in range(len(plan.points))] + ["keyframe_out"])
+    for point, buffer in zip(plan.points, placeholders):
+        value = nodes[point.node]
+        with gm.graph.inserting_after(value):
+            gm.graph.call_function(aten.copy_.default, (buffer, value))
+    output = gm.graph.find_nodes(op="output")[0]
+    with gm.graph.inserting_before(output):
+        gm.graph.call_function(aten.copy_.default, (placeholders[-1], output.args[0]))
+    _finish(gm)
+    return gm
+
+
+def build_reuse_graph(captured: fx.GraphModule, plan: Plan) -> fx.GraphModule:
+    gm, nodes = _copy(captured)
+    names = [f"cache_{i}" for i in range(len(plan.points))] + ["keyframe_out", "weight"]
+    placeholders = _add_placeholders(gm, names)
+    for point, buffer in zip(plan.points, placeholders):
+        nodes[point.node].replace_all_uses_with(buffer)
+    output = gm.graph.find_nodes(op="output")[0]
+    with gm.graph.inserting_before(output):
+        blended = gm.graph.call_function(score_blend, (placeholders[-1], output.args[0], placeholders[-2]))
+    output.args = (blended,)
+    _finish(gm)
+    return gm
+
+
+def _innermost_class(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "<top>"
+    return list(stack.values())[-1][1].rsplit(".", 1)[-1]
+
+
+def build_graphs(captured: fx.GraphModule, plan: Plan) -> GraphPair:
+    keyframe = build_keyframe_graph(captured, plan)
+    reuse = build_reuse_graph(captured, plan)
+    kept = {n.name for n in reuse.graph.nodes}
+    removed = collections.Counter(
+        _innermost_class(n) for n in captured.graph.nodes if n.op == "call_function" and n.name not in kept
+    )
+    report = BuildReport(
+        keyframe=count_nodes(keyframe.graph),
+        reuse=count_nodes(reuse.graph),
+        cache_points=len(plan.points),
+        removed=dict(removed),
+    )
+    return GraphPair(keyframe=keyframe, reuse=reuse, report=report)

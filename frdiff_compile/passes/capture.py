@@ -1,0 +1,207 @@
+"""Capture: turn one UNet call into a normalized ATen `torch.fx.GraphModule`.
+
+Invariants:
+- `CallLayout.from_call` flattens a call's tensor inputs in the UNet's own argument order; the layout's
+  `signature` is hashable and changes whenever a captured graph could not be reused (shape, dtype, device,
+  memory format of any tensor, which optional inputs are present, any constant argument).
+- `capture` exports with `strict=False` (diffusers' UNet has shape-dependent Python that `symbolic_trace`
+  cannot follow) and then normalizes: the pytree calling convention becomes plain positional tensors in
+  and one tensor out, export's guard call and metadata assertions are dropped, and eval-mode dropout
+  becomes the identity (dropout is tagged nondeterministic, which would keep dead transformer branches
+  alive through dead-code elimination).
+- The returned graph's parameters are the UNet's own `Parameter` objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+from torch import fx
+
+logger = logging.getLogger(__name__)
+
+aten = torch.ops.aten
+
+# Export's own soundness checks: they only re-assert what the input signature already guarantees, and
+# they are impure, so leaving them in would pin otherwise-dead nodes.
+_ASSERT_TARGETS = {
+    aten._assert_tensor_metadata.default,
+    aten._assert_scalar.default,
+    aten.sym_constrain_range_for_size.default,
+    aten._assert_async.msg,
+}
+
+# The UNet2DConditionModel.forward arguments the graphs take, in order. return_dict is handled by the
+# runtime; cross_attention_kwargs carries Python-side state (LoRA scales, processors' options) that a
+# graph cannot see change, so calls that use it run the eager UNet.
+GRAPH_ARGUMENTS = (
+    "sample",
+    "timestep",
+    "encoder_hidden_states",
+    "class_labels",
+    "timestep_cond",
+    "attention_mask",
+    "added_cond_kwargs",
+    "down_block_additional_residuals",
+    "mid_block_additional_residual",
+    "down_intrablock_additional_residuals",
+    "encoder_attention_mask",
+)
+
+
+class UnsupportedCall(Exception):
+    """A call the captured graphs cannot serve; the message names the argument."""
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return ("tensor", tuple(t.shape), t.dtype, t.device, t.is_contiguous())
+
+
+def _flatten(name: str, value: Any, tensors: list[torch.Tensor]) -> tuple:
+    """Append the tensors of `value` to `tensors`; return a hashable description of its structure."""
+    if isinstance(value, torch.Tensor):
+        tensors.append(value)
+        return _tensor_key(value)
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise UnsupportedCall(f"{name} has non-string keys")
+        return ("dict", tuple((k, _flatten(f"{name}[{k!r}]", value[k], tensors)) for k in sorted(value)))
+    if isinstance(value, (list, tuple)):
+        kind = "list" if isinstance(value, list) else "tuple"
+        return (kind, tuple(_flatten(f"{name}[{i}]", v, tensors) for i, v in enumerate(value)))
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return ("const", value)
+    raise UnsupportedCall(f"{name} of type {type(value).__name__}")
+
+
+def _unflatten(structure: tuple, tensors: list[torch.Tensor], pos: list[int]) -> Any:
+    kind = structure[0]
+    if kind == "tensor":
+        value = tensors[pos[0]]
+        pos[0] += 1
+        return value
+    if kind == "dict":
+        return {k: _unflatten(sub, tensors, pos) for k, sub in structure[1]}
+    if kind in ("list", "tuple"):
+        items = [_unflatten(sub, tensors, pos) for sub in structure[1]]
+        return items if kind == "list" else tuple(items)
+    return structure[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class CallLayout:
+    """The structure of one UNet call: which arguments, their nesting, tensor metadata and constants."""
+
+    structure: tuple  # ((name, flattened structure), ...) in GRAPH_ARGUMENTS order
+
+    @property
+    def signature(self) -> tuple:
+        return self.structure
+
+    @classmethod
+    def from_call(cls, arguments: dict[str, Any]) -> tuple[CallLayout, list[torch.Tensor]]:
+        """Flatten bound UNet arguments (without return_dict) into a layout and its tensors.
+
+        Raises `UnsupportedCall` naming the argument when the graphs cannot serve the call.
+        """
+        extra = sorted(set(arguments) - set(GRAPH_ARGUMENTS))
+        if extra:
+            raise UnsupportedCall(extra[0])
+        sample = arguments["sample"]
+        timestep = arguments["timestep"]
+        if not isinstance(timestep, torch.Tensor):
+            # What UNet2DConditionModel itself does with a Python number, made explicit so it is an input.
+            dtype = torch.float32 if isinstance(timestep, float) else torch.int64
+            arguments = {**arguments, "timestep": torch.tensor([timestep], dtype=dtype, device=sample.device)}
+        tensors: list[torch.Tensor] = []
+        structure = []
+        for name in GRAPH_ARGUMENTS:
+            value = arguments.get(name)
+            if value is None:
+                continue
+            structure.append((name, _flatten(name, value, tensors)))
+        return cls(tuple(structure)), tensors
+
+    def rebuild(self, tensors: list[torch.Tensor]) -> dict[str, Any]:
+        pos = [0]
+        return {name: _unflatten(sub, tensors, pos) for name, sub in self.structure}
+
+    def describe(self) -> str:
+        parts = []
+        for name, sub in self.structure:
+            parts.append(f"{name}={tuple(sub[1])}" if sub[0] == "tensor" else name)
+        return ", ".join(parts)
+
+
+class _ExportAdapter(torch.nn.Module):
+    """Calls the UNet from flat positional tensors and returns the sample tensor alone."""
+
+    def __init__(self, unet: torch.nn.Module, layout: CallLayout) -> None:
+        super().__init__()
+        self.unet = unet
+        self.layout = layout
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return self.unet(**self.layout.rebuild(list(tensors)), return_dict=False)[0]
+
+
+@dataclasses.dataclass
+class Captured:
+    """A normalized ATen graph of one call layout; `module_prefix` maps UNet module paths to graph paths."""
+
+    graph_module: fx.GraphModule
+    layout: CallLayout
+    module_prefix: str = "unet."
+
+
+def _is_identity_dropout(node: fx.Node) -> bool:
+    if node.op != "call_function" or node.target is not aten.dropout.default:
+        return False
+    p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+    train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+    return train is False or p == 0.0
+
+
+def normalize(gm: fx.GraphModule) -> dict[str, int]:
+    """Rewrite an `ExportedProgram.module()` graph in place; returns counts of what was rewritten."""
+    counts = {"guards": 0, "asserts": 0, "dropout": 0}
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+            counts["guards"] += 1
+        elif node.op == "call_function" and node.target in _ASSERT_TARGETS:
+            graph.erase_node(node)
+            counts["asserts"] += 1
+        elif _is_identity_dropout(node):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            counts["dropout"] += 1
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    # Plain calling convention: positional tensors in, one tensor out (no pytree spec to re-check per call).
+    graph._codegen = fx.graph.CodeGen()
+    output = graph.find_nodes(op="output")[0]
+    result = output.args[0]
+    while isinstance(result, (tuple, list)):
+        if len(result) != 1:
+            raise RuntimeError(f"expected the UNet graph to return one tensor, found {len(result)} outputs")
+        result = result[0]
+    output.args = (result,)
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+    return counts
+
+
+def capture(unet: torch.nn.Module, layout: CallLayout, tensors: list[torch.Tensor]) -> Captured:
+    """Export `unet` for calls of `layout` (example `tensors`) and normalize the graph."""
+    adapter = _ExportAdapter(unet, layout)
+    program = torch.export.export(adapter, tuple(tensors), strict=False)
+    gm = program.module()
+    counts = normalize(gm)
+    logger.debug("captured %s: %d nodes, normalized %s", layout.describe(), len(gm.graph.nodes), counts)
+    return Captured(graph_module=gm, layout=layout)

@@ -1,0 +1,158 @@
+"""Plan: find the feature-reuse cache points of a captured UNet graph (read-only).
+
+Invariants:
+- Cache points are found by module path, from each node's `nn_module_stack`, never by node order or name:
+  the conv1 output of every `ResnetBlock2D` and the residual delta of every `Transformer2DModel` in the
+  down, mid and up blocks.
+- A transformer's delta is the operand its final residual add takes from inside the module, so
+  `input + delta` at a reuse step is the same operation the keyframe performed (bit-identical when fed the
+  keyframe's own input).
+- A module whose graph does not have the expected shape is skipped with a one-line reason in
+  `Plan.skipped` (it then simply runs in full at every step); planning never edits the graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+from torch import fx
+
+logger = logging.getLogger(__name__)
+
+aten = torch.ops.aten
+
+RESNET_CONV1 = "resnet_conv1"
+TRANSFORMER_DELTA = "transformer_delta"
+
+ATTENTION_TARGETS = (aten.scaled_dot_product_attention.default, aten.bmm.default, aten.baddbmm.default)
+CONV_TARGETS = (aten.conv2d.default, aten.convolution.default)
+
+
+@dataclasses.dataclass(frozen=True)
+class CachePoint:
+    module: str  # UNet module path, e.g. "down_blocks.0.resnets.1"
+    kind: str  # RESNET_CONV1 or TRANSFORMER_DELTA
+    node: str  # name of the graph node whose value is cached
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for size in self.shape:
+            numel *= size
+        return numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+def count_nodes(graph: fx.Graph) -> dict[str, int]:
+    ops = [n for n in graph.nodes if n.op == "call_function"]
+    return {
+        "ops": len(ops),
+        "conv": sum(n.target in CONV_TARGETS for n in ops),
+        "attention": sum(n.target in ATTENTION_TARGETS for n in ops),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    points: tuple[CachePoint, ...]
+    skipped: tuple[tuple[str, str], ...]  # (module path, reason)
+    node_counts: dict[str, int]
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(p.nbytes for p in self.points)
+
+    def count(self, kind: str) -> int:
+        return sum(p.kind == kind for p in self.points)
+
+    def __str__(self) -> str:
+        lines = [
+            f"Plan: {len(self.points)} cache points ({self.count(RESNET_CONV1)} resnet conv1, "
+            f"{self.count(TRANSFORMER_DELTA)} transformer delta), cache {self.cache_bytes / 2**20:.2f} MiB, "
+            f"graph {self.node_counts['ops']} ops / {self.node_counts['conv']} conv / "
+            f"{self.node_counts['attention']} attention"
+        ]
+        for p in self.points:
+            lines.append(f"  {p.kind:<18} {p.module:<40} {tuple(p.shape)} {str(p.dtype).replace('torch.', '')}")
+        for module, reason in self.skipped:
+            lines.append(f"  skipped {module}: {reason}")
+        return "\n".join(lines)
+
+
+def _module_paths(node: fx.Node) -> list[str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    return [path for path, _ in stack.values()]
+
+
+def _members(graph: fx.Graph, path: str, innermost: bool) -> set[fx.Node]:
+    """Nodes traced inside module `path` (only those whose innermost module it is, if `innermost`)."""
+    found = set()
+    for node in graph.nodes:
+        paths = _module_paths(node)
+        if not paths:
+            continue
+        if innermost:
+            if paths[-1] == path:
+                found.add(node)
+        elif any(p == path or p.startswith(path + ".") for p in paths):
+            found.add(node)
+    return found
+
+
+def _exits(members: set[fx.Node]) -> list[fx.Node]:
+    return [n for n in members if any(user not in members for user in n.users)]
+
+
+def _resnet_point(graph: fx.Graph, path: str) -> fx.Node | str:
+    """The conv1 output node of a ResnetBlock2D at graph path `path`, or a reason it has none."""
+    exits = _exits(_members(graph, path + ".conv1", innermost=True))
+    if len(exits) != 1:
+        return f"conv1 has {len(exits)} outputs in the graph, expected 1"
+    if exits[0].target not in CONV_TARGETS:
+        return f"conv1 output is {exits[0].target}, expected a convolution"
+    return exits[0]
+
+
+def _transformer_point(graph: fx.Graph, path: str) -> fx.Node | str:
+    """The delta operand of a Transformer2DModel's final residual add, or a reason it has none."""
+    members = _members(graph, path, innermost=False)
+    exits = _exits(members)
+    if len(exits) != 1:
+        return f"module has {len(exits)} outputs in the graph, expected 1"
+    out = exits[0]
+    if out.target is not aten.add.Tensor or len(out.args) != 2:
+        return f"module output is {out.target}, expected the residual add"
+    inside = [a for a in out.args if isinstance(a, fx.Node) and a in members]
+    outside = [a for a in out.args if isinstance(a, fx.Node) and a not in members]
+    if len(inside) != 1 or len(outside) != 1:
+        return "residual add does not take exactly one operand from outside the module"
+    return inside[0]
+
+
+def plan_cache_points(gm: fx.GraphModule, unet: torch.nn.Module, module_prefix: str = "unet.") -> Plan:
+    """Find every cache point of `unet` in its captured graph `gm` (whose module paths start with prefix)."""
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    points: list[CachePoint] = []
+    skipped: list[tuple[str, str]] = []
+    for name, module in unet.named_modules():
+        if isinstance(module, ResnetBlock2D):
+            kind, found = RESNET_CONV1, _resnet_point(gm.graph, module_prefix + name)
+        elif isinstance(module, Transformer2DModel):
+            kind, found = TRANSFORMER_DELTA, _transformer_point(gm.graph, module_prefix + name)
+        else:
+            continue
+        if isinstance(found, str):
+            logger.debug("no cache point in %s: %s", name, found)
+            skipped.append((name, found))
+            continue
+        val = found.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            skipped.append((name, f"node {found.name} has no tensor metadata"))
+            continue
+        points.append(CachePoint(name, kind, found.name, tuple(val.shape), val.dtype))
+    return Plan(points=tuple(points), skipped=tuple(skipped), node_counts=count_nodes(gm.graph))

@@ -1,0 +1,222 @@
+"""`FRDiffUNet`: the drop-in replacement for a diffusers `UNet2DConditionModel` (the two-phase runtime).
+
+Invariants:
+- Called exactly like the wrapped UNet, same return types; attribute reads it does not define itself
+  (`config`, `dtype`, `device`, `add_embedding`, ...) go to the wrapped UNet.
+- Every per-step decision (keyframe, reuse or skip; the blend weight) is made here on the host from the
+  step position (`steps.StepTracker`) and the generation's `Schedule`; graphs only ever see tensors.
+- A generation never reads a cache its own keyframe did not write (`GraphEntry.written_generation`); a new
+  signature, a new generation or a module change (`.to()`, new parameters) forces a keyframe or a rebuild.
+- Calls the graphs cannot serve run the eager UNet for the rest of that generation, with one warning that
+  names the argument; nothing is silently approximated outside the method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import time
+import warnings
+from typing import Any
+
+import torch
+
+from .config import FRDiffConfig
+from .graph_cache import GraphEntry, GraphLRU
+from .passes import CallLayout, build_graphs, capture, plan_cache_points
+from .passes.capture import UnsupportedCall
+from .schedule import Schedule, StepKind, build_schedule
+from .steps import StepTracker
+
+logger = logging.getLogger(__name__)
+
+_UNTRACKED = (
+    "the step index cannot be told from this timestep (not a view of scheduler.timesteps); "
+    "call unet.reset(num_inference_steps=N) before the denoising loop"
+)
+
+
+@dataclasses.dataclass
+class RuntimeStats:
+    """Counters that tests and benchmarks read (never parse logs)."""
+
+    generations: int = 0
+    full_calls: int = 0
+    reuse_calls: int = 0
+    skip_steps: int = 0
+    eager_calls: int = 0
+    forced_keyframes: int = 0
+    captures: int = 0
+    capture_failures: int = 0
+    build_seconds: float = 0.0
+
+
+@dataclasses.dataclass
+class _Generation:
+    number: int
+    schedule: Schedule | None
+    eager_reason: str | None = None
+
+
+class FRDiffUNet(torch.nn.Module):
+    """A UNet2DConditionModel that runs FRDiff's keyframe and reuse graphs; build it with `optimize()`."""
+
+    def __init__(self, unet: torch.nn.Module, config: FRDiffConfig, compile: bool) -> None:
+        super().__init__()
+        self.unet = unet
+        self.frdiff_config = config
+        self.compile_graphs = compile
+        self.stats = RuntimeStats()
+        self._signature = inspect.signature(unet.forward)
+        self._graphs = GraphLRU(config.max_cached_shapes)
+        self._tracker = StepTracker()
+        self._generation = _Generation(number=0, schedule=None)
+        self._fingerprint = self._module_fingerprint()
+
+    # --- attribute forwarding -------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["unet"], name)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - torch's own signature
+        # .to(), .half(), .cuda() may replace parameter and buffer tensors the graphs hold: rebuild lazily.
+        result = super()._apply(fn, recurse)
+        self._graphs.clear()
+        return result
+
+    # --- generations ----------------------------------------------------------------------------------
+    def reset(self, num_inference_steps: int | None = None) -> None:
+        """Start a new generation at the next call; with N, count the next N calls as its steps.
+
+        Diffusers pipelines need no reset (each call's timesteps tensor starts a generation); hand-written
+        loops that pass timesteps not taken from `scheduler.timesteps` call `reset(num_inference_steps=N)`.
+        """
+        self._tracker.reset(num_inference_steps)
+        self._generation = _Generation(self._generation.number + 1, None)
+
+    def _module_fingerprint(self) -> tuple[int, ...]:
+        return tuple(id(p) for p in self.unet.parameters())
+
+    def _start_generation(self, num_steps: int) -> None:
+        fingerprint = self._module_fingerprint()
+        if fingerprint != self._fingerprint:
+            logger.info("UNet parameters were replaced (e.g. adapters loaded): rebuilding graphs")
+            self._graphs.clear()
+            self._fingerprint = fingerprint
+        number = self._generation.number + 1
+        try:
+            schedule = build_schedule(num_steps, self.frdiff_config)
+        except ValueError as exc:
+            raise ValueError(f"frdiff_compile: {exc}") from None
+        self._generation = _Generation(number, schedule)
+        self.stats.generations += 1
+        logger.debug("generation %d: %s", number, schedule)
+
+    def _fall_back(self, reason: str) -> None:
+        if self._generation.eager_reason is None:
+            warnings.warn(
+                f"frdiff_compile: running the eager UNet for the rest of this generation: {reason}",
+                stacklevel=4,
+            )
+            logger.warning("eager fallback: %s", reason)
+            self._generation.eager_reason = reason
+
+    # --- graphs ---------------------------------------------------------------------------------------
+    def _entry(self, layout: CallLayout, tensors: list[torch.Tensor]) -> GraphEntry | str:
+        found = self._graphs.get(layout.signature)
+        if found is not None:
+            return found
+        start = time.perf_counter()
+        try:
+            captured = capture(self.unet, layout, tensors)
+            plan = plan_cache_points(captured.graph_module, self.unet, captured.module_prefix)
+            pair = build_graphs(captured.graph_module, plan)
+            out = captured.graph_module.graph.find_nodes(op="output")[0].args[0].meta["val"]
+            entry: GraphEntry | str = GraphEntry.create(
+                pair.keyframe, pair.reuse, plan, pair.report, out, tensors[0].device,
+                self.compile_graphs, self.frdiff_config.compile_mode,
+            )
+            self.stats.captures += 1
+        except Exception as exc:  # noqa: BLE001 - any export failure must become a clear eager fallback
+            logger.exception("capture failed for %s", layout.describe())
+            entry = f"the UNet could not be captured for {layout.describe()} ({type(exc).__name__}: {exc})"
+            self.stats.capture_failures += 1
+        elapsed = time.perf_counter() - start
+        self.stats.build_seconds += elapsed
+        if isinstance(entry, GraphEntry):
+            entry.build_seconds = elapsed
+            logger.info("built graph pair for %s in %.1f s\n%s\n%s", layout.describe(), elapsed, entry.plan,
+                        entry.report)
+        self._graphs.put(layout.signature, entry)
+        return entry
+
+    def graph_entries(self) -> list[GraphEntry]:
+        """The live graph pairs, most recently used last (for tests, benchmarks and reports)."""
+        return self._graphs.entries()
+
+    # --- the call -------------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        bound = self._signature.bind(*args, **kwargs)
+        arguments = dict(bound.arguments)
+        arguments.update(arguments.pop("kwargs", {}))
+        return_dict = arguments.pop("return_dict", True)
+        out = self._step(arguments)
+        if out is None:
+            self.stats.eager_calls += 1
+            return self.unet(*args, **kwargs)
+        if not return_dict:
+            return (out,)
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput(sample=out)
+
+    def _step(self, arguments: dict[str, Any]) -> torch.Tensor | None:
+        """Run one step through the graphs; None means 'run the eager UNet'."""
+        position = self._tracker.locate(arguments.get("timestep"))
+        if position is None:
+            if self._generation.eager_reason != _UNTRACKED:
+                self._generation = _Generation(self._generation.number + 1, None)
+                self._fall_back(_UNTRACKED)
+            return None
+        if position.new_generation:
+            self._start_generation(position.num_steps)
+        if position.repeated:
+            self._fall_back("the UNet was called more than once for the same step (separate cond/uncond calls)")
+        if self._generation.eager_reason is not None:
+            return None
+        cross_attention_kwargs = arguments.pop("cross_attention_kwargs", None)
+        if cross_attention_kwargs:
+            self._fall_back(f"cross_attention_kwargs={sorted(cross_attention_kwargs)} is not captured")
+            return None
+        try:
+            layout, tensors = CallLayout.from_call(arguments)
+        except UnsupportedCall as exc:
+            self._fall_back(f"argument {exc} is not supported by the captured graphs")
+            return None
+        entry = self._entry(layout, tensors)
+        if isinstance(entry, str):
+            self._fall_back(entry)
+            return None
+        return self._run(entry, tensors, position.index)
+
+    def _run(self, entry: GraphEntry, tensors: list[torch.Tensor], index: int) -> torch.Tensor:
+        generation = self._generation
+        schedule: Schedule = generation.schedule  # type: ignore[assignment]  # set with the generation
+        kind = schedule.kinds[index]
+        if kind is not StepKind.FULL and entry.written_generation != generation.number:
+            # First step of an img2img generation, or a new signature mid-generation: no cache to read yet.
+            logger.debug("step %d: %s forced to full (no cache from this generation)", index, kind.value)
+            self.stats.forced_keyframes += 1
+            kind = StepKind.FULL
+        logger.debug("step %d/%d: %s (lambda=%.3f)", index, schedule.num_steps, kind.value, schedule.weights[index])
+        if kind is StepKind.FULL:
+            self.stats.full_calls += 1
+            return entry.run_full(tensors, generation.number)
+        if kind is StepKind.REUSE:
+            self.stats.reuse_calls += 1
+            return entry.run_reuse(tensors, schedule.weights[index])
+        self.stats.skip_steps += 1
+        return entry.run_skip()
