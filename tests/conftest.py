@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny UNets shaped like SD 1.5, SD 2 and SDXL, built from configs with seeded weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+TEXT_DIM = 32
+TEXT_LEN = 7
+
+# Each config keeps the structure that matters (cross-attention down/mid/up blocks, two layers per block,
+# conv vs linear projections, SDXL's text_time add-embedding) at a size that runs in milliseconds.
+TINY_CONFIGS = {
+    "sd15": dict(
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=8,
+    ),
+    "sd2": dict(
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+    ),
+    "sdxl": dict(
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=TEXT_DIM + 6 * 8,
+    ),
+}
+
+
+def make_unet(kind: str, seed: int = 0, sample_size: int = 8) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        cross_attention_dim=TEXT_DIM,
+        norm_num_groups=8,
+        **TINY_CONFIGS[kind],
+    )
+    # Default init leaves conv_out and some projections at zero; random weights make every path matter.
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return unet.eval()
+
+
+def unet_inputs(kind: str, batch: int = 2, size: int = 8, text_len: int = TEXT_LEN, seed: int = 1) -> dict:
+    """Conditioning for one call (without sample and timestep)."""
+    g = torch.Generator().manual_seed(seed)
+    kwargs = {"encoder_hidden_states": torch.randn(batch, text_len, TEXT_DIM, generator=g)}
+    if kind == "sdxl":
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, TEXT_DIM, generator=g),
+            "time_ids": torch.tensor([[size * 8, size * 8, 0, 0, size * 8, size * 8]] * batch, dtype=torch.float32),
+        }
+    return kwargs
+
+
+@pytest.fixture(params=sorted(TINY_CONFIGS))
+def kind(request) -> str:
+    return request.param
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; none is available on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def max_rel_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |got - expected| relative to max |expected| (DDIM latents of random tiny UNets reach ~1e2)."""
+    return ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()

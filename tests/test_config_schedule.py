@@ -1,0 +1,59 @@
+"""FRDiffConfig validation and JSON, and the step schedule's exact counts and weights."""
+
+import pytest
+
+from frdiff_compile import FRDiffConfig, StepKind, build_schedule, mix_weight
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("keyframe_interval", 0),
+        ("keyframe_interval", 1.5),
+        ("keyframes", (False, True)),
+        ("keyframes", ()),
+        ("mix_bias", float("nan")),
+        ("mix_bias", 3.0),
+        ("mix_slope", 0.0),
+        ("max_cached_shapes", 0),
+        ("compile", "yes"),
+        ("version", 99),
+    ],
+)
+def test_invalid_config_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        FRDiffConfig(**{field: value})
+
+
+def test_config_json_round_trip():
+    config = FRDiffConfig(keyframes=(True, False, True), mix_bias=0.3, compile=False)
+    assert FRDiffConfig.from_json(config.to_json()) == config
+    with pytest.raises(ValueError, match="malformed"):
+        FRDiffConfig.from_json("{not json")
+    with pytest.raises(ValueError, match="unknown FRDiffConfig fields"):
+        FRDiffConfig.from_dict({"interval": 2})
+
+
+def test_paper_schedule_counts():
+    schedule = build_schedule(50, FRDiffConfig(keyframe_interval=2, mix_bias=0.5))
+    assert schedule.counts() == {"full": 25, "reuse": 14, "skip": 11}, str(schedule)
+    assert schedule.kinds[21] is StepKind.SKIP and schedule.kinds[23] is StepKind.REUSE
+    assert schedule.weights[23] == pytest.approx(0.20)
+    assert schedule.weights[27] == pytest.approx(0.80)
+    assert mix_weight(22, 50, 0.5, 7.5) == pytest.approx(0.05)
+    assert mix_weight(29, 50, 0.5, 7.5) == 1.0
+
+
+def test_schedule_without_mixing_and_with_mask():
+    pure = build_schedule(10, FRDiffConfig(keyframe_interval=3, score_mixing=False))
+    assert [k.value for k in pure.kinds] == ["full", "reuse", "reuse"] * 3 + ["full"]
+    assert set(pure.weights) == {1.0}
+    mask = (True, False, False, True, True)
+    masked = build_schedule(5, FRDiffConfig(keyframes=mask, score_mixing=False))
+    assert [k is StepKind.FULL for k in masked.kinds] == list(mask)
+    with pytest.raises(ValueError, match="5 entries but this generation has 6 steps"):
+        build_schedule(6, FRDiffConfig(keyframes=mask))
+
+
+def test_m1_is_all_full():
+    assert build_schedule(7, FRDiffConfig(keyframe_interval=1)).counts() == {"full": 7, "reuse": 0, "skip": 0}

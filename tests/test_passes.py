@@ -1,0 +1,92 @@
+"""Capture -> plan -> build on tiny SD 1.5 / SD 2 / SDXL UNets, and the full SD 1.5 structure on meta."""
+
+import pytest
+import torch
+from conftest import make_unet, unet_inputs
+from diffusers import UNet2DConditionModel
+
+from frdiff_compile.passes import CallLayout, build_graphs, capture, plan_cache_points
+from frdiff_compile.passes.plan import RESNET_CONV1, TRANSFORMER_DELTA
+
+
+def _build(unet, kwargs):
+    layout, tensors = CallLayout.from_call(kwargs)
+    captured = capture(unet, layout, tensors)
+    plan = plan_cache_points(captured.graph_module, unet)
+    return captured, plan, build_graphs(captured.graph_module, plan), tensors
+
+
+def _buffers(plan, out_like):
+    return [torch.full(p.shape, float("nan"), dtype=p.dtype) for p in plan.points], torch.full_like(out_like, float("nan"))
+
+
+@torch.no_grad()
+def test_keyframe_equals_unet_and_reuse_reproduces_it(kind):
+    unet = make_unet(kind)
+    kwargs = dict(sample=torch.randn(2, 4, 8, 8), timestep=torch.tensor(500), **unet_inputs(kind))
+    captured, plan, pair, tensors = _build(unet, kwargs)
+    expected = unet(**kwargs).sample
+    caches, keyframe_out = _buffers(plan, expected)
+    out = pair.keyframe(*tensors, *caches, keyframe_out)
+    assert torch.equal(out, expected), f"{kind}: keyframe graph differs from the UNet by {(out - expected).abs().max()}"
+    assert torch.equal(keyframe_out, expected), f"{kind}: keyframe_out buffer not written"
+    assert all(torch.isfinite(c).all() for c in caches), f"{kind}: a cache buffer was not written"
+    assert out.data_ptr() != keyframe_out.data_ptr(), "keyframe output aliases the keyframe_out buffer"
+    weight = torch.tensor(1.0)
+    reused = pair.reuse(*tensors, *caches, keyframe_out, weight)
+    assert torch.equal(reused, expected), f"{kind}: reuse graph fed the keyframe inputs differs by {(reused - expected).abs().max()}"
+    # weight 0 gives back the keyframe output exactly, weight 0.5 the midpoint; the output is never a buffer.
+    other = pair.reuse(kwargs["sample"] * 0.5, *tensors[1:], *caches, keyframe_out, torch.tensor(0.0))
+    assert torch.equal(other, expected) and other.data_ptr() != keyframe_out.data_ptr()
+
+
+def test_plan_counts_and_report(kind):
+    unet = make_unet(kind)
+    kwargs = dict(sample=torch.randn(2, 4, 8, 8), timestep=torch.tensor(10), **unet_inputs(kind))
+    _, plan, pair, _ = _build(unet, kwargs)
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    n_resnets = sum(isinstance(m, ResnetBlock2D) for m in unet.modules())
+    n_transformers = sum(isinstance(m, Transformer2DModel) for m in unet.modules())
+    assert plan.count(RESNET_CONV1) == n_resnets and plan.count(TRANSFORMER_DELTA) == n_transformers, str(plan)
+    assert not plan.skipped, str(plan)
+    report = pair.report
+    assert report.cache_points == n_resnets + n_transformers
+    assert report.reuse["attention"] == 0 and report.keyframe["attention"] > 0, str(report)
+    # every ResNet's conv1 is gone from the reuse graph; SD 1.5-style proj_in/proj_out convs go with them
+    assert report.keyframe["conv"] - report.reuse["conv"] >= n_resnets, str(report)
+    assert report.removed.get("GroupNorm", 0) >= n_resnets, str(report)
+    text = str(plan)
+    assert "MiB" in text and f"{len(plan.points)} cache points" in text
+
+
+@torch.no_grad()
+def test_graphs_share_the_unet_parameters():
+    unet = make_unet("sd15")
+    kwargs = dict(sample=torch.randn(1, 4, 8, 8), timestep=torch.tensor(3), **unet_inputs("sd15", batch=1))
+    captured, plan, pair, tensors = _build(unet, kwargs)
+    graph_params = {id(p) for p in pair.keyframe.parameters()} | {id(p) for p in pair.reuse.parameters()}
+    assert graph_params <= {id(p) for p in unet.parameters()}, "a graph holds a copy of a weight"
+    unet.conv_out.weight.mul_(2.0)  # an in-place weight change must be seen by the eager graphs
+    caches, keyframe_out = _buffers(plan, kwargs["sample"])
+    assert torch.equal(pair.keyframe(*tensors, *caches, keyframe_out), unet(**kwargs).sample)
+
+
+def test_full_size_sd15_structure_on_meta():
+    # The real SD 1.5 config (860M parameters) built on the meta device: structure only, no memory, no compute.
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768).eval()
+    kwargs = dict(
+        sample=torch.empty(2, 4, 32, 32, device="meta"),
+        timestep=torch.empty((), dtype=torch.int64, device="meta"),
+        encoder_hidden_states=torch.empty(2, 77, 768, device="meta"),
+    )
+    _, plan, pair, _ = _build(unet, kwargs)
+    assert len(plan.points) == 38, str(plan)
+    assert plan.count(RESNET_CONV1) == 22 and plan.count(TRANSFORMER_DELTA) == 16, str(plan)
+    report = pair.report
+    assert report.reuse["attention"] == 0, str(report)
+    assert report.reuse["conv"] < 0.5 * report.keyframe["conv"], str(report)
+    assert report.reuse["ops"] < 0.3 * report.keyframe["ops"], str(report)
+    assert plan.cache_bytes == 45 * 2**20, str(plan)

@@ -1,0 +1,236 @@
+"""FRDiffUNet over whole DDIM trajectories, against the UNet and an independent eager FRDiff."""
+
+import pytest
+import torch
+from conftest import make_unet, max_rel_error, unet_inputs
+from diffusers import DDIMScheduler
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+from frdiff_reference import EagerFRDiff
+
+import frdiff_compile
+from frdiff_compile import FRDiffConfig, UnsupportedModelError
+
+STEPS = 20
+
+
+def scheduler(kind):
+    prediction = "v_prediction" if kind == "sd2" else "epsilon"
+    return DDIMScheduler(prediction_type=prediction, clip_sample=False)
+
+
+@torch.no_grad()
+def sample(model_fn, sched, steps, batch=2, size=8, seed=0):
+    """DDIM (eta=0) from seeded noise; model_fn(i, n, x, t) returns the model output."""
+    sched.set_timesteps(steps)
+    x = torch.randn(batch, 4, size, size, generator=torch.Generator().manual_seed(seed))
+    for i, t in enumerate(sched.timesteps):
+        x = sched.step(model_fn(i, steps, x, t), t, x).prev_sample
+    return x
+
+
+def optimized_fn(fr, cond):
+    return lambda i, n, x, t: fr(x, t, **cond).sample
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sd2", "sdxl"])
+def test_m1_trajectory_equals_unoptimized(kind):
+    unet = make_unet(kind)
+    cond = unet_inputs(kind)
+    expected = sample(lambda i, n, x, t: unet(x, t, **cond).sample, scheduler(kind), STEPS)
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=1))
+    got = sample(optimized_fn(fr, cond), scheduler(kind), STEPS)
+    assert torch.equal(got, expected), f"{kind} M=1: max diff {(got - expected).abs().max()}"
+    assert fr.stats.full_calls == STEPS and fr.stats.captures == 1
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sd2", "sdxl"])
+@pytest.mark.parametrize("interval", [2, 3])
+@pytest.mark.parametrize("mixing", [True, False])
+def test_trajectory_matches_eager_reference(kind, interval, mixing):
+    unet = make_unet(kind)
+    cond = unet_inputs(kind)
+    ref = EagerFRDiff(unet, interval=interval, score_mixing=mixing)
+    expected = sample(lambda i, n, x, t: ref.step(i, n, x, t, **cond), scheduler(kind), STEPS)
+    ref.remove()
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=interval, score_mixing=mixing))
+    got = sample(optimized_fn(fr, cond), scheduler(kind), STEPS)
+    err = max_rel_error(got, expected)
+    assert err < 2e-6, f"{kind} M={interval} mixing={mixing}: relative error {err:.2e} against eager FRDiff (fp32)"
+    assert fr.stats.reuse_calls > 0 and fr.stats.forced_keyframes == 0
+
+
+def test_paper_counts_at_50_steps():
+    unet = make_unet("sd15")
+    fr = frdiff_compile.optimize(unet)
+    sample(optimized_fn(fr, unet_inputs("sd15")), scheduler("sd15"), 50)
+    s = fr.stats
+    assert (s.full_calls, s.reuse_calls, s.skip_steps) == (25, 14, 11), s
+
+
+@torch.no_grad()
+def test_lambda_zero_is_ddim_over_keyframes_only():
+    unet = make_unet("sd15")
+    cond = unet_inputs("sd15")
+    interval = 2
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=interval, mix_bias=2.0))
+    sched = scheduler("sd15")
+    got = sample(optimized_fn(fr, cond), sched, STEPS)
+    assert fr.stats.reuse_calls == 0 and fr.stats.skip_steps == STEPS // 2
+    # Hand-written DDIM that jumps from one keyframe timestep to the next (the last one to the final alpha).
+    sched.set_timesteps(STEPS)
+    alphas, final = sched.alphas_cumprod, sched.final_alpha_cumprod
+    timesteps = sched.timesteps.tolist()
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for k in range(0, STEPS, interval):
+        t = timesteps[k]
+        eps = unet(x, t, **cond).sample
+        a = alphas[t]
+        a_next = alphas[timesteps[k + interval]] if k + interval < STEPS else final
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+    err = max_rel_error(got, x)
+    assert err < 2e-6, f"lambda=0 trajectory differs from keyframe-only DDIM by {err:.2e} (relative, fp32)"
+
+
+def test_new_generations_never_read_stale_caches():
+    unet = make_unet("sd15")
+    fr = frdiff_compile.optimize(unet)
+    fresh = frdiff_compile.optimize(unet)
+    sched = scheduler("sd15")
+    # a cancelled generation, then generations at other batch sizes, resolutions, text lengths and steps
+    sched.set_timesteps(STEPS)
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        for t in sched.timesteps[:5]:
+            x = sched.step(fr(x, t, **unet_inputs("sd15")).sample, t, x).prev_sample
+    for batch, size, text_len, steps in [(1, 8, 7, 12), (2, 16, 5, 15), (2, 8, 7, 10)]:
+        cond = unet_inputs("sd15", batch=batch, size=size, text_len=text_len, seed=steps)
+        run = lambda m: sample(optimized_fn(m, cond), scheduler("sd15"), steps, batch=batch, size=size, seed=steps)  # noqa: E731
+        got, expected = run(fr), run(frdiff_compile.optimize(unet))
+        assert torch.equal(got, expected), f"batch={batch} size={size} text_len={text_len} steps={steps}"
+    assert fr.stats.forced_keyframes == 0 and fresh.stats.generations == 0
+
+
+def test_img2img_start_forces_a_keyframe():
+    unet = make_unet("sd15")
+    cond = unet_inputs("sd15")
+    fr = frdiff_compile.optimize(unet)
+    sched = scheduler("sd15")
+    sched.set_timesteps(STEPS)
+    start = 5  # an odd step: a reuse step in the schedule, but nothing is cached yet
+    ref = EagerFRDiff(unet, mask=[i % 2 == 0 or i == start for i in range(STEPS)])
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    outs = []
+    for model in (lambda i, x, t: fr(x, t, **cond).sample, lambda i, x, t: ref.step(i, STEPS, x, t, **cond)):
+        x = x0.clone()
+        with torch.no_grad():
+            for i, t in enumerate(sched.timesteps[start:], start):  # a slice, as img2img pipelines take it
+                x = sched.step(model(i, x, t), t, x).prev_sample
+        outs.append(x)
+    assert fr.stats.forced_keyframes == 1
+    assert max_rel_error(outs[0], outs[1]) < 2e-6
+
+
+def test_reset_counts_steps_for_plain_timesteps():
+    unet = make_unet("sd15")
+    cond = unet_inputs("sd15")
+    sched = scheduler("sd15")
+    expected = sample(optimized_fn(frdiff_compile.optimize(unet), cond), sched, STEPS)
+    fr = frdiff_compile.optimize(unet)
+
+    def plain(i, n, x, t):
+        if i == 0:
+            fr.reset(num_inference_steps=n)
+        return fr(x, int(t), **cond).sample  # a Python int: no schedule view to read
+
+    got = sample(plain, sched, STEPS)
+    assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        fr.reset(num_inference_steps=0)
+
+
+@torch.no_grad()
+def test_untracked_timesteps_warn_once_and_run_eager():
+    unet = make_unet("sd15")
+    cond = unet_inputs("sd15")
+    fr = frdiff_compile.optimize(unet)
+    x = torch.randn(2, 4, 8, 8)
+    with pytest.warns(UserWarning, match="reset\\(num_inference_steps=N\\)") as record:
+        outs = [fr(x, torch.tensor(t), **cond).sample for t in (900, 800, 700)]
+    assert len([w for w in record if "frdiff_compile" in str(w.message)]) == 1
+    assert torch.equal(outs[2], unet(x, torch.tensor(700), **cond).sample)
+    assert fr.stats.eager_calls == 3
+
+
+@torch.no_grad()
+def test_unsupported_arguments_fall_back_with_one_warning():
+    unet = make_unet("sd15")
+    cond = unet_inputs("sd15")
+    fr = frdiff_compile.optimize(unet)
+    sched = scheduler("sd15")
+    sched.set_timesteps(4)
+    x = torch.randn(2, 4, 8, 8)
+    with pytest.warns(UserWarning, match="cross_attention_kwargs") as record:
+        for t in sched.timesteps:
+            out = fr(x, t, **cond, cross_attention_kwargs={"scale": 1.0}).sample
+    assert len([w for w in record if "frdiff_compile" in str(w.message)]) == 1
+    assert torch.equal(out, unet(x, sched.timesteps[-1], **cond).sample)
+    t = sched.timesteps[0]
+    sched.set_timesteps(4)
+    with pytest.warns(UserWarning, match="more than once for the same step"):
+        fr(x, sched.timesteps[0], **cond)
+        fr(x, sched.timesteps[0], **cond)
+
+
+@torch.no_grad()
+def test_wrapper_keeps_the_unet_interface():
+    unet = make_unet("sdxl")
+    fr = frdiff_compile.optimize(unet)
+    assert fr.config is unet.config and fr.dtype == unet.dtype and fr.device == unet.device
+    assert fr.add_embedding is unet.add_embedding and fr.config.in_channels == 4
+    sched = scheduler("sdxl")
+    sched.set_timesteps(3)
+    x, cond = torch.randn(2, 4, 8, 8), unet_inputs("sdxl")
+    out = fr(x, sched.timesteps[0], **cond)
+    assert isinstance(out, UNet2DConditionOutput)
+    tup = fr(x, sched.timesteps[1], cond["encoder_hidden_states"], added_cond_kwargs=cond["added_cond_kwargs"], return_dict=False)
+    assert isinstance(tup, tuple) and len(tup) == 1 and tup[0].shape == x.shape
+
+
+def test_graph_pairs_are_bounded_and_rebuilt_after_to():
+    unet = make_unet("sd15")
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(max_cached_shapes=2))
+    for size in (8, 16, 24):
+        sample(optimized_fn(fr, unet_inputs("sd15")), scheduler("sd15"), 4, size=size)
+    assert len(fr.graph_entries()) == 2 and fr.stats.captures == 3
+    fr.double()
+    assert fr.graph_entries() == [] and unet.dtype == torch.float64
+    cond = {k: v.double() for k, v in unet_inputs("sd15").items()}
+    sched = scheduler("sd15")
+    sched.set_timesteps(3)
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(fr(x, sched.timesteps[0], **cond).sample, unet(x, sched.timesteps[0], **cond).sample)
+
+
+def test_inference_mode_then_no_grad():
+    unet = make_unet("sd15")
+    cond = unet_inputs("sd15")
+    fr = frdiff_compile.optimize(unet)
+    with torch.inference_mode():
+        a = sample(optimized_fn(fr, cond), scheduler("sd15"), 6)
+    b = sample(optimized_fn(fr, cond), scheduler("sd15"), 6)
+    assert torch.equal(a, b)
+
+
+def test_optimize_rejects_what_it_cannot_accelerate():
+    unet = make_unet("sd15")
+    with pytest.raises(UnsupportedModelError, match="supports diffusers UNet2DConditionModel.*found torch.nn"):
+        frdiff_compile.optimize(torch.nn.Linear(2, 2))
+    fr = frdiff_compile.optimize(unet)
+    with pytest.raises(UnsupportedModelError, match="already been applied"):
+        frdiff_compile.optimize(fr)
+    with pytest.raises(UnsupportedModelError, match="before torch.compile"):
+        frdiff_compile.optimize(torch.compile(unet))
+    with pytest.raises(ValueError, match="config must be an FRDiffConfig"):
+        frdiff_compile.optimize(unet, {"keyframe_interval": 2})
