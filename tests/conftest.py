@@ -39,14 +39,16 @@ TINY_CONFIGS = {
 }
 
 
-def make_unet(kind: str, seed: int = 0, sample_size: int = 8) -> UNet2DConditionModel:
+def make_unet(
+    kind: str, seed: int = 0, sample_size: int = 8, layers_per_block: int = 2, cross_attention_dim: int = TEXT_DIM
+) -> UNet2DConditionModel:
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=4,
         out_channels=4,
-        layers_per_block=2,
-        cross_attention_dim=TEXT_DIM,
+        layers_per_block=layers_per_block,
+        cross_attention_dim=cross_attention_dim,
         norm_num_groups=8,
         **TINY_CONFIGS[kind],
     )

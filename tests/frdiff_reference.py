@@ -64,6 +64,34 @@ class EagerFRDiff:
         self.mode = "full"
         return lam * fr + (1.0 - lam) * self.last_full
 
+    def hook_unet(self, scheduler) -> None:
+        """Apply the reference inside a pipeline: the step index is looked up from the timestep's value in
+        scheduler.timesteps (a host read is fine in a test); the UNet still runs at no-call steps and its
+        output is replaced."""
+        state = {}
+
+        def pre(module, args, kwargs):
+            t = args[1] if len(args) > 1 else kwargs["timestep"]
+            timesteps = scheduler.timesteps.tolist()
+            i, n = timesteps.index(float(t)) if isinstance(timesteps[0], float) else timesteps.index(int(t)), len(timesteps)
+            state["i"], state["n"] = i, n
+            self.mode = "full" if self.is_keyframe(i) else "reuse"
+
+        def post(module, args, kwargs, output):
+            i, n = state["i"], state["n"]
+            out = output[0] if isinstance(output, tuple) else output.sample
+            if self.is_keyframe(i):
+                self.last_full = out
+                new = out
+            else:
+                lam = reference_lambda(i, n, self.bias) if self.score_mixing else 1.0
+                new = lam * out + (1.0 - lam) * self.last_full if lam > 0 else self.last_full.clone()
+            self.mode = "full"
+            return (new,) if isinstance(output, tuple) else type(output)(sample=new)
+
+        self.handles.append(self.unet.register_forward_pre_hook(pre, with_kwargs=True))
+        self.handles.append(self.unet.register_forward_hook(post, with_kwargs=True))
+
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
