@@ -153,15 +153,34 @@ class FRDiffUNet(torch.nn.Module):
         self._graphs.put(layout.signature, entry)
         return entry
 
+    def prepare(self, *args: Any, **kwargs: Any) -> tuple[GraphEntry, list[torch.Tensor]]:
+        """Build the graph pair for calls shaped like this one, without running a step.
+
+        Returns the entry and the call's flat input tensors, for warm-ups and benchmarks that time the
+        keyframe and reuse graphs on their own. Raises `RuntimeError` if such calls cannot be captured.
+        """
+        arguments = self._bind(args, kwargs)
+        arguments.pop("return_dict", None)
+        if arguments.pop("cross_attention_kwargs", None):
+            raise RuntimeError("calls with cross_attention_kwargs run the eager UNet; there is no graph to prepare")
+        layout, tensors = CallLayout.from_call(arguments)
+        entry = self._entry(layout, tensors)
+        if isinstance(entry, str):
+            raise RuntimeError(entry)
+        return entry, tensors
+
     def graph_entries(self) -> list[GraphEntry]:
         """The live graph pairs, most recently used last (for tests, benchmarks and reports)."""
         return self._graphs.entries()
 
     # --- the call -------------------------------------------------------------------------------------
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        bound = self._signature.bind(*args, **kwargs)
-        arguments = dict(bound.arguments)
+    def _bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        arguments = dict(self._signature.bind(*args, **kwargs).arguments)
         arguments.update(arguments.pop("kwargs", {}))
+        return arguments
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        arguments = self._bind(args, kwargs)
         return_dict = arguments.pop("return_dict", True)
         out = self._step(arguments)
         if out is None:

@@ -1,0 +1,142 @@
+"""UNet benchmark: stock UNet against frdiff_compile's keyframe and reuse graphs and 50-step DDIM loops.
+
+Run (CPU, the SD 1.5 config at 32x32 latents, CFG batch 2; a few minutes on 2 cores):
+    python benchmarks/bench_unet.py
+Quick run on a scaled-down config with the same block structure (about a minute on 2 cores):
+    python benchmarks/bench_unet.py --small
+
+Prints a table and appends rows to benchmarks/results/bench_unet.csv (device, versions, git revision on
+every row). Random weights: speed does not depend on them. Measures, in one process: ms per call of the
+stock UNet, the keyframe graph and the reuse graph (median of --repeats after warm-up), their FLOPs
+(torch.utils.flop_counter), and the loop time of stock against FRDiff M=2 and M=3 (b=0.5) next to the cost
+model (full, reuse and skip steps and scheduler steps at their measured per-call times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from common import RESULTS, append_csv, environment, print_table, synchronize, time_ms
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from torch.utils.flop_counter import FlopCounterMode
+
+import frdiff_compile
+from frdiff_compile import FRDiffConfig, build_schedule
+
+SMALL = dict(block_out_channels=(64, 128, 256, 256), cross_attention_dim=256, attention_head_dim=8)
+SD15 = dict(cross_attention_dim=768)  # UNet2DConditionModel's defaults are the SD 1.5 architecture
+
+
+def gflop(fn) -> float:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def loop_ms(model, scheduler, latents, cond, steps, device) -> float:
+    scheduler.set_timesteps(steps, device=device)
+    x = latents.clone()
+    synchronize(device)
+    start = time.perf_counter()
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(x, t, **cond).sample, t, x).prev_sample
+    synchronize(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--small", action="store_true", help="scaled-down config with the SD 1.5 block layout")
+    parser.add_argument("--latent", type=int, default=32, help="latent height and width (default 32)")
+    parser.add_argument("--batch", type=int, default=2, help="UNet batch (2 = classifier-free guidance)")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per call measurement")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="float32 (CPU default) or float16 (CUDA default)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both graphs")
+    parser.add_argument("--csv", default=str(RESULTS / "bench_unet.csv"))
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    torch.manual_seed(0)
+    config_name = "small" if args.small else "sd15"
+    unet = UNet2DConditionModel(sample_size=args.latent, **(SMALL if args.small else SD15)).eval()
+    if device.type != "cpu" or dtype != torch.float32:
+        unet = unet.to(device=device, dtype=dtype)
+    text_dim = unet.config.cross_attention_dim
+    latents = torch.randn(args.batch, 4, args.latent, args.latent, device=device, dtype=dtype)
+    cond = {"encoder_hidden_states": torch.randn(args.batch, 77, text_dim, device=device, dtype=dtype)}
+    scheduler = DDIMScheduler()
+    scheduler.set_timesteps(args.steps, device=device)
+    t = scheduler.timesteps[args.steps // 2]
+    env = environment(device)
+    shape = f"{config_name} {args.batch}x4x{args.latent}x{args.latent} {str(dtype).replace('torch.', '')}"
+    print(f"bench_unet: {shape}, {args.steps} DDIM steps on {env['device']} (torch {env['torch']}, git {env['git']})")
+
+    with torch.no_grad():
+        fr = {m: frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=m, compile=args.compile)) for m in (2, 3)}
+        start = time.perf_counter()
+        entry, tensors = fr[2].prepare(latents, t, **cond)
+        entry.run_full(tensors, -1)
+        entry.run_reuse(tensors, 0.5)
+        synchronize(device)
+        build_s = time.perf_counter() - start
+        fr[3].prepare(latents, t, **cond)
+        print(entry.plan)
+        print(entry.report)
+
+        stock = lambda: unet(latents, t, **cond)  # noqa: E731
+        full = lambda: entry.run_full(tensors, -1)  # noqa: E731
+        reuse = lambda: entry.run_reuse(tensors, 0.5)  # noqa: E731
+        x = latents.clone()
+        eps = torch.randn_like(x)
+        ms = {
+            "stock": time_ms(stock, device, args.repeats),
+            "keyframe": time_ms(full, device, args.repeats),
+            "reuse": time_ms(reuse, device, args.repeats),
+            "skip": time_ms(entry.run_skip, device, args.repeats),
+            "scheduler": time_ms(lambda: scheduler.step(eps, t, x), device, args.repeats),
+        }
+        flops = {"stock": gflop(stock), "keyframe": gflop(full), "reuse": gflop(reuse)}
+        loops = {"stock": loop_ms(unet, scheduler, latents, cond, args.steps, device)}
+        for m in (2, 3):
+            loops[f"M={m}"] = loop_ms(fr[m], scheduler, latents, cond, args.steps, device)
+
+    reuse_time_share = ms["reuse"] / ms["keyframe"]
+    reuse_flop_share = flops["reuse"] / flops["keyframe"]
+    rows = [
+        {"item": "stock UNet call", "ms": ms["stock"], "GFLOP": flops["stock"]},
+        {"item": "keyframe graph call", "ms": ms["keyframe"], "GFLOP": flops["keyframe"],
+         "ratio": ms["keyframe"] / ms["stock"], "note": "ratio = time / stock"},
+        {"item": "reuse graph call", "ms": ms["reuse"], "GFLOP": flops["reuse"], "ratio": reuse_time_share,
+         "note": f"time share of keyframe; FLOP share {reuse_flop_share:.3f}; "
+                 f"time/FLOP share {reuse_time_share / reuse_flop_share:.2f}"},
+        {"item": "skip step (clone)", "ms": ms["skip"]},
+        {"item": "scheduler step", "ms": ms["scheduler"]},
+        {"item": f"loop stock x{args.steps}", "ms": loops["stock"],
+         "model_ms": args.steps * (ms["stock"] + ms["scheduler"]), "ratio": 1.0, "note": "ratio = speedup"},
+        {"item": "graph build + warm-up", "ms": build_s * 1e3, "note": "capture, plan, build (+ compile)"},
+    ]
+    for m in (2, 3):
+        counts = build_schedule(args.steps, FRDiffConfig(keyframe_interval=m)).counts()
+        model = (counts["full"] * ms["keyframe"] + counts["reuse"] * ms["reuse"] + counts["skip"] * ms["skip"]
+                 + args.steps * ms["scheduler"])
+        rows.insert(-1, {
+            "item": f"loop FRDiff M={m} x{args.steps}", "ms": loops[f"M={m}"], "model_ms": model,
+            "ratio": loops["stock"] / loops[f"M={m}"],
+            "note": f"{counts['full']} full / {counts['reuse']} reuse / {counts['skip']} skip; "
+                    f"measured/model {loops[f'M={m}'] / model:.3f}; stats {fr[m].stats.full_calls}/"
+                    f"{fr[m].stats.reuse_calls}/{fr[m].stats.skip_steps}",
+        })
+    print_table(rows, ["item", "ms", "model_ms", "GFLOP", "ratio", "note"], f"bench_unet ({shape})")
+    extra = {"config": config_name, "shape": shape, "steps": args.steps, "compile": args.compile}
+    path = append_csv(Path(args.csv), [{**extra, **row} for row in rows], env)
+    print(f"\nappended {len(rows)} rows to {path}")
+
+
+if __name__ == "__main__":
+    main()

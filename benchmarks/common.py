@@ -1,0 +1,120 @@
+"""Shared benchmark plumbing: environment row, timing, table printing and CSV appending.
+
+Invariants:
+- Every timer synchronizes the device before it starts and before it reads; CUDA work is timed with CUDA
+  events, CPU work with `time.perf_counter` (CPU ops are synchronous). Warm-up runs are never timed.
+- Every CSV row names the device, the torch/diffusers/triton versions and the git revision, so a number
+  can always be traced back to what produced it.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    def version(name: str) -> str:
+        try:
+            return __import__(name).__version__
+        except Exception:  # noqa: BLE001 - a missing optional package is reported, not fatal
+            return "-"
+
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).resolve().parent).stdout.strip()
+        rev += "+dirty" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        rev = "unknown"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "diffusers": version("diffusers"),
+        "triton": version("triton"),
+        "git": rev,
+    }
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 5, warmup: int = 2) -> float:
+    """Median wall time of `fn` in ms over `repeats` runs after `warmup` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        synchronize(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def print_table(rows: Sequence[dict[str, object]], columns: Sequence[str], title: str) -> None:
+    def cell(value: object) -> str:
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+        return "" if value is None else str(value)
+
+    cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print(f"\n{title}")
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def append_csv(path: Path, rows: Sequence[dict[str, object]], env: dict[str, str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    full = [{**env, **row} for row in rows]
+    fields = list(dict.fromkeys(k for row in full for k in row))
+    exists = path.exists() and path.stat().st_size > 0
+    if exists:
+        with path.open() as f:
+            header = next(csv.reader(f), [])
+        fields = header + [k for k in fields if k not in header]
+        if fields != header:  # a new column: rewrite with the widened header
+            with path.open() as f:
+                old = list(csv.DictReader(f))
+            full = old + full
+            exists = False
+    with path.open("a" if exists else "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if not exists:
+            writer.writeheader()
+        writer.writerows(full)
+    return path
