@@ -20,14 +20,12 @@ from pathlib import Path
 
 import torch
 from common import RESULTS, append_csv, environment, print_table, synchronize, time_ms
-from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler
+from models import build_unet
 from torch.utils.flop_counter import FlopCounterMode
 
 import frdiff_compile
 from frdiff_compile import FRDiffConfig, build_schedule
-
-SMALL = dict(block_out_channels=(64, 128, 256, 256), cross_attention_dim=256, attention_head_dim=8)
-SD15 = dict(cross_attention_dim=768)  # UNet2DConditionModel's defaults are the SD 1.5 architecture
 
 
 def gflop(fn) -> float:
@@ -64,7 +62,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
     torch.manual_seed(0)
     config_name = "small" if args.small else "sd15"
-    unet = UNet2DConditionModel(sample_size=args.latent, **(SMALL if args.small else SD15)).eval()
+    unet = build_unet(config_name, args.latent)
     if device.type != "cpu" or dtype != torch.float32:
         unet = unet.to(device=device, dtype=dtype)
     text_dim = unet.config.cross_attention_dim

@@ -1,27 +1,164 @@
-"""Score-mix blend `out = w * a + (1 - w) * b`, the one place the runtime's reuse graph blends outputs.
+"""Fused cache blend `out = w * a + (1 - w) * b`: Triton kernels, their launchers, and the torch reference.
+
+Read top to bottom: the two `@triton.jit` kernels (one tensor; many tensors in one flat arena), their
+launchers, the pure-torch references (the single reference the tests and benchmarks import), and the
+`torch.library` ops the graphs call.
 
 Invariants:
-- `w` is a 0-d tensor on the device of `a` (a Python float would recompile a compiled graph per value and
-  a CUDA graph could not pick up a new value written into the same tensor).
-- Math in fp32, result cast back to `a`'s dtype; `w == 1` returns exactly `a` and `w == 0` exactly `b` for
-  finite inputs, so a reuse step with lambda == 1 is bit-identical to pure feature reuse.
-- The result is a new tensor; it never aliases `a` or `b`.
-
-This is the pure-torch reference. The fused Triton kernel of the blend issue replaces `score_blend`'s body
-and is tested against `score_blend_reference`, which stays here as the single reference.
+- `w` is a tensor on the device of the data (0-d for one tensor, one entry per tensor for an arena), never
+  a Python float: a new weight written into the same tensor needs no recompile and no host sync, and a
+  captured CUDA graph picks it up.
+- Loads in the storage dtype, math in fp32, store cast back to the output dtype (fp32, fp16, bf16). For
+  finite inputs w == 1 gives exactly `a` and w == 0 exactly `b`.
+- Elementwise in memory order: `a`, `b` and `out` must share one dense layout (contiguous or channels_last
+  with identical strides); anything else raises `ValueError` instead of blending the wrong elements.
+  `out` may alias `a` or `b`: each element is read before it is written, by the same program.
+- Where the Triton kernel cannot run (no CUDA tensor and no `TRITON_INTERPRET=1`, or no triton), the ops
+  compute the reference; results agree exactly in fp32 and fp16 (bf16 under the interpreter: 2^-7).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the library runs without triton; the reference computes the blend
+    triton = None
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BLOCK = 1024  # elements per program; also the arena's alignment, so no block spans two tensors
+
+if triton is not None:
+
+    @triton.jit
+    def _blend_kernel(w_ptr, a_ptr, b_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        offsets = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        w = tl.load(w_ptr).to(tl.float32)
+        a = tl.load(a_ptr + offsets, mask=mask).to(tl.float32)
+        b = tl.load(b_ptr + offsets, mask=mask).to(tl.float32)
+        # out = w * a + (1 - w) * b, in fp32
+        tl.store(out_ptr + offsets, (w * a + (1.0 - w) * b).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _arena_blend_kernel(w_ptr, segment_ptr, a_ptr, b_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        segment = tl.load(segment_ptr + pid)  # which tensor of the arena this block belongs to
+        w = tl.load(w_ptr + segment).to(tl.float32)
+        offsets = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        a = tl.load(a_ptr + offsets, mask=mask).to(tl.float32)
+        b = tl.load(b_ptr + offsets, mask=mask).to(tl.float32)
+        tl.store(out_ptr + offsets, (w * a + (1.0 - w) * b).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _check(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    if not isinstance(weight, torch.Tensor) or weight.numel() != 1:
+        raise ValueError(f"weight must be a 1-element tensor (not a Python float), got {weight!r}")
+    if a.shape != b.shape or a.shape != out.shape:
+        raise ValueError(f"blend shapes differ: a {tuple(a.shape)}, b {tuple(b.shape)}, out {tuple(out.shape)}")
+    if a.dtype not in SUPPORTED_DTYPES or b.dtype != a.dtype or out.dtype != a.dtype:
+        raise ValueError(
+            f"blend supports one dtype of {[str(d) for d in SUPPORTED_DTYPES]} for a, b and out; "
+            f"got {a.dtype}, {b.dtype}, {out.dtype}"
+        )
+    if len({a.device, b.device, out.device, weight.device}) != 1:
+        raise ValueError(f"blend tensors must share a device, got {a.device}, {b.device}, {out.device}, {weight.device}")
+    dense = a.is_contiguous() or (a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last))
+    if not dense or a.stride() != b.stride() or a.stride() != out.stride():
+        raise ValueError(
+            f"blend needs a, b and out in one dense layout (contiguous or channels_last, identical strides); got "
+            f"strides {a.stride()}, {b.stride()}, {out.stride()}. Call .contiguous() on the inputs first."
+        )
+
+
+def kernel_available(t: torch.Tensor) -> bool:
+    """Whether the Triton kernel runs for tensors like `t` (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    return triton is not None and (t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"))
+
+
+def launch_blend(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """One launch of `_blend_kernel` over every element of `out` (which may alias a or b)."""
+    _check(weight, a, b, out)
+    n = out.numel()
+    if n:
+        _blend_kernel[(triton.cdiv(n, BLOCK),)](weight, a, b, out, n, BLOCK=BLOCK)
+    return out
+
+
+def launch_arena_blend(
+    weights: torch.Tensor, segments: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """One launch of `_arena_blend_kernel` over flat arenas; `segments[i]` is block i's tensor index."""
+    _check(weights[:1], a, b, out)
+    n = out.numel()
+    if segments.numel() != triton.cdiv(n, BLOCK):
+        raise ValueError(f"segments has {segments.numel()} entries for {triton.cdiv(n, BLOCK)} blocks of {BLOCK}")
+    if n:
+        _arena_blend_kernel[(segments.numel(),)](weights, segments, a, b, out, n, BLOCK=BLOCK)
+    return out
 
 
 def score_blend_reference(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """w * a + (1 - w) * b in fp32, cast back to a's dtype."""
+    """w * a + (1 - w) * b in fp32, cast back to a's dtype: the reference every test compares against."""
     w = weight.to(torch.float32)
     return (w * a.to(torch.float32) + (1.0 - w) * b.to(torch.float32)).to(a.dtype)
 
 
-def score_blend(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The blend the reuse graph calls (traceable by torch.export and torch.compile)."""
+def arena_blend_reference(weights: torch.Tensor, segments: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The arena blend in torch: each block takes the weight of its tensor."""
+    per_element = weights.to(torch.float32)[segments.long()].repeat_interleave(BLOCK)[: a.numel()]
+    return score_blend_reference(per_element, a, b)
+
+
+@torch.library.custom_op("frdiff::score_blend", mutates_args=())
+def _score_blend_op(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if kernel_available(a):
+        return launch_blend(weight, a, b, torch.empty_like(a))
     return score_blend_reference(weight, a, b)
+
+
+@_score_blend_op.register_fake
+def _(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(a)
+
+
+@torch.library.custom_op("frdiff::arena_blend_", mutates_args=("out",))
+def _arena_blend_op(
+    weights: torch.Tensor, segments: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor
+) -> None:
+    if kernel_available(out):
+        launch_arena_blend(weights, segments, a, b, out)
+    else:
+        out.copy_(arena_blend_reference(weights, segments, a, b))
+
+
+@_arena_blend_op.register_fake
+def _(weights, segments, a, b, out) -> None:  # noqa: ANN001 - mirrors the op's schema
+    return None
+
+
+if triton is not None:
+
+    # On CUDA the kernel is registered with triton_op + wrap_triton so inductor sees (and can schedule) the
+    # Triton kernel itself. On CPU, inductor does not recognise the interpreter, so CPU uses the opaque
+    # custom op above.
+    @torch.library.triton_op("frdiff::score_blend_triton", mutates_args={})
+    def _score_blend_triton(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(a)
+        _check(weight, a, b, out)
+        n = out.numel()
+        torch.library.wrap_triton(_blend_kernel)[(triton.cdiv(n, BLOCK),)](weight, a, b, out, n, BLOCK=BLOCK)
+        return out
+
+
+def score_blend(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The blend the reuse graph calls: a new tensor w * a + (1 - w) * b (Triton where it can run)."""
+    if a.is_cuda and triton is not None:
+        return torch.ops.frdiff.score_blend_triton(weight, a, b)
+    return torch.ops.frdiff.score_blend(weight, a, b)

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
-from diffusers import UNet2DConditionModel
+
+# Without CUDA the Triton kernels run under the interpreter on CPU tensors. Triton reads this when a kernel
+# is decorated, so it must be set before frdiff_compile (and its kernels) is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from diffusers import UNet2DConditionModel  # noqa: E402
 
 TEXT_DIM = 32
 TEXT_LEN = 7

@@ -1,0 +1,99 @@
+"""Blend benchmark: the fused Triton blend against eager torch and torch.compile of the torch reference.
+
+Run (on a CUDA machine; on CPU it says so and times only the torch paths):
+    python benchmarks/bench_blend.py
+    python benchmarks/bench_blend.py --quick        # fewer sizes, for a smoke run
+
+Shapes: every SD 1.5 cache point at 64x64 latents and SDXL's at 128x128 (CFG batch 2, planned by the
+project's own planner on the meta device), and a size sweep from 4 KB to 256 MB; fp16 and bf16. Reports
+us per call, GB/s (3 bytes moved per element byte: read a, read b, write out) and % of the device-to-device
+copy bandwidth measured in the same run. Also one launch of the arena kernel over all SD 1.5 cache points
+against a loop of single blends. Targets on an H100: >= 90% of copy bandwidth for tensors >= 8 MB and
+>= 80% for the arena launch. Appends rows to benchmarks/results/bench_blend.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+from common import RESULTS, append_csv, environment, print_table, time_ms
+from models import cache_shapes
+
+from frdiff_compile.kernels.arena import BlendArena
+from frdiff_compile.kernels.blend import kernel_available, score_blend, score_blend_reference
+
+SWEEP_MB = [0.004, 0.064, 1, 8, 32, 128, 256]
+
+
+def copy_bandwidth_gbs(device: torch.device, repeats: int) -> float:
+    src = torch.empty(256 * 2**20 // 2, dtype=torch.float16, device=device).normal_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, repeats)
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def providers(device: torch.device) -> dict:
+    found = {"torch eager": score_blend_reference}
+    found["torch.compile"] = torch.compile(score_blend_reference, dynamic=False)
+    if kernel_available(torch.empty(1, device=device)) and device.type == "cuda":
+        found["triton"] = score_blend
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--csv", default=str(RESULTS / "bench_blend.csv"))
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    repeats = 5 if args.quick or device.type == "cpu" else args.repeats
+    env = environment(device)
+    if device.type != "cuda":
+        print("bench_blend: the Triton kernel timings need CUDA; timing only the torch paths on CPU.")
+    copy_gbs = copy_bandwidth_gbs(device, repeats)
+    print(f"bench_blend on {env['device']} (torch {env['torch']}, triton {env['triton']}, git {env['git']}); "
+          f"device-to-device copy {copy_gbs:.0f} GB/s")
+
+    sd15 = cache_shapes("sd15", 64)
+    cases = [(f"sweep {mb:g} MB", (max(1, int(mb * 2**20 / 2)),)) for mb in (SWEEP_MB[:4] if args.quick else SWEEP_MB)]
+    cases += [(f"sd15 {tuple(s)}", s) for s in sorted(set(sd15), key=math.prod, reverse=True)[:3 if args.quick else None]]
+    if not args.quick:
+        cases += [(f"sdxl {tuple(s)}", s) for s in sorted(set(cache_shapes("sdxl", 128)), key=math.prod, reverse=True)]
+    funcs = providers(device)
+    weight = torch.tensor(0.37, device=device)
+    rows = []
+    for dtype in (torch.float16, torch.bfloat16):
+        for label, shape in cases:
+            a = torch.randn(shape, device=device, dtype=dtype)
+            b = torch.randn_like(a)
+            nbytes = 3 * a.numel() * a.element_size()
+            for name, fn in funcs.items():
+                ms = time_ms(lambda: fn(weight, a, b), device, repeats)
+                gbs = nbytes / ms / 1e6
+                rows.append({"case": label, "dtype": str(dtype).replace("torch.", ""), "provider": name,
+                             "MB": a.numel() * a.element_size() / 2**20, "us": ms * 1e3, "GB/s": gbs,
+                             "% copy": 100 * gbs / copy_gbs})
+        arena = [BlendArena(sd15, dtype, device) for _ in range(2)]
+        weights = torch.full((len(sd15),), 0.37, device=device)
+        nbytes = 3 * arena[0].buffer.numel() * arena[0].buffer.element_size()
+        loop = lambda: [score_blend_reference(weights[k], s, m) for k, (m, s) in enumerate(zip(*(x.views for x in arena)))]  # noqa: E731
+        timed = {"torch loop of single blends": loop}
+        if "triton" in funcs:
+            timed["triton arena, one launch"] = lambda: arena[0].blend_(weights, arena[1], arena[0])
+        for name, fn in timed.items():
+            ms = time_ms(fn, device, repeats)
+            rows.append({"case": f"sd15 all {len(sd15)} cache points", "dtype": str(dtype).replace("torch.", ""),
+                         "provider": name, "MB": nbytes / 3 / 2**20, "us": ms * 1e3, "GB/s": nbytes / ms / 1e6,
+                         "% copy": 100 * nbytes / ms / 1e6 / copy_gbs})
+    print_table(rows, ["case", "dtype", "provider", "MB", "us", "GB/s", "% copy"], "bench_blend")
+    path = append_csv(Path(args.csv), [{**row, "copy GB/s": copy_gbs} for row in rows], env)
+    print(f"\nappended {len(rows)} rows to {path}")
+
+
+if __name__ == "__main__":
+    main()
