@@ -96,3 +96,7 @@ def pytest_collection_modifyitems(config, items):
 def max_rel_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     """max |got - expected| relative to max |expected| (DDIM latents of random tiny UNets reach ~1e2)."""
     return ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
+
+
+# Module-scoped tiny pipelines, importable as fixtures by every test module.
+from tiny_pipelines import sd_pipe, sdxl_pipe  # noqa: E402, F401

@@ -234,3 +234,27 @@ def test_optimize_rejects_what_it_cannot_accelerate():
         frdiff_compile.optimize(torch.compile(unet))
     with pytest.raises(ValueError, match="config must be an FRDiffConfig"):
         frdiff_compile.optimize(unet, {"keyframe_interval": 2})
+
+
+@pytest.mark.parametrize("interval", [1, 2])
+def test_controlnet_residuals_stay_fresh(interval):
+    # ControlNet residuals are graph inputs: recomputed paths add the current step's residuals.
+    unet = make_unet("sd15")
+    cond = unet_inputs("sd15")
+    shapes = [(32, 8, 8)] * 3 + [(32, 4, 4)] + [(64, 4, 4)] * 2  # conv_in, block 0 (+ downsample), block 1
+
+    def residuals(t):
+        g = torch.Generator().manual_seed(int(t))
+        down = tuple(torch.randn(2, *s, generator=g) * 0.1 for s in shapes)
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": torch.randn(2, 64, 4, 4, generator=g) * 0.1}
+
+    ref = EagerFRDiff(unet, interval=interval)
+    expected = sample(lambda i, n, x, t: ref.step(i, n, x, t, **cond, **residuals(t)), scheduler("sd15"), STEPS)
+    ref.remove()
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=interval))
+    got = sample(lambda i, n, x, t: fr(x, t, **cond, **residuals(t)).sample, scheduler("sd15"), STEPS)
+    assert fr.stats.eager_calls == 0
+    if interval == 1:
+        assert torch.equal(got, expected)
+    else:
+        assert max_rel_error(got, expected) < 2e-6
