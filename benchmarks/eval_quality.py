@@ -27,6 +27,7 @@ import frdiff_compile
 from frdiff_compile import FRDiffConfig, build_schedule
 from frdiff_compile.digits import DigitsPipeline, load_digits_model
 from frdiff_compile.digits.model import IMAGE_SIZE, NULL_LABEL
+from frdiff_compile.policy import KeyframePolicy
 from frdiff_compile.quality import DigitsJudge, psnr, sqnr
 
 
@@ -51,6 +52,8 @@ def rows_to_run(quick: bool) -> list[dict]:
                 runs.append({"method": f"FRDiff M={m}", "steps": steps, "M": m, "b": b, "mixing": True})
     for m in (2, 3):
         runs.append({"method": f"FRDiff M={m} no mixing", "steps": 50, "M": m, "b": None, "mixing": False})
+    for path in sorted(RESULTS.glob("policy_digits_*.json")):  # written by eval_autofr.py
+        runs.append({"method": "Auto-FR", "steps": KeyframePolicy.load(path).num_steps, "b": None, "policy": str(path)})
     return runs
 
 
@@ -72,7 +75,8 @@ def plot(rows: list[dict], path: Path) -> None:
     methods = sorted({r["method"] for r in rows}, key=lambda m: (m != "DDIM", m))
     for method in methods:
         pts = sorted((r["cost"], r["fid_proxy"]) for r in rows if r["method"] == method and r.get("b") in (None, 0.5))
-        ax.plot(*zip(*pts), marker="o", label=method + (" (b=0.5)" if "mixing" not in method and method != "DDIM" else ""))
+        label = method + (" (b=0.5)" if method.startswith("FRDiff") and "mixing" not in method else "")
+        ax.plot(*zip(*pts), marker="o", label=label)
         others = [(r["cost"], r["fid_proxy"]) for r in rows if r["method"] == method and r.get("b") not in (None, 0.5)]
         if others:
             ax.scatter(*zip(*others), marker="x", s=18, alpha=0.6, color=ax.lines[-1].get_color())
@@ -108,13 +112,16 @@ def main() -> None:
         if run["method"] == "DDIM":
             model, cost = unet, float(run["steps"])
         else:
-            config = FRDiffConfig(keyframe_interval=run["M"], mix_bias=run["b"] or 0.5, score_mixing=run["mixing"])
+            if "policy" in run:
+                config = FRDiffConfig.from_policy(run["policy"])
+            else:
+                config = FRDiffConfig(keyframe_interval=run["M"], mix_bias=run["b"] or 0.5, score_mixing=run["mixing"])
             model = frdiff_compile.optimize(unet, config)
             cost = build_schedule(run["steps"], config).cost(r)
         start = time.perf_counter()
         images = DigitsPipeline(model, embedding)(labels, run["steps"], args.guidance, seed=args.seed)
         wall = time.perf_counter() - start
-        rows.append({**run, "cost": cost, "wall_s": wall, "psnr_db": psnr(images, reference),
+        rows.append({**{k: v for k, v in run.items() if k != "policy"}, "cost": cost, "wall_s": wall, "psnr_db": psnr(images, reference),
                      "sqnr_db": sqnr(images, reference), "accuracy": judge.accuracy(images, labels),
                      "fid_proxy": judge.fid_proxy(images)})
     for row in rows:

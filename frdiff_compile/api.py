@@ -57,6 +57,15 @@ def optimize(unet: torch.nn.Module, config: FRDiffConfig | None = None) -> FRDif
     if not isinstance(config, FRDiffConfig):
         raise ValueError(f"config must be an FRDiffConfig, got {type(config).__name__}")
     _check_model(unet)
+    if config.policy_fingerprint is not None:
+        from .policy import unet_fingerprint
+
+        found = unet_fingerprint(unet)
+        if found != config.policy_fingerprint:
+            raise ValueError(
+                f"the keyframe policy was tuned on a UNet with config fingerprint {config.policy_fingerprint}, "
+                f"this UNet's is {found}; tune a policy for this model (frdiff-compile tune) or use keyframe_interval"
+            )
     device = next(unet.parameters()).device
     compile_graphs = config.compile if config.compile is not None else device.type == "cuda"
     wrapped = FRDiffUNet(unet, config, compile=compile_graphs)

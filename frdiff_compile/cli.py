@@ -2,6 +2,7 @@
 
     frdiff-compile demo                         # shipped digits model: stock vs FRDiff, table + PNG
     frdiff-compile demo --model DIR --prompt T  # a local diffusers Stable Diffusion folder
+    frdiff-compile tune --target-keyframes 17   # Auto-FR keyframe policy for the digits model
 
 The CLI is the one place that prints. Bad arguments and unusable models end with one line on stderr
 and exit status 2, never a traceback.
@@ -52,7 +53,35 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", type=Path, default=None, help="a local diffusers Stable Diffusion folder")
     demo.add_argument("--prompt", default="a photograph of an astronaut riding a horse", help="with --model")
     demo.add_argument("--size", type=_positive, default=None, help="with --model: image height and width")
+    tune = sub.add_parser("tune", help="learn a keyframe policy with Auto-FR on the shipped digits model")
+    tune.add_argument("--steps", type=_positive, default=50, help="DDIM steps the policy is for (default 50)")
+    tune.add_argument("--iterations", type=_positive, default=100, help="search iterations (default 100)")
+    tune.add_argument("--target-keyframes", type=_positive, default=None, help="keyframe budget (adapts w)")
+    tune.add_argument("--weight", type=float, default=1e-3, help="regulariser weight w (default 1e-3)")
+    tune.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (default 5e-3)")
+    tune.add_argument("--bias", type=float, default=0.5, help="score-mixing bias b used in the search")
+    tune.add_argument("--no-mixing", action="store_true", help="search for pure feature reuse")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--out", type=Path, default=Path("frdiff_policy.json"), help="policy JSON to write")
     return parser
+
+
+def run_tune(args: argparse.Namespace) -> None:
+    from .autofr import digits_problem, search
+    from .digits import load_digits_model
+
+    if args.target_keyframes is not None and args.target_keyframes > args.steps:
+        raise CLIError(f"--target-keyframes {args.target_keyframes} exceeds --steps {args.steps}")
+    config = FRDiffConfig(mix_bias=args.bias, score_mixing=not args.no_mixing)
+    unet, embedding = load_digits_model()
+    start = time.perf_counter()
+    result = search(unet, digits_problem(embedding), args.steps, iterations=args.iterations, lr=args.lr,
+                    weight=args.weight, target_keyframes=args.target_keyframes, config=config, seed=args.seed)
+    path = result.policy.save(args.out)
+    mask = "".join("K" if k else "." for k in result.policy.keyframes)
+    print(f"Auto-FR: {result.policy.num_keyframes} of {args.steps} steps are keyframes "
+          f"({time.perf_counter() - start:.0f} s): {mask}")
+    print(f"wrote {path}; use it with FRDiffConfig.from_policy({str(path)!r})")
 
 
 def _config(args: argparse.Namespace) -> FRDiffConfig:
@@ -75,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                 run_pipeline_demo(args, config)
             else:
                 run_digits_demo(args, config)
+        elif args.command == "tune":
+            run_tune(args)
         return 0
     except (CLIError, UnsupportedModelError, FileNotFoundError, ValueError) as exc:
         print(f"frdiff-compile: error: {exc}", file=sys.stderr)

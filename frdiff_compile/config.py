@@ -39,6 +39,8 @@ class FRDiffConfig:
         compile_mode: passed to `torch.compile(mode=...)` when compiling.
         max_cached_shapes: how many input signatures (batch, resolution, text length, dtype, ...) keep
             their graph pair and cache buffers; the least recently used is dropped past this.
+        policy_fingerprint: set by `from_policy`: the config fingerprint of the UNet the keyframe mask was
+            tuned on; `optimize` refuses a UNet with another one.
         version: the configuration format version.
     """
 
@@ -50,6 +52,7 @@ class FRDiffConfig:
     compile: bool | None = None
     compile_mode: str | None = None
     max_cached_shapes: int = 4
+    policy_fingerprint: str | None = None
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -105,6 +108,21 @@ class FRDiffConfig:
         data = dict(data)
         if data.get("keyframes") is not None:
             data["keyframes"] = tuple(data["keyframes"])
+        return cls(**data)
+
+    @classmethod
+    def from_policy(cls, path: str, **overrides: Any) -> FRDiffConfig:
+        """The config of a saved Auto-FR policy: its keyframe mask and the score-mixing settings it was
+        searched with (`overrides` replace any field)."""
+        from .policy import KeyframePolicy
+
+        policy = KeyframePolicy.load(path)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        settings = {k: v for k, v in policy.settings.items() if k in ("score_mixing", "mix_bias", "mix_slope")}
+        data = {**settings, "keyframes": policy.keyframes, "policy_fingerprint": policy.unet_fingerprint, **overrides}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ValueError(f"unknown FRDiffConfig fields {unknown}")
         return cls(**data)
 
     @classmethod

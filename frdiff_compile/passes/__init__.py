@@ -11,9 +11,11 @@ Invariants every stage keeps:
   the cache points, so everything only they fed (ResNet norm1/SiLU/conv1, transformer internals) is removed
   by dead-code elimination, and blends its output with the keyframe output through `score_blend`.
 - No graph output aliases a cache buffer or a graph input.
+- The search graph (Auto-FR) computes every cache point and feeds the network a gate-weighted blend of
+  it and a memory input; it returns the output and the blended memories, and is differentiable.
 """
 
-from .build import BuildReport, GraphPair, build_graphs
+from .build import BuildReport, GraphPair, build_graphs, build_search_graph
 from .capture import CallLayout, Captured, capture
 from .plan import CachePoint, Plan, plan_cache_points
 
@@ -25,6 +27,7 @@ __all__ = [
     "GraphPair",
     "Plan",
     "build_graphs",
+    "build_search_graph",
     "capture",
     "plan_cache_points",
 ]

@@ -108,6 +108,37 @@ def build_reuse_graph(captured: fx.GraphModule, plan: Plan) -> fx.GraphModule:
     return gm
 
 
+def build_search_graph(captured: fx.GraphModule, plan: Plan) -> fx.GraphModule:
+    """Auto-FR's soft graph: `(*inputs, *memory, gate) -> (out, *new_memory)`.
+
+    Every cache point is computed, then blended with its memory, `new = gate * S + (1 - gate) * memory`,
+    and the rest of the network reads `new`: gate 1 is the keyframe graph, gate 0 the reuse graph, and
+    in between it is differentiable in the gate and the memory. Plain torch ops, so autograd sees them.
+    """
+    gm, nodes = _copy(captured)
+    placeholders = _add_placeholders(gm, [f"memory_{i}" for i in range(len(plan.points))] + ["gate"])
+    gate = placeholders[-1]
+    blended = []
+    for point, memory in zip(plan.points, placeholders):
+        value = nodes[point.node]
+        users = list(value.users)
+        with gm.graph.inserting_after(value):
+            keep = gm.graph.call_function(aten.rsub.Scalar, (gate, 1.0))
+        with gm.graph.inserting_after(keep):
+            old = gm.graph.call_function(aten.mul.Tensor, (memory, keep))
+        with gm.graph.inserting_after(old):
+            new = gm.graph.call_function(aten.mul.Tensor, (value, gate))
+        with gm.graph.inserting_after(new):
+            total = gm.graph.call_function(aten.add.Tensor, (new, old))
+        for user in users:
+            user.replace_input_with(value, total)
+        blended.append(total)
+    output = gm.graph.find_nodes(op="output")[0]
+    output.args = ((output.args[0], *blended),)
+    _finish(gm)
+    return gm
+
+
 def _innermost_class(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:

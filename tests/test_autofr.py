@@ -1,0 +1,79 @@
+"""Auto-FR search on the shipped digits model (short runs) and keyframe policies."""
+
+import json
+
+import pytest
+import torch
+from conftest import make_unet
+
+import frdiff_compile
+from frdiff_compile import FRDiffConfig
+from frdiff_compile.autofr import digits_problem, search
+from frdiff_compile.digits import load_digits_model
+from frdiff_compile.policy import KeyframePolicy, unet_fingerprint
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits_model()
+
+
+def test_search_returns_a_valid_mask_and_the_regulariser_works(digits):
+    unet, embedding = digits
+    # A large learning rate lets a few iterations move the logits across 0.
+    weak = search(unet, digits_problem(embedding), STEPS, iterations=3, lr=0.2, weight=0.0, progress=False)
+    strong = search(unet, digits_problem(embedding), STEPS, iterations=3, lr=0.2, weight=10.0, progress=False)
+    for result in (weak, strong):
+        policy = result.policy
+        assert len(policy.keyframes) == STEPS and policy.keyframes[0], policy
+        assert len(policy.loss_history) == 3 and all(torch.isfinite(torch.tensor(policy.loss_history)))
+    assert strong.policy.num_keyframes < weak.policy.num_keyframes, (weak.policy.keyframes, strong.policy.keyframes)
+    assert all(p.requires_grad is False for p in unet.parameters())
+
+
+def test_target_keyframes_is_met_exactly(digits):
+    unet, embedding = digits
+    result = search(unet, digits_problem(embedding), STEPS, iterations=2, target_keyframes=3, progress=False)
+    assert result.policy.num_keyframes == 3 and result.policy.keyframes[0]
+    with pytest.raises(ValueError, match="target_keyframes"):
+        search(unet, digits_problem(embedding), STEPS, iterations=1, target_keyframes=STEPS + 1, progress=False)
+
+
+def test_policy_round_trip_and_use(tmp_path, digits):
+    unet, embedding = digits
+    policy = KeyframePolicy(4, (True, False, True, False), unet_fingerprint(unet), {"mix_bias": 0.3}, (0.5, 0.25))
+    path = policy.save(tmp_path / "p.json")
+    assert KeyframePolicy.load(path) == policy
+    config = FRDiffConfig.from_policy(str(path))
+    assert config.keyframes == policy.keyframes and config.mix_bias == 0.3
+    fr = frdiff_compile.optimize(unet, config)
+    from frdiff_compile.digits import DigitsPipeline
+
+    DigitsPipeline(fr, embedding)([3, 5], 4)
+    assert (fr.stats.full_calls, fr.stats.reuse_calls + fr.stats.skip_steps) == (2, 2)
+    with pytest.raises(ValueError, match="4 entries but this generation has 6 steps"):
+        DigitsPipeline(fr, embedding)([3], 6)
+
+
+def test_refused_policies(tmp_path, digits):
+    unet, _ = digits
+    good = KeyframePolicy(3, (True, False, True), unet_fingerprint(unet))
+    path = good.save(tmp_path / "p.json")
+    with pytest.raises(ValueError, match="config fingerprint"):
+        frdiff_compile.optimize(make_unet("sd15"), FRDiffConfig.from_policy(str(path)))
+    cases = {
+        "bad.json": ("{not json", "not valid JSON"),
+        "list.json": ("[1, 2]", "must hold a JSON object"),
+        "version.json": (json.dumps({**json.loads(good.to_json()), "format_version": 9}), "format_version 9"),
+        "short.json": (json.dumps({**json.loads(good.to_json()), "num_steps": 5}), "3 keyframe entries for num_steps=5"),
+        "missing.json": (json.dumps({"format_version": 1}), "lacks"),
+        "first.json": (json.dumps({**json.loads(good.to_json()), "keyframes": [0, 1, 1]}), "start with True"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=message):
+            KeyframePolicy.load(tmp_path / name)
+    with pytest.raises(ValueError, match="does not exist"):
+        KeyframePolicy.load(tmp_path / "absent.json")
