@@ -187,3 +187,35 @@ def digits_problem(embedding: torch.nn.Module, batch: int = 1, guidance_scale: f
         return noise, {"encoder_hidden_states": cond}
 
     return SearchProblem(draw=draw, guidance_scale=guidance_scale, scheduler=default_scheduler())
+
+
+def embeddings_problem(
+    uncond: torch.Tensor,
+    cond: torch.Tensor,
+    latent_shape: tuple[int, ...],
+    scheduler: object,
+    guidance_scale: float = 7.5,
+    added_cond_kwargs: dict | None = None,
+) -> SearchProblem:
+    """A Stable Diffusion problem from precomputed text embeddings (e.g. `pipe.encode_prompt` outputs).
+
+    `uncond` and `cond` are (P, L, D) embeddings of P prompts; each iteration draws one prompt and fresh
+    noise of `latent_shape` (C, H, W). `added_cond_kwargs` (SDXL) holds tensors batched like
+    [uncond; cond] with 2P rows; the drawn prompt's two rows are used.
+    """
+    if uncond.shape != cond.shape:
+        raise ValueError(f"uncond {tuple(uncond.shape)} and cond {tuple(cond.shape)} embeddings must match")
+    prompts = cond.shape[0]
+
+    def draw(generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        k = int(torch.randint(0, prompts, (1,), generator=generator))
+        noise = torch.randn(1, *latent_shape, generator=generator).to(cond)
+        kwargs: dict = {"encoder_hidden_states": torch.cat([uncond[k : k + 1], cond[k : k + 1]])}
+        if added_cond_kwargs:
+            kwargs["added_cond_kwargs"] = {
+                name: torch.cat([value[k : k + 1], value[prompts + k : prompts + k + 1]])
+                for name, value in added_cond_kwargs.items()
+            }
+        return noise, kwargs
+
+    return SearchProblem(draw=draw, guidance_scale=guidance_scale, scheduler=scheduler)

@@ -77,3 +77,27 @@ def test_refused_policies(tmp_path, digits):
             KeyframePolicy.load(tmp_path / name)
     with pytest.raises(ValueError, match="does not exist"):
         KeyframePolicy.load(tmp_path / "absent.json")
+
+
+def test_search_on_text_embeddings_of_a_tiny_sd_unet():
+    from conftest import TEXT_DIM
+    from diffusers import DDIMScheduler
+
+    from frdiff_compile.autofr import embeddings_problem
+
+    unet = make_unet("sd15")
+    g = torch.Generator().manual_seed(0)
+    uncond, cond = torch.randn(2, 7, TEXT_DIM, generator=g), torch.randn(2, 7, TEXT_DIM, generator=g)
+    problem = embeddings_problem(uncond, cond, (4, 8, 8), DDIMScheduler(clip_sample=False), guidance_scale=3.0)
+    result = search(unet, problem, 5, iterations=2, target_keyframes=2, progress=False)
+    assert result.policy.num_keyframes == 2 and result.policy.unet_fingerprint == unet_fingerprint(unet)
+
+
+def test_tune_command_writes_a_policy(tmp_path, capsys):
+    from frdiff_compile.cli import main
+
+    out = tmp_path / "policy.json"
+    assert main(["tune", "--steps", "4", "--iterations", "2", "--target-keyframes", "2", "--out", str(out)]) == 0
+    assert KeyframePolicy.load(out).num_keyframes == 2
+    assert "2 of 4 steps are keyframes" in capsys.readouterr().out
+    assert main(["tune", "--steps", "4", "--target-keyframes", "9"]) == 2
