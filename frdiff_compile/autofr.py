@@ -16,6 +16,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable
@@ -66,6 +67,18 @@ def _ddim_step(scheduler, eps: torch.Tensor, t: int, t_prev: int | None, x: torc
     return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
 
 
+@contextlib.contextmanager
+def _frozen(module: torch.nn.Module):  # noqa: ANN202 - a context manager
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 @dataclasses.dataclass
 class SearchResult:
     policy: KeyframePolicy
@@ -103,75 +116,74 @@ def search(
     captured = capture(unet, layout, tensors)
     plan = plan_cache_points(captured.graph_module, unet)
     graph = build_search_graph(captured.graph_module, plan)
-    for p in unet.parameters():
-        p.requires_grad_(False)
+    with _frozen(unet):  # only the logits learn; the UNet's own requires_grad flags come back afterwards
 
-    def guided(out: torch.Tensor) -> torch.Tensor:
-        uncond, cond = out.chunk(2)
-        return uncond + problem.guidance_scale * (cond - uncond)
+        def guided(out: torch.Tensor) -> torch.Tensor:
+            uncond, cond = out.chunk(2)
+            return uncond + problem.guidance_scale * (cond - uncond)
 
-    def run(x: torch.Tensor, kw: dict, gates: list[torch.Tensor] | None) -> torch.Tensor:
-        memory = [torch.zeros(p.shape, dtype=p.dtype) for p in plan.points]
-        last = torch.zeros_like(torch.cat([x, x]))
-        for i, t in enumerate(timesteps):
-            t_prev = timesteps[i + 1] if i + 1 < num_steps else None
-            h = torch.ones(()) if gates is None or i == 0 else gates[i]
+        def run(x: torch.Tensor, kw: dict, gates: list[torch.Tensor] | None) -> torch.Tensor:
+            memory = [torch.zeros(p.shape, dtype=p.dtype) for p in plan.points]
+            last = torch.zeros_like(torch.cat([x, x]))
+            for i, t in enumerate(timesteps):
+                t_prev = timesteps[i + 1] if i + 1 < num_steps else None
+                h = torch.ones(()) if gates is None or i == 0 else gates[i]
 
-            def step(x, last, h, *memory, i=i, t=t, t_prev=t_prev):
-                _, flat = CallLayout.from_call({"sample": torch.cat([x, x]), "timestep": torch.tensor(t), **kw})
-                out, *new_memory = graph(*flat, *memory, h)
-                eps = h * out + (1 - h) * (lambdas[i] * out + (1 - lambdas[i]) * last)
-                new_last = h * out + (1 - h) * last
-                return (_ddim_step(scheduler, guided(eps), t, t_prev, x), new_last, *new_memory)
+                def step(x, last, h, *memory, i=i, t=t, t_prev=t_prev):
+                    _, flat = CallLayout.from_call({"sample": torch.cat([x, x]), "timestep": torch.tensor(t), **kw})
+                    out, *new_memory = graph(*flat, *memory, h)
+                    eps = h * out + (1 - h) * (lambdas[i] * out + (1 - lambdas[i]) * last)
+                    new_last = h * out + (1 - h) * last
+                    return (_ddim_step(scheduler, guided(eps), t, t_prev, x), new_last, *new_memory)
 
-            if gates is None:
-                x, last, *memory = step(x, last, h, *memory)
-            else:
-                x, last, *memory = checkpoint(step, x, last, h, *memory, use_reentrant=False)
-        return x
+                if gates is None:
+                    x, last, *memory = step(x, last, h, *memory)
+                else:
+                    x, last, *memory = checkpoint(step, x, last, h, *memory, use_reentrant=False)
+            return x
 
-    logits = torch.full((num_steps,), 0.1, requires_grad=True)
-    optimizer = torch.optim.Adam([logits], lr=lr)
-    history: list[float] = []
-    bar = range(iterations)
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(bar, desc="Auto-FR search")
-    for iteration in bar:
-        latents, kw = problem.draw(generator) if iteration else (latents, kwargs)
-        with torch.no_grad():
-            target = run(latents, kw, None)
-        soft = torch.sigmoid(logits)
-        gates = list(torch.round(soft) + soft - soft.detach())
-        final = run(latents, kw, gates)
-        penalty = F.relu(2 * soft[1:] - 1).sum()
-        loss = F.mse_loss(final, target) + weight * penalty
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        keyframes = 1 + int((torch.sigmoid(logits[1:]) > 0.5).sum())
-        if target_keyframes is not None:  # dual ascent on w towards the budget
-            weight = weight * 1.3 if keyframes > target_keyframes else weight / 1.3 if keyframes < target_keyframes else weight
-        history.append(loss.item())
+        logits = torch.full((num_steps,), 0.1, requires_grad=True)
+        optimizer = torch.optim.Adam([logits], lr=lr)
+        history: list[float] = []
+        bar = range(iterations)
         if progress:
-            bar.set_postfix(loss=f"{loss.item():.2e}", keyframes=keyframes)
-        logger.debug("iteration %d: loss %.3e keyframes %d w %.2e", iteration, loss.item(), keyframes, weight)
+            from tqdm.auto import tqdm
 
-    scores = logits.detach()
-    if target_keyframes is not None:
-        chosen = set(torch.topk(scores[1:], target_keyframes - 1).indices.add(1).tolist()) if target_keyframes > 1 else set()
-        mask = tuple(i == 0 or i in chosen for i in range(num_steps))
-    else:
-        mask = tuple(i == 0 or bool(scores[i] > 0) for i in range(num_steps))
-    settings = {
-        "iterations": iterations, "lr": lr, "weight": weight, "target_keyframes": target_keyframes, "seed": seed,
-        "guidance_scale": problem.guidance_scale, "score_mixing": config.score_mixing, "mix_bias": config.mix_bias,
-        "mix_slope": config.mix_slope,
-    }
-    policy = KeyframePolicy(num_steps, mask, unet_fingerprint(unet), settings, tuple(history))
-    logger.info("Auto-FR: %d of %d steps are keyframes after %d iterations", policy.num_keyframes, num_steps, iterations)
-    return SearchResult(policy=policy, logits=scores)
+            bar = tqdm(bar, desc="Auto-FR search")
+        for iteration in bar:
+            latents, kw = problem.draw(generator) if iteration else (latents, kwargs)
+            with torch.no_grad():
+                target = run(latents, kw, None)
+            soft = torch.sigmoid(logits)
+            gates = list(torch.round(soft) + soft - soft.detach())
+            final = run(latents, kw, gates)
+            penalty = F.relu(2 * soft[1:] - 1).sum()
+            loss = F.mse_loss(final, target) + weight * penalty
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            keyframes = 1 + int((torch.sigmoid(logits[1:]) > 0.5).sum())
+            if target_keyframes is not None:  # dual ascent on w towards the budget
+                weight = weight * 1.3 if keyframes > target_keyframes else weight / 1.3 if keyframes < target_keyframes else weight
+            history.append(loss.item())
+            if progress:
+                bar.set_postfix(loss=f"{loss.item():.2e}", keyframes=keyframes)
+            logger.debug("iteration %d: loss %.3e keyframes %d w %.2e", iteration, loss.item(), keyframes, weight)
+
+        scores = logits.detach()
+        if target_keyframes is not None:
+            chosen = set(torch.topk(scores[1:], target_keyframes - 1).indices.add(1).tolist()) if target_keyframes > 1 else set()
+            mask = tuple(i == 0 or i in chosen for i in range(num_steps))
+        else:
+            mask = tuple(i == 0 or bool(scores[i] > 0) for i in range(num_steps))
+        settings = {
+            "iterations": iterations, "lr": lr, "weight": weight, "target_keyframes": target_keyframes, "seed": seed,
+            "guidance_scale": problem.guidance_scale, "score_mixing": config.score_mixing, "mix_bias": config.mix_bias,
+            "mix_slope": config.mix_slope,
+        }
+        policy = KeyframePolicy(num_steps, mask, unet_fingerprint(unet), settings, tuple(history))
+        logger.info("Auto-FR: %d of %d steps are keyframes after %d iterations", policy.num_keyframes, num_steps, iterations)
+        return SearchResult(policy=policy, logits=scores)
 
 
 def digits_problem(embedding: torch.nn.Module, batch: int = 1, guidance_scale: float = 1.5) -> SearchProblem:

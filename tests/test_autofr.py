@@ -30,7 +30,7 @@ def test_search_returns_a_valid_mask_and_the_regulariser_works(digits):
         assert len(policy.keyframes) == STEPS and policy.keyframes[0], policy
         assert len(policy.loss_history) == 3 and all(torch.isfinite(torch.tensor(policy.loss_history)))
     assert strong.policy.num_keyframes < weak.policy.num_keyframes, (weak.policy.keyframes, strong.policy.keyframes)
-    assert all(p.requires_grad is False for p in unet.parameters())
+    assert all(p.requires_grad for p in unet.parameters()), "search must restore the UNet's requires_grad flags"
 
 
 def test_target_keyframes_is_met_exactly(digits):
