@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.command == "demo":
-            from .demo import run_digits_demo, run_pipeline_demo
+            from .cli_demo import run_digits_demo, run_pipeline_demo
 
             config = _config(args)
             if args.guidance is None:

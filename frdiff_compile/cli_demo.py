@@ -1,4 +1,4 @@
-"""The main job: generate with the stock UNet and with FRDiff from the same noise, then compare.
+"""The demo command (part of the CLI, so it prints): stock UNet against FRDiff from the same noise.
 
 Invariants:
 - Both runs get identical noise and conditioning; the stock run is the full-compute reference for PSNR.
