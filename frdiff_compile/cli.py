@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .api import UnsupportedModelError, optimize
+from .api import UnsupportedModelError
 from .config import FRDiffConfig
 
 
@@ -122,4 +122,4 @@ def timed(fn):  # noqa: ANN001, ANN201 - tiny helper for the demo's host-synchro
     return result, time.perf_counter() - start
 
 
-__all__ = ["CLIError", "build_parser", "main", "optimize", "timed"]
+__all__ = ["CLIError", "build_parser", "main", "timed"]
