@@ -66,8 +66,6 @@ def optimize(unet: torch.nn.Module, config: FRDiffConfig | None = None) -> FRDif
                 f"the keyframe policy was tuned on a UNet with config fingerprint {config.policy_fingerprint}, "
                 f"this UNet's is {found}; tune a policy for this model (frdiff-compile tune) or use keyframe_interval"
             )
-    device = next(unet.parameters()).device
-    compile_graphs = config.compile if config.compile is not None else device.type == "cuda"
-    wrapped = FRDiffUNet(unet, config, compile=compile_graphs)
-    logger.info("frdiff_compile.optimize: %s on %s, compile=%s", config, device, compile_graphs)
+    wrapped = FRDiffUNet(unet, config)
+    logger.info("frdiff_compile.optimize: %s", config)
     return wrapped

@@ -15,6 +15,7 @@ import math
 from typing import Any
 
 CONFIG_VERSION = 1
+_CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +37,12 @@ class FRDiffConfig:
         mix_slope: how fast lambda goes from 0 to 1 around b (the paper's tau=30 is slope 7.5).
         compile: run both graphs through `torch.compile`. None (default) means on for CUDA models, off
             elsewhere; eager graphs are still the fast path on CPU because they skip the cached work.
-        compile_mode: passed to `torch.compile(mode=...)` when compiling.
+        compile_mode: passed to `torch.compile(mode=...)` when compiling. With CUDA graphs on, modes that
+            make inductor capture its own CUDA graphs ("reduce-overhead", "max-autotune") are refused: they
+            cannot nest inside the runtime's capture; "max-autotune-no-cudagraphs" is the autotuning one.
+        cuda_graphs: capture each graph as a CUDA graph over static input buffers and replay it every step.
+            None (default) means on wherever the inputs are on a CUDA device; a capture failure falls back
+            to the graphs without CUDA graphs, with one warning.
         max_cached_shapes: how many input signatures (batch, resolution, text length, dtype, ...) keep
             their graph pair and cache buffers; the least recently used is dropped past this.
         policy_fingerprint: set by `from_policy`: the config fingerprint of the UNet the keyframe mask was
@@ -51,6 +57,7 @@ class FRDiffConfig:
     mix_slope: float = 7.5
     compile: bool | None = None
     compile_mode: str | None = None
+    cuda_graphs: bool | None = None
     max_cached_shapes: int = 4
     policy_fingerprint: str | None = None
     version: int = CONFIG_VERSION
@@ -83,6 +90,14 @@ class FRDiffConfig:
             raise ValueError(f"compile must be None, True or False, got {self.compile!r}")
         if self.compile_mode is not None and not isinstance(self.compile_mode, str):
             raise ValueError(f"compile_mode must be None or a torch.compile mode string, got {self.compile_mode!r}")
+        if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be None, True or False, got {self.cuda_graphs!r}")
+        if self.cuda_graphs is not False and self.compile_mode in _CUDAGRAPH_MODES:
+            raise ValueError(
+                f"compile_mode={self.compile_mode!r} makes inductor capture its own CUDA graphs, which cannot nest "
+                "inside frdiff_compile's; use compile_mode='max-autotune-no-cudagraphs' (or None), or set "
+                "cuda_graphs=False to leave CUDA graphs to inductor"
+            )
         if isinstance(self.max_cached_shapes, bool) or not isinstance(self.max_cached_shapes, int):
             raise ValueError(f"max_cached_shapes must be an int in [1, 64], got {self.max_cached_shapes!r}")
         if not 1 <= self.max_cached_shapes <= 64:

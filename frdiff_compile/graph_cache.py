@@ -6,8 +6,12 @@ Invariants:
   without it can both write them) and only ever written in place.
 - `written_generation` names the generation whose keyframe last filled the buffers; the runtime runs a
   reuse or skip step only when it equals the current generation, so a stale cache is never read.
-- What a step hands back is always a fresh tensor: the graphs' outputs are new, and a skip step returns a
-  clone of the keyframe output, never the buffer the next keyframe overwrites.
+- What a step hands back is always a fresh tensor: the graphs' outputs are new (a CUDA-graph replay's
+  static output is cloned), and a skip step returns a clone of the keyframe output, never the buffer the
+  next keyframe overwrites.
+- With CUDA graphs, the keyframe and reuse graphs of an entry are captured lazily at their first use and
+  share the runtime's memory pool; a capture failure turns CUDA graphs off for that entry only, with one
+  warning and a `cudagraph_fallbacks` count, and the step still runs.
 """
 
 from __future__ import annotations
@@ -15,19 +19,69 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import time
+import warnings
 from collections.abc import Callable
 
 import torch
 from torch import fx
 
+from .cudagraphs import Backend, CaptureError, SharedPool, StaticGraph
 from .passes import BuildReport, Plan
 
 logger = logging.getLogger(__name__)
 
 
-def _compile(gm: fx.GraphModule, mode: str | None) -> Callable[..., torch.Tensor]:
-    # fullgraph: a graph break inside a graph of pure ATen ops would be a bug worth failing loudly on.
-    return torch.compile(gm, fullgraph=True, dynamic=False, mode=mode)
+@dataclasses.dataclass
+class RuntimeStats:
+    """Counters that tests and benchmarks read (never parse logs)."""
+
+    generations: int = 0
+    full_calls: int = 0
+    reuse_calls: int = 0
+    skip_steps: int = 0
+    eager_calls: int = 0
+    forced_keyframes: int = 0
+    captures: int = 0  # graph pairs built (export + passes), one per input signature
+    capture_failures: int = 0
+    build_seconds: float = 0.0
+    compiles: int = 0  # torch.compile graph compilations: two per signature when all is well
+    recompiles: int = 0  # compilations past the first of a graph: guards failed, worth a bug report
+    compile_seconds: float = 0.0  # first calls of compiled graphs (compilation plus one run)
+    cudagraph_captures: int = 0
+    cudagraph_fallbacks: int = 0
+    full_replays: int = 0  # keyframe steps served by a CUDA-graph replay
+    reuse_replays: int = 0  # reuse steps served by a CUDA-graph replay
+
+
+def _dynamo_graphs() -> int:
+    # torch's own count of graphs dynamo compiled in this process; the delta around one call is what that
+    # call compiled (calls are not concurrent).
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+class _Compiled:
+    """`torch.compile` of one graph, counting its compilations into the runtime's stats."""
+
+    def __init__(self, gm: fx.GraphModule, mode: str | None, stats: RuntimeStats) -> None:
+        # fullgraph: a graph break inside a graph of pure ATen ops would be a bug worth failing loudly on.
+        self.fn = torch.compile(gm, fullgraph=True, dynamic=False, mode=mode)
+        self.stats = stats
+        self.calls = 0
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        before, start = _dynamo_graphs(), time.perf_counter()
+        out = self.fn(*args)
+        compiled = _dynamo_graphs() - before
+        if compiled:
+            self.stats.compiles += compiled
+            self.stats.recompiles += compiled if self.calls else compiled - 1
+            self.stats.compile_seconds += time.perf_counter() - start
+            if self.calls:
+                logger.warning("a compiled FRDiff graph recompiled (%d graphs); inputs changed in a way the "
+                               "signature did not capture", compiled)
+        self.calls += 1
+        return out
 
 
 @dataclasses.dataclass
@@ -39,6 +93,9 @@ class GraphEntry:
     caches: list[torch.Tensor]
     keyframe_out: torch.Tensor
     weight: torch.Tensor
+    stats: RuntimeStats
+    static_keyframe: StaticGraph | None = None
+    static_reuse: StaticGraph | None = None
     written_generation: int = -1
     build_seconds: float = 0.0
 
@@ -53,6 +110,9 @@ class GraphEntry:
         device: torch.device,
         compile: bool,
         compile_mode: str | None,
+        stats: RuntimeStats,
+        graph_backend: Backend | None = None,
+        pool: SharedPool | None = None,
     ) -> GraphEntry:
         with torch.inference_mode(False):
             caches = [torch.empty(p.shape, dtype=p.dtype, device=device) for p in plan.points]
@@ -61,17 +121,43 @@ class GraphEntry:
         keyframe_fn: Callable[..., torch.Tensor] = keyframe
         reuse_fn: Callable[..., torch.Tensor] = reuse
         if compile:
-            keyframe_fn, reuse_fn = _compile(keyframe, compile_mode), _compile(reuse, compile_mode)
-        return cls(plan, report, keyframe_fn, reuse_fn, caches, keyframe_out, weight)
+            keyframe_fn, reuse_fn = _Compiled(keyframe, compile_mode, stats), _Compiled(reuse, compile_mode, stats)
+        entry = cls(plan, report, keyframe_fn, reuse_fn, caches, keyframe_out, weight, stats)
+        if graph_backend is not None:
+            entry.static_keyframe = StaticGraph(keyframe_fn, [*caches, keyframe_out], graph_backend, pool)
+            entry.static_reuse = StaticGraph(reuse_fn, [*caches, keyframe_out, weight], graph_backend, pool)
+        return entry
+
+    def _replay(self, static: StaticGraph, tensors: list[torch.Tensor]) -> torch.Tensor | None:
+        """Run `static` (capturing it first if needed); None if capture failed and graphs are now off."""
+        fresh = not static.captured
+        try:
+            out = static(tensors)
+        except CaptureError as exc:
+            self.static_keyframe = self.static_reuse = None
+            self.stats.cudagraph_fallbacks += 1
+            warnings.warn(f"frdiff_compile: CUDA graph capture failed, running the graphs without CUDA graphs "
+                          f"for this input signature ({exc})", stacklevel=5)
+            return None
+        self.stats.cudagraph_captures += fresh
+        return out
 
     def run_full(self, tensors: list[torch.Tensor], generation: int) -> torch.Tensor:
-        out = self.keyframe(*tensors, *self.caches, self.keyframe_out)
+        out = self._replay(self.static_keyframe, tensors) if self.static_keyframe else None
+        if out is None:
+            out = self.keyframe(*tensors, *self.caches, self.keyframe_out)
+        else:
+            self.stats.full_replays += 1
         self.written_generation = generation
         return out
 
     def run_reuse(self, tensors: list[torch.Tensor], weight: float) -> torch.Tensor:
-        self.weight.fill_(weight)  # in place: same tensor every step, so no recompile and no host sync
-        return self.reuse(*tensors, *self.caches, self.keyframe_out, self.weight)
+        self.weight.fill_(weight)  # in place: same tensor every step, so no recompile, no sync, and replays see it
+        out = self._replay(self.static_reuse, tensors) if self.static_reuse else None
+        if out is None:
+            return self.reuse(*tensors, *self.caches, self.keyframe_out, self.weight)
+        self.stats.reuse_replays += 1
+        return out
 
     def run_skip(self) -> torch.Tensor:
         return self.keyframe_out.clone()

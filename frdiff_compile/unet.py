@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from .config import FRDiffConfig
-from .graph_cache import GraphEntry, GraphLRU
+from .cudagraphs import Backend, SharedPool
+from .graph_cache import GraphEntry, GraphLRU, RuntimeStats
 from .passes import CallLayout, build_graphs, capture, plan_cache_points
 from .passes.capture import UnsupportedCall
 from .schedule import Schedule, StepKind, build_schedule
@@ -38,21 +39,6 @@ _UNTRACKED = (
 
 
 @dataclasses.dataclass
-class RuntimeStats:
-    """Counters that tests and benchmarks read (never parse logs)."""
-
-    generations: int = 0
-    full_calls: int = 0
-    reuse_calls: int = 0
-    skip_steps: int = 0
-    eager_calls: int = 0
-    forced_keyframes: int = 0
-    captures: int = 0
-    capture_failures: int = 0
-    build_seconds: float = 0.0
-
-
-@dataclasses.dataclass
 class _Generation:
     number: int
     schedule: Schedule | None
@@ -62,12 +48,14 @@ class _Generation:
 class FRDiffUNet(torch.nn.Module):
     """A UNet2DConditionModel that runs FRDiff's keyframe and reuse graphs; build it with `optimize()`."""
 
-    def __init__(self, unet: torch.nn.Module, config: FRDiffConfig, compile: bool) -> None:
+    def __init__(self, unet: torch.nn.Module, config: FRDiffConfig) -> None:
         super().__init__()
         self.unet = unet
         self.frdiff_config = config
-        self.compile_graphs = compile
         self.stats = RuntimeStats()
+        # Test seam: "emulate" runs the CUDA-graph buffer discipline on any device (see cudagraphs.py).
+        self.graph_backend_override: Backend | None = None
+        self._pool = SharedPool()
         self._signature = inspect.signature(unet.forward)
         self._graphs = GraphLRU(config.max_cached_shapes)
         self._tracker = StepTracker()
@@ -125,10 +113,33 @@ class FRDiffUNet(torch.nn.Module):
             self._generation.eager_reason = reason
 
     # --- graphs ---------------------------------------------------------------------------------------
+    def _graph_options(self, device: torch.device) -> tuple[bool, Backend | None]:
+        """Whether to compile, and which CUDA-graph backend, for graphs whose inputs live on `device`.
+
+        Resolved per signature from the inputs, not at `optimize` time: `pipe.to("cuda")` after `optimize`
+        is the common order.
+        """
+        config = self.frdiff_config
+        on_cuda = device.type == "cuda"
+        compile_graphs = config.compile if config.compile is not None else on_cuda
+        backend: Backend | None = None
+        if self.graph_backend_override is not None:
+            backend = self.graph_backend_override
+        elif config.cuda_graphs is None:
+            backend = "cuda" if on_cuda else None
+        elif config.cuda_graphs:
+            if not on_cuda:
+                raise ValueError(f"frdiff_compile: cuda_graphs=True but the UNet's inputs are on {device}; "
+                                 "move the pipeline to a CUDA device or leave cuda_graphs at None")
+            backend = "cuda"
+        return compile_graphs, backend
+
     def _entry(self, layout: CallLayout, tensors: list[torch.Tensor]) -> GraphEntry | str:
         found = self._graphs.get(layout.signature)
         if found is not None:
             return found
+        device = tensors[0].device
+        compile_graphs, backend = self._graph_options(device)  # a config error raises here, not as a fallback
         start = time.perf_counter()
         try:
             captured = capture(self.unet, layout, tensors)
@@ -136,8 +147,8 @@ class FRDiffUNet(torch.nn.Module):
             pair = build_graphs(captured.graph_module, plan)
             out = captured.graph_module.graph.find_nodes(op="output")[0].args[0].meta["val"]
             entry: GraphEntry | str = GraphEntry.create(
-                pair.keyframe, pair.reuse, plan, pair.report, out, tensors[0].device,
-                self.compile_graphs, self.frdiff_config.compile_mode,
+                pair.keyframe, pair.reuse, plan, pair.report, out, device, compile_graphs,
+                self.frdiff_config.compile_mode, self.stats, backend, self._pool,
             )
             self.stats.captures += 1
         except Exception as exc:  # noqa: BLE001 - any export failure must become a clear eager fallback

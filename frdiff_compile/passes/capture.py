@@ -116,6 +116,10 @@ class CallLayout:
             # What UNet2DConditionModel itself does with a Python number, made explicit so it is an input.
             dtype = torch.float32 if isinstance(timestep, float) else torch.int64
             arguments = {**arguments, "timestep": torch.tensor([timestep], dtype=dtype, device=sample.device)}
+        elif timestep.device != sample.device:
+            # The UNet moves it itself; doing it here keeps a host-to-device copy out of the graphs, where a
+            # CUDA-graph capture could not hold it.
+            arguments = {**arguments, "timestep": timestep.to(sample.device)}
         tensors: list[torch.Tensor] = []
         structure = []
         for name in GRAPH_ARGUMENTS:

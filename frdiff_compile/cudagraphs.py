@@ -1,0 +1,125 @@
+"""Static replay of one graph: inputs copied into owned buffers, the graph replayed, a fresh output returned.
+
+Invariants:
+- A `StaticGraph` owns one static buffer per per-call input (sample, timestep, text embeddings, ...) and
+  copies the caller's tensors into them before every replay; the runtime's persistent tensors (feature
+  caches, keyframe output, blend weight) are passed by reference at capture and never copied, because the
+  keyframe graph writes them in place and the reuse graph reads them in place.
+- What a call returns is a clone of the static output, never the static output itself: schedulers such as
+  PNDM and multistep DPM keep earlier model outputs, and the next replay overwrites the static one.
+- Capture happens at the first call, after `warmup` eager runs on a side stream (they compile the graph
+  and let cuBLAS and Triton set themselves up outside the capture); the graphs of one runtime share one
+  memory pool. Those warm-up runs and the capture run are real calls on the same inputs, so the buffers
+  the keyframe graph writes hold this step's values afterwards either way.
+- Two backends: "cuda" (`torch.cuda.CUDAGraph`) and "emulate", which keeps the same buffer discipline on
+  any device by re-running the function and copying into the static output, so the CPU test suite can
+  check the copying and aliasing rules that a real replay depends on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+Backend = Literal["cuda", "emulate"]
+
+
+class CaptureError(RuntimeError):
+    """The graph could not be captured; the runtime falls back to running it without CUDA graphs."""
+
+
+def _static_like(t: torch.Tensor) -> torch.Tensor:
+    # Same strides as the example: a channels_last sample must stay channels_last in the static buffer,
+    # since the graph was traced (and compiled) for that layout.
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+
+
+class StaticGraph:
+    """`fn(*inputs, *persistent)` captured once over static input buffers and replayed per call."""
+
+    def __init__(
+        self,
+        fn: Callable[..., torch.Tensor],
+        persistent: Sequence[torch.Tensor],
+        backend: Backend,
+        pool: SharedPool | None = None,
+        warmup: int = 2,
+    ) -> None:
+        if backend not in ("cuda", "emulate"):
+            raise ValueError(f"backend must be 'cuda' or 'emulate', got {backend!r}")
+        self.fn = fn
+        self.persistent = list(persistent)
+        self.backend = backend
+        self.pool = pool
+        self.warmup = warmup
+        self.replays = 0
+        self._inputs: list[torch.Tensor] | None = None
+        self._output: torch.Tensor | None = None
+        self._graph: torch.cuda.CUDAGraph | None = None
+
+    @property
+    def captured(self) -> bool:
+        return self._inputs is not None
+
+    def _load(self, tensors: Sequence[torch.Tensor]) -> None:
+        # Every call: the graph reads these addresses, never the caller's tensors.
+        for static, t in zip(self._inputs, tensors, strict=True):
+            static.copy_(t)
+
+    def _capture(self, tensors: Sequence[torch.Tensor]) -> None:
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                self._inputs = [_static_like(t) for t in tensors]
+            self._load(tensors)
+            args = [*self._inputs, *self.persistent]
+            if self.backend == "emulate":
+                self._output = self.fn(*args)
+                return
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    self.fn(*args)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool.handle() if self.pool else None):
+                self._output = self.fn(*args)
+            self._graph = graph
+        except Exception as exc:  # noqa: BLE001 - any capture failure becomes the runtime's fallback
+            self._inputs, self._output, self._graph = None, None, None
+            raise CaptureError(f"{type(exc).__name__}: {exc}") from exc
+
+    def __call__(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        if not self.captured:
+            self._capture(tensors)
+            logger.debug("captured a %s graph over %d inputs", self.backend, len(tensors))
+        else:
+            self._load(tensors)
+        if self._graph is not None:
+            self._graph.replay()
+        elif self.replays:  # emulation: the capture call already produced this call's result
+            with torch.no_grad():
+                self._output.copy_(self.fn(*self._inputs, *self.persistent))
+        self.replays += 1
+        return self._output.clone()
+
+
+class SharedPool:
+    """One CUDA-graph memory pool for all graphs of one runtime, created at the first capture.
+
+    Sharing is safe because replays run one at a time on one stream and every output is cloned before the
+    next replay; what one graph keeps alive (its static output) is never handed to another.
+    """
+
+    def __init__(self) -> None:
+        self._handle: object | None = None
+
+    def handle(self) -> object:
+        if self._handle is None:
+            self._handle = torch.cuda.graph_pool_handle()
+        return self._handle

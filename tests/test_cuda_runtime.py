@@ -1,0 +1,123 @@
+"""The CUDA path (gpu-marked): compiled graphs replayed as CUDA graphs against the eager graphs on the GPU.
+
+Run with `pytest -m gpu tests` on a CUDA machine (benchmarks/gpu_check.sh does). Every test builds tiny UNets,
+so the whole file compiles in a few minutes; identical graphs across configs hit inductor's FX graph cache.
+"""
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_unet, max_rel_error, unet_inputs
+from test_runtime import scheduler
+
+import frdiff_compile
+from frdiff_compile import FRDiffConfig
+
+pytestmark = pytest.mark.gpu
+
+STEPS = 12
+# Relative to the largest latent of a DDIM trajectory. The eager graphs and inductor's fused kernels round
+# differently; fp16 trajectories of a random tiny UNet amplify that over the steps.
+TOLERANCE = {torch.float32: 2e-3, torch.float16: 3e-2}
+
+
+def cuda_unet(dtype, layers_per_block=1):
+    return make_unet("sd15", layers_per_block=layers_per_block).to("cuda", dtype)
+
+
+def cuda_inputs(dtype, batch=2):
+    return {k: v.to("cuda", dtype) for k, v in unet_inputs("sd15", batch=batch).items()}
+
+
+@torch.no_grad()
+def trajectory(fr, cond, steps=STEPS, batch=2, size=8, seed=0, keep=None):
+    """DDIM over scheduler.timesteps on the GPU (the timestep is a view, as pipelines pass it)."""
+    sched = scheduler("sd15")
+    sched.set_timesteps(steps, device="cuda")
+    dtype = next(iter(cond.values())).dtype
+    x = torch.randn(batch, 4, size, size, generator=torch.Generator().manual_seed(seed)).to("cuda", dtype)
+    for t in sched.timesteps:
+        out = fr(x, t, **cond).sample
+        if keep is not None:
+            keep.append((out, out.clone()))
+        x = sched.step(out, t, x).prev_sample
+    return x.float()
+
+
+def eager_graphs(unet, **config):
+    return frdiff_compile.optimize(unet, FRDiffConfig(compile=False, cuda_graphs=False, **config))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_graph_trajectories_match_the_eager_graphs(dtype):
+    unet = cuda_unet(dtype)
+    cond = cuda_inputs(dtype)
+    for interval in (1, 2, 3):
+        for mixing in (True, False):
+            config = {"keyframe_interval": interval, "score_mixing": mixing}
+            expected = trajectory(eager_graphs(unet, **config), cond)
+            fr = frdiff_compile.optimize(unet, FRDiffConfig(**config))
+            got = trajectory(fr, cond)
+            err = max_rel_error(got, expected)
+            assert err < TOLERANCE[dtype], f"{dtype} M={interval} mixing={mixing}: relative error {err:.2e}"
+            stats = fr.stats
+            assert stats.cudagraph_fallbacks == 0 and stats.recompiles == 0, stats
+            assert (stats.full_replays, stats.reuse_replays) == (stats.full_calls, stats.reuse_calls), stats
+
+
+def test_fifty_steps_without_recompiles_and_outputs_never_overwritten():
+    unet = cuda_unet(torch.float16)
+    cond = cuda_inputs(torch.float16)
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=2))
+    kept = []
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        trajectory(fr, cond, steps=50, keep=kept)
+        trajectory(fr, cond, steps=50, seed=1)
+    stats = fr.stats
+    assert stats.compiles == 2 and stats.recompiles == 0 and stats.cudagraph_captures == 2, stats
+    assert stats.full_replays == stats.full_calls == 50 and stats.reuse_replays == stats.reuse_calls, stats
+    assert all(torch.equal(out, copy) for out, copy in kept), "a later replay overwrote an output already returned"
+    assert len({out.data_ptr() for out, _ in kept}) == len(kept)
+
+
+def test_second_generation_at_another_resolution_and_batch():
+    unet = cuda_unet(torch.float16)
+    fr = frdiff_compile.optimize(unet)
+    eager = eager_graphs(unet)
+    for batch, size in ((2, 8), (4, 16)):
+        cond = cuda_inputs(torch.float16, batch=batch)
+        got = trajectory(fr, cond, batch=batch, size=size)
+        expected = trajectory(eager, cond, batch=batch, size=size)
+        assert max_rel_error(got, expected) < TOLERANCE[torch.float16], (batch, size)
+    assert fr.stats.captures == 2 and fr.stats.cudagraph_captures == 4, fr.stats
+
+
+def test_cfg_pipeline_on_cuda(sd_pipe):
+    stock = sd_pipe.unet
+    sd_pipe.to("cuda", torch.float16)
+    try:
+        def generate():
+            return sd_pipe(["a digit", "a cat"], num_inference_steps=10, height=32, width=32, guidance_scale=3.0,
+                           generator=torch.Generator().manual_seed(0), output_type="np").images
+
+        sd_pipe.unet = eager_graphs(stock)
+        expected = generate()
+        sd_pipe.unet = frdiff_compile.optimize(stock)
+        got = generate()
+        assert np.abs(got - expected).max() < 2e-2
+        assert sd_pipe.unet.stats.reuse_replays > 0 and sd_pipe.unet.stats.eager_calls == 0, sd_pipe.unet.stats
+    finally:
+        sd_pipe.unet = stock
+        sd_pipe.to("cpu", torch.float32)
+
+
+def test_reuse_graph_runs_the_triton_blend():
+    unet = cuda_unet(torch.float16)
+    cond = cuda_inputs(torch.float16)
+    # Without CUDA graphs the profiler sees each kernel of the compiled reuse graph.
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(cuda_graphs=False, score_mixing=False))
+    trajectory(fr, cond, steps=4)  # compiles both graphs
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        trajectory(fr, cond, steps=4)
+    names = {e.name for e in prof.events()}
+    assert any("blend" in n for n in names), sorted(names)[:40]
