@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, append_csv, environment, print_table, synchronize, time_ms
+from common import RESULTS, append_csv, environment, loop_ms, print_table, synchronize, time_ms
 from diffusers import DDIMScheduler
 from models import build_unet
 from torch.utils.flop_counter import FlopCounterMode
@@ -34,17 +34,6 @@ def gflop(fn) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def loop_ms(model, scheduler, latents, cond, steps, device) -> float:
-    scheduler.set_timesteps(steps, device=device)
-    x = latents.clone()
-    synchronize(device)
-    start = time.perf_counter()
-    for t in scheduler.timesteps:
-        x = scheduler.step(model(x, t, **cond).sample, t, x).prev_sample
-    synchronize(device)
-    return (time.perf_counter() - start) * 1e3
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--small", action="store_true", help="scaled-down config with the SD 1.5 block layout")
@@ -54,7 +43,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per call measurement")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or float16 (CUDA default)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile both graphs")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile both graphs (default: on for CUDA, off on CPU)")
     parser.add_argument("--csv", default=str(RESULTS / "bench_unet.csv"))
     args = parser.parse_args()
 

@@ -83,6 +83,18 @@ def time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 5, wa
     return statistics.median(samples)
 
 
+def loop_ms(model: Callable, scheduler, latents: torch.Tensor, cond: dict, steps: int, device: torch.device) -> float:
+    """Wall time in ms of one `steps`-step denoising loop (model output straight into `scheduler.step`)."""
+    scheduler.set_timesteps(steps, device=device)
+    x = latents.clone()
+    synchronize(device)
+    start = time.perf_counter()
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(x, t, **cond).sample, t, x).prev_sample
+    synchronize(device)
+    return (time.perf_counter() - start) * 1e3
+
+
 def print_table(rows: Sequence[dict[str, object]], columns: Sequence[str], title: str) -> None:
     def cell(value: object) -> str:
         if isinstance(value, float):

@@ -1,0 +1,167 @@
+"""UNet loop on CUDA against peers: eager diffusers, compiled stock, DeepCache, frdiff_compile.
+
+Run (CUDA; SD 1.5 config with random weights, 512x512 = 64x64 latents, CFG batch 2, fp16, 50 DDIM steps,
+the UNet loop only: no VAE, no text encoder):
+    python benchmarks/bench_peers.py
+    python benchmarks/bench_peers.py --config sdxl --latent 128 --steps 30
+    python benchmarks/bench_peers.py --dry-run     # CPU, tiny config, nothing compiled: checks the script
+
+Providers, in one process on one UNet (DeepCache on a deep copy, since it rewrites module forwards):
+eager diffusers (SDPA attention); torch.compile of the stock UNet in "reduce-overhead" mode (inductor plus
+its CUDA graphs); DeepCache (the pip package) at cache interval 3, branch 0; frdiff_compile M=2 and M=3
+with score mixing (compiled, CUDA graphs); frdiff_compile M=2 compiled without CUDA graphs. Each provider
+runs one untimed loop (compilation, capture) and then --loops timed loops (CUDA events, median).
+
+Reports per provider: loop ms, speedup against eager and against compiled stock, first-loop seconds (for
+compiled providers, mostly compilation), peak memory above what was allocated before it was built; for
+frdiff also ms per keyframe and per reuse call and the cost model (full + reuse calls at their measured
+times, skips and scheduler steps included) against its measured loop. Appends rows to
+benchmarks/results/bench_peers.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+import types
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from common import RESULTS, append_csv, environment, loop_ms, print_table, synchronize, time_ms
+from diffusers import DDIMScheduler
+from models import build_unet, example_call
+
+import frdiff_compile
+from frdiff_compile import FRDiffConfig, build_schedule
+
+ALL = ("eager", "compiled", "deepcache", "frdiff-m2", "frdiff-m3", "frdiff-m2-nocg")
+
+
+def deepcache(unet, scheduler, interval: int) -> Callable:
+    from DeepCache import DeepCacheSDHelper
+
+    twin = copy.deepcopy(unet)  # DeepCache replaces forwards on the modules it is given
+    helper = DeepCacheSDHelper(pipe=types.SimpleNamespace(unet=twin, scheduler=scheduler))
+    helper.set_params(cache_interval=interval, cache_branch_id=0)
+    helper.enable()
+    return twin
+
+
+def build(name: str, unet, scheduler, dry_run: bool) -> Callable:
+    if name == "eager":
+        return unet
+    if name == "compiled":
+        # The dry run checks the wiring only: the eager backend compiles nothing.
+        return torch.compile(unet, backend="eager") if dry_run else torch.compile(unet, mode="reduce-overhead")
+    if name == "deepcache":
+        return deepcache(unet, scheduler, interval=3)
+    interval = 3 if name == "frdiff-m3" else 2
+    return frdiff_compile.optimize(unet, FRDiffConfig(
+        keyframe_interval=interval, cuda_graphs=False if name.endswith("nocg") else None,
+        compile=False if dry_run else None,
+    ))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="sd15", choices=["sd15", "sdxl", "small"])
+    parser.add_argument("--latent", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--loops", type=int, default=5, help="timed loops per provider (median)")
+    parser.add_argument("--providers", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny config, 4 steps, nothing compiled")
+    parser.add_argument("--csv", default=None, help="default: benchmarks/results/bench_peers.csv (none for --dry-run)")
+    args = parser.parse_args()
+    names = [n for n in args.providers.split(",") if n]
+    unknown = sorted(set(names) - set(ALL))
+    if unknown:
+        parser.error(f"unknown providers {unknown}; known: {', '.join(ALL)}")
+    if args.dry_run:
+        args.config, args.latent, args.steps, args.loops, device, dtype = "small", 8, 4, 1, torch.device("cpu"), torch.float32
+    elif not torch.cuda.is_available():
+        parser.error("bench_peers measures CUDA providers and needs a CUDA device (use --dry-run on CPU)")
+    else:
+        device, dtype = torch.device("cuda"), torch.float16
+
+    torch.manual_seed(0)
+    unet = build_unet(args.config, args.latent).to(device, dtype)
+    call = example_call(unet, args.batch, args.latent, device, dtype)
+    latents = call.pop("sample")
+    scheduler = DDIMScheduler()
+    env = environment(device)
+    shape = f"{args.config} {args.batch}x4x{args.latent}x{args.latent} {str(dtype).replace('torch.', '')}"
+    print(f"bench_peers: {shape}, {args.steps} DDIM steps on {env['device']} (torch {env['torch']}, git {env['git']})",
+          flush=True)
+    rows: list[dict] = []
+    with torch.no_grad():
+        for name in names:
+            row: dict = {"provider": name}
+            rows.append(row)
+            synchronize(device)
+            before = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                model = build(name, unet, scheduler, args.dry_run)
+                start = time.perf_counter()
+                loop_ms(model, scheduler, latents, call, args.steps, device)  # compile, capture, warm
+                row["first_loop_s"] = time.perf_counter() - start
+                row["loop_ms"] = sorted(loop_ms(model, scheduler, latents, call, args.steps, device)
+                                        for _ in range(args.loops))[args.loops // 2]
+            except Exception as exc:  # noqa: BLE001 - one provider failing must not hide the others
+                row["note"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                print(f"{name}: {row['note']}", flush=True)
+                continue
+            if device.type == "cuda":
+                row["peak_extra_MiB"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+            if name.startswith("frdiff"):
+                describe_frdiff(row, model, scheduler, latents, call, args.steps, device)
+            print(f"{name}: {row['loop_ms']:.1f} ms per loop", flush=True)
+            del model
+
+    base = {r["provider"]: r.get("loop_ms") for r in rows}
+    for row in rows:
+        if row.get("loop_ms"):
+            row["vs_eager"] = base["eager"] / row["loop_ms"] if base.get("eager") else None
+            row["vs_compiled"] = base["compiled"] / row["loop_ms"] if base.get("compiled") else None
+    columns = ["provider", "loop_ms", "vs_eager", "vs_compiled", "keyframe_ms", "reuse_ms", "model_ms",
+               "measured_over_model", "first_loop_s", "peak_extra_MiB", "note"]
+    print_table(rows, columns, f"bench_peers ({shape}, {args.steps} steps, median of {args.loops} loops)")
+    csv_path = args.csv or (None if args.dry_run else str(RESULTS / "bench_peers.csv"))
+    if csv_path:
+        extra = {"shape": shape, "steps": args.steps, "loops": args.loops, "dry_run": args.dry_run}
+        path = append_csv(Path(csv_path), [{**extra, **r} for r in rows], env)
+        print(f"\nappended {len(rows)} rows to {path}")
+
+
+def describe_frdiff(row: dict, fr, scheduler, latents, call, steps: int, device: torch.device) -> None:
+    """Per-call times of the graphs the loop used, and the cost model they predict for the loop."""
+    scheduler.set_timesteps(steps, device=device)
+    t = scheduler.timesteps[steps // 2]
+    entry, tensors = fr.prepare(latents, t, **call)
+    eps = torch.randn_like(latents)
+    ms = {
+        "keyframe": time_ms(lambda: entry.run_full(tensors, -1), device),
+        "reuse": time_ms(lambda: entry.run_reuse(tensors, 0.5), device),
+        "skip": time_ms(entry.run_skip, device),
+        "scheduler": time_ms(lambda: scheduler.step(eps, t, latents), device),
+    }
+    counts = build_schedule(steps, fr.frdiff_config).counts()
+    model = (counts["full"] * ms["keyframe"] + counts["reuse"] * ms["reuse"] + counts["skip"] * ms["skip"]
+             + steps * ms["scheduler"])
+    stats = fr.stats
+    row.update({
+        "keyframe_ms": ms["keyframe"], "reuse_ms": ms["reuse"], "model_ms": model,
+        "measured_over_model": row["loop_ms"] / model,
+        "note": f"{counts['full']}/{counts['reuse']}/{counts['skip']} full/reuse/skip; compile "
+                f"{stats.compile_seconds:.0f} s ({stats.compiles} graphs, {stats.recompiles} recompiles); "
+                f"graph captures {stats.cudagraph_captures}, replays {stats.full_replays}+{stats.reuse_replays}, "
+                f"fallbacks {stats.cudagraph_fallbacks}",
+    })
+
+
+if __name__ == "__main__":
+    main()

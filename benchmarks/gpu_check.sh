@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The one prepared device check: GPU-marked tests, bench_blend, bench_peers (the UNet loop against peers),
+# then bench_unet if time is left, and a short summary table printed last.
+#
+#   benchmarks/gpu_check.sh            on the GPU machine, from the repository root, with the wheels from
+#                                      ../shared/gpu/carry-wheels (plus DeepCache) carried in .whl/
+#   benchmarks/gpu_check.sh --dry-run  here, on CPU, in the project's .venv: the same stages on tiny
+#                                      configs, so the script's own logic is checked before device time
+#
+# Everything goes to $OUT (a temporary folder when unset): gpu_check.log (every stage's output), the CSVs
+# bench_blend.csv, bench_peers.csv, bench_unet.csv, gpu_tests.txt, and stages.txt. Each stage has its own
+# time limit inside one overall deadline (BUDGET_S, 450 s by default) so the whole check fits, with a
+# rerun, in one 15-minute lease; a failing or timed-out stage is reported and the next one still runs.
+set -uo pipefail
+DRY=0
+[[ "${1:-}" == "--dry-run" ]] && DRY=1
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+: > "$LOG"
+: > "$OUT/stages.txt"
+BUDGET_S=${BUDGET_S:-450}
+START=$(date +%s)
+
+# stage NAME LIMIT_S COMMAND...: run with the smaller of its limit and what the deadline leaves.
+stage() {
+  local name=$1 limit=$2 left rc began
+  shift 2
+  left=$(( BUDGET_S - ($(date +%s) - START) ))
+  (( left < limit )) && limit=$left
+  if (( limit < 20 )); then
+    echo "$name skipped 0 (deadline)" >> "$OUT/stages.txt"
+    return
+  fi
+  began=$(date +%s)
+  echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+  timeout --kill-after=10 "$limit" "$@" >> "$LOG" 2>&1
+  rc=$?
+  echo "$name $rc $(( $(date +%s) - began ))" >> "$OUT/stages.txt"
+  echo "=== $name: exit $rc after $(( $(date +%s) - began ))s" | tee -a "$LOG"
+}
+
+if (( DRY )); then
+  PY=${PYTHON:-python}
+  # Exercise DeepCache for real when its wheel is at hand (installed into a throwaway folder).
+  if ls .whl/DeepCache-*.whl >/dev/null 2>&1; then
+    SITE=$(mktemp -d)
+    $PY -m pip install -q --no-index --no-deps --target "$SITE" .whl/DeepCache-*.whl && export PYTHONPATH="$SITE:${PYTHONPATH:-}"
+  fi
+  PEERS=(--dry-run)
+  BLEND=(--quick)
+  UNET=(--small --latent 8 --steps 4 --repeats 1)
+else
+  PY=python3
+  export PYTHONUNBUFFERED=1
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-} || { echo "wheel install failed"; exit 1; }
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >> "$LOG" 2>&1 \
+    || { echo "project install failed"; tail -20 "$LOG"; exit 1; }
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee -a "$LOG"
+  PEERS=()
+  BLEND=()
+  UNET=(--device cuda --latent 64 --repeats 10)
+fi
+$PY -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$LOG"
+
+stage gpu_tests 170 $PY -m pytest -q -m gpu -p no:cacheprovider tests -rs
+grep -E "passed|failed|skipped|error" "$LOG" | tail -1 > "$OUT/gpu_tests.txt"
+stage bench_blend 70 $PY benchmarks/bench_blend.py "${BLEND[@]}" --csv "$OUT/bench_blend.csv"
+stage bench_peers 230 $PY benchmarks/bench_peers.py "${PEERS[@]}" --csv "$OUT/bench_peers.csv"
+stage bench_unet 120 $PY benchmarks/bench_unet.py "${UNET[@]}" --csv "$OUT/bench_unet.csv"
+
+echo "=== total $(( $(date +%s) - START ))s; files in $OUT"
+$PY benchmarks/gpu_summary.py "$OUT" $( (( DRY )) && echo --dry-run )

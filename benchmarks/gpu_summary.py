@@ -1,0 +1,94 @@
+"""The short table gpu_check.sh prints last: each stage's exit status and the numbers the targets name.
+
+Usage: python benchmarks/gpu_summary.py OUT_DIR [--dry-run]
+Reads OUT_DIR/stages.txt, gpu_tests.txt, bench_blend.csv and bench_peers.csv (the newest run in each) and
+prints one line per target: measured value, target, and whether it is met. Missing files or rows print as
+"missing" rather than failing, so a partial run still reports what it has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+# The issue's targets for an H100.
+BLEND_TARGET = 90.0  # % of copy bandwidth, tensors >= 8 MB
+ARENA_TARGET = 80.0
+PEER_TARGETS = {("frdiff-m2", "vs_eager"): 2.5, ("frdiff-m3", "vs_eager"): 3.0, ("frdiff-m2", "vs_compiled"): 1.6}
+MODEL_TOLERANCE = 0.10
+COMPILE_TARGET_S = 60.0
+
+
+def newest(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    last = max((r["date"] for r in rows), default=None)
+    return [r for r in rows if r["date"] == last]
+
+
+def number(value: str | None) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def line(what: str, value: float | None, target: str, met: bool | None) -> tuple[str, str, str, str]:
+    shown = "missing" if value is None else f"{value:.3g}"
+    verdict = "-" if met is None else ("met" if met else "MISSED")
+    return what, shown, target, verdict
+
+
+def summary(out: Path) -> list[tuple[str, str, str, str]]:
+    lines = []
+    stages = (out / "stages.txt").read_text().split("\n") if (out / "stages.txt").exists() else []
+    for stage in filter(None, stages):
+        name, rc, secs = (stage.split() + ["", ""])[:3]
+        lines.append((f"stage {name}", f"exit {rc}", f"{secs} s", "met" if rc == "0" else "MISSED"))
+    tests = (out / "gpu_tests.txt").read_text().strip() if (out / "gpu_tests.txt").exists() else "missing"
+    lines.append(("gpu tests", tests or "missing", "all pass", "met" if "failed" not in tests and "passed" in tests else "-"))
+
+    blend = newest(out / "bench_blend.csv")
+    large = [number(r["% copy"]) for r in blend if r["provider"] == "triton" and (number(r["MB"]) or 0) >= 8]
+    worst = min(large) if large else None
+    lines.append(line("blend >= 8 MB, worst % of copy BW", worst, f">= {BLEND_TARGET:g}",
+                      None if worst is None else worst >= BLEND_TARGET))
+    arena = [number(r["% copy"]) for r in blend if r["provider"].startswith("triton arena")]
+    worst_arena = min(arena) if arena else None
+    lines.append(line("arena launch, % of copy BW", worst_arena, f">= {ARENA_TARGET:g}",
+                      None if worst_arena is None else worst_arena >= ARENA_TARGET))
+
+    peers = {r["provider"]: r for r in newest(out / "bench_peers.csv")}
+    for name, row in peers.items():
+        lines.append(line(f"{name} loop ms", number(row.get("loop_ms")), "", None))
+    for (name, column), target in PEER_TARGETS.items():
+        value = number(peers.get(name, {}).get(column))
+        lines.append(line(f"{name} speedup {column}", value, f">= {target:g}", None if value is None else value >= target))
+    for name in ("frdiff-m2", "frdiff-m3"):
+        ratio = number(peers.get(name, {}).get("measured_over_model"))
+        lines.append(line(f"{name} measured / cost model", ratio, f"within {MODEL_TOLERANCE:.0%}",
+                          None if ratio is None else abs(ratio - 1) <= MODEL_TOLERANCE))
+        first = number(peers.get(name, {}).get("first_loop_s"))
+        lines.append(line(f"{name} first loop s (compile)", first, f"<= {COMPILE_TARGET_S:g}",
+                          None if first is None else first <= COMPILE_TARGET_S))
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--dry-run", action="store_true", help="label the table as a CPU dry run")
+    args = parser.parse_args()
+    rows = summary(args.out)
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    title = "gpu_check summary" + (" (DRY RUN on CPU: no number here is a GPU measurement)" if args.dry_run else "")
+    print(f"\n{title}")
+    for row in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""The device check's own logic, on CPU: the peer benchmark's dry run and the summary's target verdicts."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+from gpu_summary import summary  # noqa: E402
+
+
+def write_csv(path, rows):
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_summary_judges_the_newest_run_against_the_targets(tmp_path):
+    (tmp_path / "stages.txt").write_text("gpu_tests 0 95\nbench_blend 124 70\n")
+    (tmp_path / "gpu_tests.txt").write_text("12 passed in 80.1s\n")
+    old, new = "2026-01-01T00:00:00Z", "2026-01-02T00:00:00Z"
+    write_csv(tmp_path / "bench_blend.csv", [
+        {"date": old, "provider": "triton", "MB": "64", "% copy": "10"},  # an older run: ignored
+        {"date": new, "provider": "triton", "MB": "64", "% copy": "93"},
+        {"date": new, "provider": "triton", "MB": "1", "% copy": "40"},  # under 8 MB: not judged
+        {"date": new, "provider": "torch eager", "MB": "64", "% copy": "50"},
+        {"date": new, "provider": "triton arena, one launch", "MB": "300", "% copy": "75"},
+    ])
+    write_csv(tmp_path / "bench_peers.csv", [
+        {"date": new, "provider": "eager", "loop_ms": "1000", "vs_eager": "1", "vs_compiled": "0.6",
+         "measured_over_model": "", "first_loop_s": "2"},
+        {"date": new, "provider": "frdiff-m2", "loop_ms": "380", "vs_eager": "2.63", "vs_compiled": "1.5",
+         "measured_over_model": "1.04", "first_loop_s": "75"},
+    ])
+    verdicts = {row[0]: row for row in summary(tmp_path)}
+    assert verdicts["stage gpu_tests"][3] == "met" and verdicts["stage bench_blend"][3] == "MISSED"
+    assert verdicts["gpu tests"][3] == "met"
+    assert verdicts["blend >= 8 MB, worst % of copy BW"][1:] == ("93", ">= 90", "met")
+    assert verdicts["arena launch, % of copy BW"][3] == "MISSED"
+    assert verdicts["frdiff-m2 speedup vs_eager"][3] == "met"
+    assert verdicts["frdiff-m2 speedup vs_compiled"][3] == "MISSED"
+    assert verdicts["frdiff-m2 measured / cost model"][3] == "met"
+    assert verdicts["frdiff-m2 first loop s (compile)"][3] == "MISSED"
+    assert verdicts["frdiff-m3 speedup vs_eager"][1:] == ("missing", ">= 3", "-")
+
+
+def test_bench_peers_dry_run_measures_every_requested_provider(tmp_path):
+    out = tmp_path / "peers.csv"
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "bench_peers.py"), "--dry-run", "--providers", "eager,compiled,frdiff-m2",
+         "--csv", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    with out.open() as f:
+        rows = {r["provider"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"eager", "compiled", "frdiff-m2"}
+    assert all(float(r["loop_ms"]) > 0 for r in rows.values()), rows
+    frdiff = rows["frdiff-m2"]
+    assert float(frdiff["keyframe_ms"]) > 0 and float(frdiff["model_ms"]) > 0 and "2/1/1 full/reuse/skip" in frdiff["note"]
+    assert float(rows["compiled"]["vs_eager"]) > 0
