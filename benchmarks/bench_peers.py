@@ -96,6 +96,8 @@ def main() -> None:
     print(f"bench_peers: {shape}, {args.steps} DDIM steps on {env['device']} (torch {env['torch']}, git {env['git']})",
           flush=True)
     rows: list[dict] = []
+    csv_path = args.csv or (None if args.dry_run else str(RESULTS / "bench_peers.csv"))
+    extra = {"shape": shape, "steps": args.steps, "loops": args.loops, "dry_run": args.dry_run}
     with torch.no_grad():
         for name in names:
             row: dict = {"provider": name}
@@ -112,29 +114,29 @@ def main() -> None:
                 row["loop_ms"] = sorted(loop_ms(model, scheduler, latents, call, args.steps, device)
                                         for _ in range(args.loops))[args.loops // 2]
             except Exception as exc:  # noqa: BLE001 - one provider failing must not hide the others
-                row["note"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                row["note"] = f"failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"
                 print(f"{name}: {row['note']}", flush=True)
+                if csv_path:
+                    append_csv(Path(csv_path), [{**extra, **row}], env)
                 continue
             if device.type == "cuda":
                 row["peak_extra_MiB"] = (torch.cuda.max_memory_allocated() - before) / 2**20
             if name.startswith("frdiff"):
                 describe_frdiff(row, model, scheduler, latents, call, args.steps, device)
-            print(f"{name}: {row['loop_ms']:.1f} ms per loop", flush=True)
             del model
+            base = {r["provider"]: r.get("loop_ms") for r in rows}
+            for other in ("eager", "compiled"):
+                if base.get(other):
+                    row[f"vs_{other}"] = base[other] / row["loop_ms"]
+            print(f"{name}: {row['loop_ms']:.1f} ms per loop", flush=True)
+            if csv_path:  # row by row, so a run cut short by its time limit keeps what it measured
+                append_csv(Path(csv_path), [{**extra, **row}], env)
 
-    base = {r["provider"]: r.get("loop_ms") for r in rows}
-    for row in rows:
-        if row.get("loop_ms"):
-            row["vs_eager"] = base["eager"] / row["loop_ms"] if base.get("eager") else None
-            row["vs_compiled"] = base["compiled"] / row["loop_ms"] if base.get("compiled") else None
     columns = ["provider", "loop_ms", "vs_eager", "vs_compiled", "keyframe_ms", "reuse_ms", "model_ms",
                "measured_over_model", "first_loop_s", "peak_extra_MiB", "note"]
     print_table(rows, columns, f"bench_peers ({shape}, {args.steps} steps, median of {args.loops} loops)")
-    csv_path = args.csv or (None if args.dry_run else str(RESULTS / "bench_peers.csv"))
     if csv_path:
-        extra = {"shape": shape, "steps": args.steps, "loops": args.loops, "dry_run": args.dry_run}
-        path = append_csv(Path(csv_path), [{**extra, **r} for r in rows], env)
-        print(f"\nappended {len(rows)} rows to {path}")
+        print(f"\nappended {len(rows)} rows to {csv_path}")
 
 
 def describe_frdiff(row: dict, fr, scheduler, latents, call, steps: int, device: torch.device) -> None:

@@ -66,10 +66,10 @@ else
 fi
 $PY -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$LOG"
 
-stage gpu_tests 170 $PY -m pytest -q -m gpu -p no:cacheprovider tests -rs
+stage gpu_tests 150 $PY -m pytest -q -m gpu -p no:cacheprovider tests -rs
 grep -E "passed|failed|skipped|error" "$LOG" | tail -1 > "$OUT/gpu_tests.txt"
-stage bench_blend 70 $PY benchmarks/bench_blend.py "${BLEND[@]}" --csv "$OUT/bench_blend.csv"
-stage bench_peers 230 $PY benchmarks/bench_peers.py "${PEERS[@]}" --csv "$OUT/bench_peers.csv"
+stage bench_blend 90 $PY benchmarks/bench_blend.py "${BLEND[@]}" --csv "$OUT/bench_blend.csv"
+stage bench_peers 220 $PY benchmarks/bench_peers.py "${PEERS[@]}" --csv "$OUT/bench_peers.csv"
 stage bench_unet 120 $PY benchmarks/bench_unet.py "${UNET[@]}" --csv "$OUT/bench_unet.csv"
 
 echo "=== total $(( $(date +%s) - START ))s; files in $OUT"
