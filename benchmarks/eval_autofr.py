@@ -32,11 +32,13 @@ UNIFORM = {17: 3, 25: 2}  # keyframe count -> the uniform interval with that cou
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--iterations", type=int, default=100)
+    parser.add_argument("--iterations", type=int, default=30, help="search iterations (one validated move each)")
     parser.add_argument("--targets", type=int, nargs="+", default=[17, 25])
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--eval-seed", type=int, default=4321, help="noise seed for evaluation (never searched on)")
     parser.add_argument("--search-seed", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=8, help="samples per search iteration and validation draw")
+    parser.add_argument("--validation-draws", type=int, default=4)
     parser.add_argument("--csv", default=str(RESULTS / "eval_autofr.csv"))
     args = parser.parse_args()
     unet, embedding = load_digits_model()
@@ -46,8 +48,8 @@ def main() -> None:
     rows = []
     for target in args.targets:
         start = time.perf_counter()
-        result = search(unet, digits_problem(embedding), STEPS, iterations=args.iterations,
-                        target_keyframes=target, seed=args.search_seed)
+        result = search(unet, digits_problem(embedding, batch=args.batch), STEPS, iterations=args.iterations,
+                        target_keyframes=target, validation_draws=args.validation_draws, seed=args.search_seed)
         search_s = time.perf_counter() - start
         path = result.policy.save(RESULTS / f"policy_digits_{STEPS}steps_{target}kf.json")
         candidates = {"Auto-FR": FRDiffConfig.from_policy(str(path))}
@@ -61,13 +63,15 @@ def main() -> None:
                 "psnr_db": psnr(images, reference), "sqnr_db": sqnr(images, reference),
                 "accuracy": judge.accuracy(images, labels), "fid_proxy": judge.fid_proxy(images),
                 "search_s": search_s if name == "Auto-FR" else None,
+                # MSE on the search's own validation draws (seed search_seed + 1): the kept mask and its uniform start
+                "val_mse": result.validation_mse if name == "Auto-FR" else result.start_validation_mse,
                 "mask": "".join("K" if kind is StepKind.FULL else "." for kind in build_schedule(STEPS, config).kinds),
             })
     print_table(rows, ["method", "keyframes", "reuse", "skip", "psnr_db", "sqnr_db", "accuracy", "fid_proxy", "search_s"],
                 f"eval_autofr (digits, {STEPS} steps, {args.samples} samples, eval seed {args.eval_seed})")
     for row in rows:
         print(f"{row['method']:<12} {row['keyframes']:>2} keyframes: {row['mask']}")
-    path = append_csv(Path(args.csv), [{**r, "iterations": args.iterations, "samples": args.samples} for r in rows],
+    path = append_csv(Path(args.csv), [{**r, "iterations": args.iterations, "samples": args.samples, "batch": args.batch} for r in rows],
                       environment(torch.device("cpu")))
     print(f"appended {len(rows)} rows to {path}")
 

@@ -56,9 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", help="learn a keyframe policy with Auto-FR on the shipped digits model")
     tune.add_argument("--steps", type=_positive, default=50, help="DDIM steps the policy is for (default 50)")
     tune.add_argument("--iterations", type=_positive, default=100, help="search iterations (default 100)")
-    tune.add_argument("--target-keyframes", type=_positive, default=None, help="keyframe budget (adapts w)")
-    tune.add_argument("--weight", type=float, default=1e-3, help="regulariser weight w (default 1e-3)")
-    tune.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (default 5e-3)")
+    tune.add_argument("--target-keyframes", type=_positive, default=None,
+                      help="keyframe budget: searched from the uniform mask with that many keyframes")
+    tune.add_argument("--batch", type=_positive, default=8, help="samples per iteration and validation draw")
+    tune.add_argument("--validation-draws", type=_positive, default=4, help="fixed draws masks are compared on")
+    tune.add_argument("--weight", type=float, default=1e-3, help="regulariser weight w without a budget (default 1e-3)")
+    tune.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate without a budget (default 5e-3)")
     tune.add_argument("--bias", type=float, default=0.5, help="score-mixing bias b used in the search")
     tune.add_argument("--no-mixing", action="store_true", help="search for pure feature reuse")
     tune.add_argument("--seed", type=int, default=0)
@@ -75,8 +78,9 @@ def run_tune(args: argparse.Namespace) -> None:
     config = FRDiffConfig(mix_bias=args.bias, score_mixing=not args.no_mixing)
     unet, embedding = load_digits_model()
     start = time.perf_counter()
-    result = search(unet, digits_problem(embedding), args.steps, iterations=args.iterations, lr=args.lr,
-                    weight=args.weight, target_keyframes=args.target_keyframes, config=config, seed=args.seed)
+    result = search(unet, digits_problem(embedding, batch=args.batch), args.steps, iterations=args.iterations,
+                    lr=args.lr, weight=args.weight, target_keyframes=args.target_keyframes,
+                    validation_draws=args.validation_draws, config=config, seed=args.seed)
     path = result.policy.save(args.out)
     mask = "".join("K" if k else "." for k in result.policy.keyframes)
     print(f"Auto-FR: {result.policy.num_keyframes} of {args.steps} steps are keyframes "

@@ -8,7 +8,7 @@ from conftest import make_unet
 
 import frdiff_compile
 from frdiff_compile import FRDiffConfig
-from frdiff_compile.autofr import digits_problem, search
+from frdiff_compile.autofr import digits_problem, search, uniform_mask
 from frdiff_compile.digits import load_digits_model
 from frdiff_compile.policy import KeyframePolicy, unet_fingerprint
 
@@ -33,12 +33,21 @@ def test_search_returns_a_valid_mask_and_the_regulariser_works(digits):
     assert all(p.requires_grad for p in unet.parameters()), "search must restore the UNet's requires_grad flags"
 
 
-def test_target_keyframes_is_met_exactly(digits):
+def test_target_keyframes_is_met_exactly_and_never_loses_to_uniform_on_validation(digits):
     unet, embedding = digits
-    result = search(unet, digits_problem(embedding), STEPS, iterations=2, target_keyframes=3, progress=False)
+    result = search(unet, digits_problem(embedding, batch=2), STEPS, iterations=3, target_keyframes=3,
+                    validation_draws=2, progress=False)
     assert result.policy.num_keyframes == 3 and result.policy.keyframes[0]
+    # The search starts on the uniform mask and keeps the best mask it validated.
+    assert result.validation_mse <= result.start_validation_mse, result
+    assert uniform_mask(STEPS, 3).tolist() == [True, False, True, False, True, False]
+    assert uniform_mask(50, 17).tolist() == [i % 3 == 0 for i in range(50)]  # the M=3 mask
+    assert int(uniform_mask(50, 20).sum()) == 20
     with pytest.raises(ValueError, match="target_keyframes"):
         search(unet, digits_problem(embedding), STEPS, iterations=1, target_keyframes=STEPS + 1, progress=False)
+    with pytest.raises(ValueError, match="validation_draws must be >= 1"):
+        search(unet, digits_problem(embedding), STEPS, iterations=1, target_keyframes=2, validation_draws=0,
+               progress=False)
 
 
 def test_policy_round_trip_and_use(tmp_path, digits):
