@@ -1,8 +1,9 @@
 """Auto-FR: learn which steps are keyframes by gradient descent through the sampling trajectory.
 
 Invariants:
-- One logit per step, initialised at 0.1 (sigma = 0.525 rounds to "compute", so the search starts from
-  full compute); step 0 always computes. The gate is straight-through: h = round(s) + s - stopgrad(s).
+- Without a budget (the paper's search): one logit per step, initialised at 0.1 (sigma = 0.525 rounds to
+  "compute", so the search starts from full compute); the gate is straight-through:
+  h = round(s) + s - stopgrad(s). Step 0 always computes, in both searches.
 - During the search every cache point is computed by the search graph and the network reads the soft
   memory M <- h * S + (1 - h) * M; score mixing enters exactly as at inference (lambda from the same
   schedule function), blending against a soft "last keyframe output" E <- h * eps + (1 - h) * E. With h
@@ -84,7 +85,7 @@ def _frozen(module: torch.nn.Module):  # noqa: ANN202 - a context manager
 @dataclasses.dataclass
 class SearchResult:
     policy: KeyframePolicy
-    logits: torch.Tensor
+    scores: torch.Tensor  # per step: the logits (paper's search) or minus the mean gate gradient (budgeted)
     validation_mse: float | None = None  # budgeted search: the kept mask's MSE on the validation draws
     start_validation_mse: float | None = None  # ... and the uniform starting mask's on the same draws
 
@@ -95,7 +96,8 @@ def uniform_mask(num_steps: int, keyframes: int) -> torch.Tensor:
         if -(-num_steps // interval) == keyframes:
             return torch.arange(num_steps) % interval == 0
     mask = torch.zeros(num_steps, dtype=torch.bool)
-    mask[[round(j * num_steps / keyframes) for j in range(keyframes)]] = True
+    # Round half up: with a spacing >= 1 no two keyframes land on the same step.
+    mask[[int(j * num_steps / keyframes + 0.5) for j in range(keyframes)]] = True
     return mask
 
 
