@@ -3,7 +3,8 @@
 # then bench_unet if time is left, and a short summary table printed last.
 #
 #   benchmarks/gpu_check.sh            on the GPU machine, from the repository root, with the wheels from
-#                                      ../shared/gpu/carry-wheels (plus DeepCache) carried in .whl/
+#                                      `../shared/gpu/carry-wheels DeepCache==0.1.1` carried in .whl/
+#                                      (device tool: run with carry [".whl"], timeout_s 540)
 #   benchmarks/gpu_check.sh --dry-run  here, on CPU, in the project's .venv: the same stages on tiny
 #                                      configs, so the script's own logic is checked before device time
 #
