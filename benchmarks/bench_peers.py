@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import RESULTS, append_csv, environment, loop_ms, print_table, synchronize, time_ms
+from common import RESULTS, append_csv, environment, frdiff_step_ms, loop_model_ms, loop_ms, print_table, synchronize
 from diffusers import DDIMScheduler
 from models import build_unet, example_call
 
@@ -144,16 +144,9 @@ def describe_frdiff(row: dict, fr, scheduler, latents, call, steps: int, device:
     scheduler.set_timesteps(steps, device=device)
     t = scheduler.timesteps[steps // 2]
     entry, tensors = fr.prepare(latents, t, **call)
-    eps = torch.randn_like(latents)
-    ms = {
-        "keyframe": time_ms(lambda: entry.run_full(tensors, -1), device),
-        "reuse": time_ms(lambda: entry.run_reuse(tensors, 0.5), device),
-        "skip": time_ms(entry.run_skip, device),
-        "scheduler": time_ms(lambda: scheduler.step(eps, t, latents), device),
-    }
+    ms = frdiff_step_ms(entry, tensors, scheduler, t, latents, device)
     counts = build_schedule(steps, fr.frdiff_config).counts()
-    model = (counts["full"] * ms["keyframe"] + counts["reuse"] * ms["reuse"] + counts["skip"] * ms["skip"]
-             + steps * ms["scheduler"])
+    model = loop_model_ms(counts, ms, steps)
     stats = fr.stats
     row.update({
         "keyframe_ms": ms["keyframe"], "reuse_ms": ms["reuse"], "model_ms": model,

@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, append_csv, environment, loop_ms, print_table, synchronize, time_ms
+from common import (
+    RESULTS, append_csv, environment, frdiff_step_ms, loop_model_ms, loop_ms, print_table, synchronize, time_ms,
+)
 from diffusers import DDIMScheduler
 from models import build_unet
 from torch.utils.flop_counter import FlopCounterMode
@@ -80,15 +82,8 @@ def main() -> None:
         stock = lambda: unet(latents, t, **cond)  # noqa: E731
         full = lambda: entry.run_full(tensors, -1)  # noqa: E731
         reuse = lambda: entry.run_reuse(tensors, 0.5)  # noqa: E731
-        x = latents.clone()
-        eps = torch.randn_like(x)
-        ms = {
-            "stock": time_ms(stock, device, args.repeats),
-            "keyframe": time_ms(full, device, args.repeats),
-            "reuse": time_ms(reuse, device, args.repeats),
-            "skip": time_ms(entry.run_skip, device, args.repeats),
-            "scheduler": time_ms(lambda: scheduler.step(eps, t, x), device, args.repeats),
-        }
+        ms = {"stock": time_ms(stock, device, args.repeats),
+              **frdiff_step_ms(entry, tensors, scheduler, t, latents, device, args.repeats)}
         flops = {"stock": gflop(stock), "keyframe": gflop(full), "reuse": gflop(reuse)}
         loops = {"stock": loop_ms(unet, scheduler, latents, cond, args.steps, device)}
         for m in (2, 3):
@@ -111,8 +106,7 @@ def main() -> None:
     ]
     for m in (2, 3):
         counts = build_schedule(args.steps, FRDiffConfig(keyframe_interval=m)).counts()
-        model = (counts["full"] * ms["keyframe"] + counts["reuse"] * ms["reuse"] + counts["skip"] * ms["skip"]
-                 + args.steps * ms["scheduler"])
+        model = loop_model_ms(counts, ms, args.steps)
         rows.insert(-1, {
             "item": f"loop FRDiff M={m} x{args.steps}", "ms": loops[f"M={m}"], "model_ms": model,
             "ratio": loops["stock"] / loops[f"M={m}"],

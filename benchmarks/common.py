@@ -95,6 +95,24 @@ def loop_ms(model: Callable, scheduler, latents: torch.Tensor, cond: dict, steps
     return (time.perf_counter() - start) * 1e3
 
 
+def frdiff_step_ms(entry, tensors: list, scheduler, t, latents: torch.Tensor, device: torch.device,
+                   repeats: int = 5) -> dict[str, float]:
+    """Median ms of one keyframe call, reuse call, skip step and scheduler step of a prepared graph pair."""
+    eps = torch.randn_like(latents)
+    return {
+        "keyframe": time_ms(lambda: entry.run_full(tensors, -1), device, repeats),
+        "reuse": time_ms(lambda: entry.run_reuse(tensors, 0.5), device, repeats),
+        "skip": time_ms(entry.run_skip, device, repeats),
+        "scheduler": time_ms(lambda: scheduler.step(eps, t, latents), device, repeats),
+    }
+
+
+def loop_model_ms(counts: dict[str, int], ms: dict[str, float], steps: int) -> float:
+    """The cost model of a loop: its full, reuse and skip steps and every scheduler step at measured times."""
+    return (counts["full"] * ms["keyframe"] + counts["reuse"] * ms["reuse"] + counts["skip"] * ms["skip"]
+            + steps * ms["scheduler"])
+
+
 def print_table(rows: Sequence[dict[str, object]], columns: Sequence[str], title: str) -> None:
     def cell(value: object) -> str:
         if isinstance(value, float):
