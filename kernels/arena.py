@@ -36,6 +36,7 @@ class BlendArena:
             offset += blocks * BLOCK
         # Zero-filled so the padding is finite: it is blended (harmlessly) with everything else.
         self.buffer = torch.zeros(offset, dtype=dtype, device=self.device)
+        self.device = self.buffer.device  # canonical form ("cuda:0", not "cuda"), so device checks compare equal
         self.segments = torch.tensor(segments, dtype=torch.int32, device=self.device)
         self.views = [
             self.buffer[o : o + math.prod(s)].view(s) for o, s in zip(self.offsets, self.shapes)

@@ -11,8 +11,13 @@ from frdiff_compile.kernels.blend import arena_blend_reference, launch_blend, sc
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Tolerance per dtype against the reference computed the same way (fp32 math, one rounding at the store).
-# The interpreter's bf16 cast truncates instead of rounding: one bf16 ulp (2^-7 relative).
-TOLERANCE = {torch.float32: 0.0, torch.float16: 0.0, torch.bfloat16: 2.0**-7}
+# The interpreter's bf16 cast truncates instead of rounding: one bf16 ulp (2^-7 relative). On CUDA the
+# compiler contracts w*a + (1-w)*b into one FMA where eager torch rounds the product first, so the kernel
+# may differ from the reference by one rounding of the storage dtype.
+TOLERANCE = {
+    "cpu": {torch.float32: 0.0, torch.float16: 0.0, torch.bfloat16: 2.0**-7},
+    "cuda": {torch.float32: 2.0**-22, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7},
+}[DEVICE]
 SHAPES = [(1,), (7,), (1023,), (1024,), (1025,), (65537,), (2, 4, 8, 8), (2, 1280, 8, 8), (2, 640, 16, 16)]
 
 
@@ -54,7 +59,7 @@ def test_out_may_alias_an_input(dtype):
     a2, b2 = a.clone(), b.clone()
     launch_blend(weight, a2, b, a2)
     launch_blend(weight, a, b2, b2)
-    assert torch.equal(a2, expected) and torch.equal(b2, expected)
+    assert close(a2, expected, dtype) and close(b2, expected, dtype)
 
 
 def test_channels_last_and_bad_layouts():
@@ -62,7 +67,7 @@ def test_channels_last_and_bad_layouts():
     weight = torch.tensor(0.37, device=DEVICE)
     cl_a, cl_b = a.to(memory_format=torch.channels_last), b.to(memory_format=torch.channels_last)
     got = score_blend(weight, cl_a, cl_b)
-    assert torch.equal(got, score_blend_reference(weight, a, b))
+    assert close(got, score_blend_reference(weight, a, b), torch.float16)
     with pytest.raises(ValueError, match="dense layout"):
         launch_blend(weight, a.transpose(1, 2), b.transpose(1, 2), torch.empty_like(a.transpose(1, 2)))
     with pytest.raises(ValueError, match="dense layout"):
@@ -130,7 +135,7 @@ def test_cuda_compiled_kernel_matches_reference(dtype):
     compiled = torch.compile(score_blend, fullgraph=True)
     got = compiled(weight, a, b)
     expected = score_blend_reference(weight, a, b)
-    assert torch.equal(got, expected), f"{dtype}: max err {(got.float() - expected.float()).abs().max()}"
+    assert close(got, expected, dtype), f"{dtype}: max err {(got.float() - expected.float()).abs().max()}"
 
 
 @pytest.mark.gpu
@@ -150,4 +155,4 @@ def test_cuda_graph_replay_reads_the_refilled_weight():
         weight.fill_(w)
         graph.replay()
         torch.cuda.synchronize()
-        assert torch.equal(out, score_blend_reference(weight, a, b)), f"replay with w={w}"
+        assert close(out, score_blend_reference(weight, a, b), torch.float16), f"replay with w={w}"
