@@ -15,7 +15,9 @@ from pathlib import Path
 # The issue's targets for an H100.
 BLEND_TARGET = 90.0  # % of copy bandwidth, tensors >= 8 MB
 ARENA_TARGET = 80.0
-PEER_TARGETS = {("frdiff-m2", "vs_eager"): 2.5, ("frdiff-m3", "vs_eager"): 3.0, ("frdiff-m2", "vs_compiled"): 1.6}
+# (provider, baseline) -> speedup target; "compiled" is the faster of the compiled stock providers measured.
+PEER_TARGETS = {("frdiff-m2", "eager"): 2.5, ("frdiff-m3", "eager"): 3.0, ("frdiff-m2", "compiled"): 1.6}
+COMPILED_STOCK = ("compiled-static", "compiled")
 MODEL_TOLERANCE = 0.10
 COMPILE_TARGET_S = 60.0
 
@@ -64,18 +66,26 @@ def summary(out: Path) -> list[tuple[str, str, str, str]]:
     peers = {r["provider"]: r for r in newest(out / "bench_peers.csv")}
     for name, row in peers.items():
         lines.append(line(f"{name} loop ms", number(row.get("loop_ms")), "", None))
-    for (name, column), target in PEER_TARGETS.items():
-        # Recomputed from loop times: bench_peers writes a row before a later baseline (compiled) exists.
-        base, own = (number(peers.get(n, {}).get("loop_ms")) for n in (column.removeprefix("vs_"), name))
+    loop = {name: number(row.get("loop_ms")) for name, row in peers.items()}
+    stock = [loop[n] for n in COMPILED_STOCK if loop.get(n)]
+    baselines = {"eager": loop.get("eager"), "compiled": min(stock) if stock else None}
+    for (name, baseline), target in PEER_TARGETS.items():
+        # From loop times: bench_peers writes a row before a later baseline (compiled stock) exists.
+        base, own = baselines[baseline], loop.get(name)
         value = base / own if base and own else None
-        lines.append(line(f"{name} speedup {column}", value, f">= {target:g}", None if value is None else value >= target))
+        what = f"{name} vs {'best compiled stock' if baseline == 'compiled' else baseline}"
+        lines.append(line(what, value, f">= {target:g}", None if value is None else value >= target))
     for name in ("frdiff-m2", "frdiff-m3"):
         ratio = number(peers.get(name, {}).get("measured_over_model"))
         lines.append(line(f"{name} measured / cost model", ratio, f"within {MODEL_TOLERANCE:.0%}",
                           None if ratio is None else abs(ratio - 1) <= MODEL_TOLERANCE))
-        first = number(peers.get(name, {}).get("first_loop_s"))
-        lines.append(line(f"{name} first loop s (compile)", first, f"<= {COMPILE_TARGET_S:g}",
-                          None if first is None else first <= COMPILE_TARGET_S))
+        # Both graphs' compile time as the runtime counts it; older rows have only the first loop's time.
+        row = peers.get(name, {})
+        compile_s, label = number(row.get("compile_s")), "compile s (both graphs)"
+        if compile_s is None:
+            compile_s, label = number(row.get("first_loop_s")), "first loop s (compile)"
+        lines.append(line(f"{name} {label}", compile_s, f"<= {COMPILE_TARGET_S:g}",
+                          None if compile_s is None else compile_s <= COMPILE_TARGET_S))
     return lines
 
 
