@@ -168,8 +168,9 @@ def main() -> None:
                 append_csv(Path(csv_path), [{**extra, **row}], env)
 
     speedups(rows)
-    columns = ["provider", "loop_ms", "vs_eager", "vs_compiled_static", "vs_compiled", "vs_all_keyframes", "keyframe_ms", "reuse_ms", "model_ms",
-               "measured_over_model", "compile_s", "first_loop_s", "peak_extra_MiB", "note"]
+    columns = ["provider", "loop_ms", "vs_eager", "vs_compiled_static", "vs_compiled", "vs_all_keyframes",
+               "keyframe_ms", "reuse_ms", "model_ms", "measured_over_model", "compile_s", "first_loop_s",
+               "peak_extra_MiB", "note"]
     print_table(rows, columns, f"bench_peers ({shape}, {args.steps} steps, median of {args.loops} loops)")
     if csv_path:
         print(f"\nappended {len(rows)} rows to {csv_path}")

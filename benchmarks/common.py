@@ -30,6 +30,22 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def git_revision() -> str:
+    """The checkout's short revision, "+dirty" when tracked files differ from it; FRDIFF_GIT_REV overrides
+    it, since the device tool's copy of the checkout may carry a stale .git."""
+    if os.environ.get("FRDIFF_GIT_REV"):
+        return os.environ["FRDIFF_GIT_REV"]
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=here).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=here).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + ("+dirty" if dirty else "")
+
+
 def environment(device: torch.device) -> dict[str, str]:
     def version(name: str) -> str:
         try:
@@ -37,27 +53,13 @@ def environment(device: torch.device) -> dict[str, str]:
         except Exception:  # noqa: BLE001 - a missing optional package is reported, not fatal
             return "-"
 
-    # The device tool's copy of the checkout may carry a stale .git: the caller can name the revision.
-    rev = os.environ.get("FRDIFF_GIT_REV", "")
-    try:
-        if rev:
-            raise OSError("revision given by FRDIFF_GIT_REV")
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=Path(__file__).resolve().parent).stdout.strip()
-        rev += "+dirty" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        rev = rev or "unknown"
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "device": device_name(device),
         "torch": torch.__version__,
         "diffusers": version("diffusers"),
         "triton": version("triton"),
-        "git": rev,
+        "git": git_revision(),
     }
 
 
