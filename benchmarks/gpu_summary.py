@@ -51,7 +51,11 @@ def summary(out: Path) -> list[tuple[str, str, str, str]]:
         name, rc, secs = (stage.split() + ["", ""])[:3]
         lines.append((f"stage {name}", f"exit {rc}", f"{secs} s", "met" if rc == "0" else "MISSED"))
     tests = (out / "gpu_tests.txt").read_text().strip() if (out / "gpu_tests.txt").exists() else "missing"
-    lines.append(("gpu tests", tests or "missing", "all pass", "met" if "failed" not in tests and "passed" in tests else "-"))
+    if "cut short" in tests or " failed" in tests or " error" in tests:
+        verdict = "MISSED"
+    else:
+        verdict = "met" if "passed" in tests else "-"
+    lines.append(("gpu tests", tests or "missing", "all pass", verdict))
 
     blend = newest(out / "bench_blend.csv")
     large = [number(r["% copy"]) for r in blend if r["provider"] == "triton" and (number(r["MB"]) or 0) >= 8]

@@ -43,6 +43,10 @@ def test_summary_judges_the_newest_run_against_the_targets(tmp_path):
     verdicts = {row[0]: row for row in summary(tmp_path)}
     assert verdicts["stage gpu_tests"][3] == "met" and verdicts["stage bench_blend"][3] == "MISSED"
     assert verdicts["gpu tests"][3] == "met"
+    for cut in ("7 passed, 1 failed in 100.0s", "cut short: 8 PASSED, 0 FAILED so far"):
+        (tmp_path / "gpu_tests.txt").write_text(cut)
+        assert {row[0]: row for row in summary(tmp_path)}["gpu tests"][3] == "MISSED", cut
+    (tmp_path / "gpu_tests.txt").write_text("12 passed in 80.1s\n")
     assert verdicts["blend >= 8 MB, worst % of copy BW"][1:] == ("93", ">= 90", "met")
     assert verdicts["arena launch, % of copy BW"][3] == "MISSED"
     assert verdicts["frdiff-m2 vs eager"][3] == "met"
