@@ -99,4 +99,18 @@ def max_rel_error(got: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 # Module-scoped tiny pipelines, importable as fixtures by every test module.
+def generated_code(fn, *args, **kwargs) -> tuple[object, list[str]]:
+    """(fn's result, the output code inductor generated for every graph compiled while it ran).
+
+    Inductor writes output code only while lowering, which a hit in its FX graph cache or AOTAutograd's
+    cache skips, so both caches are off here (and dynamo is reset, so every graph compiles again).
+    """
+    import torch._functorch.config
+    import torch._inductor.config
+    from torch._inductor.utils import run_and_get_code
+
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        return run_and_get_code(fn, *args, **kwargs)
+
+
 from tiny_pipelines import sd_pipe, sdxl_pipe  # noqa: E402, F401
