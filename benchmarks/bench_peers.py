@@ -161,6 +161,9 @@ def main() -> None:
                 row["peak_extra_MiB"] = (torch.cuda.max_memory_allocated() - before) / 2**20
             if name.startswith("frdiff"):
                 describe_frdiff(row, model, scheduler, latents, call, args.steps, device)
+            if name == "frdiff-m2" and not args.dry_run:
+                # Where the first (cold) compile's time went, phase by phase, for the log.
+                print(torch._dynamo.utils.compile_times(repr="str", aggregate=True), flush=True)
             del model
             speedups(rows)
             print(f"{name}: {row['loop_ms']:.1f} ms per loop", flush=True)

@@ -30,7 +30,8 @@ LOG="$OUT/gpu_check.log"
 : > "$LOG"
 : > "$OUT/stages.txt"
 BUDGET_S=${BUDGET_S:-560}
-# STAGES: the stages to run; bench_unet (the M sweep and the per-op profile) is left out by default.
+# STAGES: the stages to run. Left out by default: bench_sdxl (bench_peers on the SDXL config at 1024x1024,
+# 30 steps, for a lease with time to spare) and bench_unet (the M sweep and the per-op profile).
 STAGES=" ${STAGES:-gpu_tests bench_blend bench_peers} "
 START=$(date +%s)
 
@@ -61,6 +62,7 @@ if (( DRY )); then
     $PY -m pip install -q --no-index --no-deps --target "$SITE" .whl/DeepCache-*.whl && export PYTHONPATH="$SITE:${PYTHONPATH:-}"
   fi
   PEERS=(--dry-run)
+  SDXL=()
   PYTEST=(-q)
   BLEND=(--quick)
   UNET=(--small --latent 8 --steps 4 --repeats 1)
@@ -73,6 +75,7 @@ else
     || { echo "project install failed"; tail -20 "$LOG"; exit 1; }
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee -a "$LOG"
   PEERS=()
+  SDXL=(--config sdxl --latent 128 --steps 30 --loops 3 --providers eager,frdiff-m2,compiled-static,frdiff-m3)
   BLEND=()
   # pytest-timeout (in the GPU image): a slow test fails with its traceback instead of the stage's kill
   # swallowing every failure report.
@@ -90,6 +93,7 @@ if ! grep -E "^(=+ )?[0-9]+ (passed|failed|skipped|deselected|errors?)\b.* in [0
 fi
 stage bench_blend 80 $PY benchmarks/bench_blend.py "${BLEND[@]}" --csv "$OUT/bench_blend.csv"
 stage bench_peers 240 $PY benchmarks/bench_peers.py "${PEERS[@]}" --csv "$OUT/bench_peers.csv"
+stage bench_sdxl 240 $PY benchmarks/bench_peers.py "${PEERS[@]}" "${SDXL[@]}" --csv "$OUT/bench_peers_sdxl.csv"
 stage bench_unet 60 $PY benchmarks/bench_unet.py "${UNET[@]}" --csv "$OUT/bench_unet.csv"
 
 echo "=== total $(( $(date +%s) - START ))s; files in $OUT"

@@ -1,9 +1,10 @@
 """The short table gpu_check.sh prints last: each stage's exit status and the numbers the targets name.
 
 Usage: python benchmarks/gpu_summary.py OUT_DIR [--dry-run]
-Reads OUT_DIR/stages.txt, gpu_tests.txt, bench_blend.csv and bench_peers.csv (the newest run in each) and
-prints one line per target: measured value, target, and whether it is met. Missing files or rows print as
-"missing" rather than failing, so a partial run still reports what it has.
+Reads OUT_DIR/stages.txt, gpu_tests.txt, bench_blend.csv, bench_peers.csv and, when present,
+bench_peers_sdxl.csv (the newest run in each) and prints one line per target: measured value, target, and
+whether it is met. Missing files or rows print as "missing" rather than failing, so a partial run still
+reports what it has.
 """
 
 from __future__ import annotations
@@ -90,6 +91,15 @@ def summary(out: Path) -> list[tuple[str, str, str, str]]:
             compile_s, label = number(row.get("first_loop_s")), "first loop s (compile)"
         lines.append(line(f"{name} {label}", compile_s, f"<= {COMPILE_TARGET_S:g}",
                           None if compile_s is None else compile_s <= COMPILE_TARGET_S))
+
+    # SDXL (optional stage): reported, no target.
+    sdxl = {r["provider"]: number(r.get("loop_ms")) for r in newest(out / "bench_peers_sdxl.csv")}
+    stock = [sdxl[n] for n in COMPILED_STOCK if sdxl.get(n)]
+    for name in ("frdiff-m2", "frdiff-m3"):
+        for label, base in (("eager", sdxl.get("eager")), ("best compiled stock", min(stock) if stock else None)):
+            own = sdxl.get(name)
+            if base and own:
+                lines.append(line(f"sdxl {name} vs {label}", base / own, "", None))
     return lines
 
 
