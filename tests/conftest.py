@@ -98,7 +98,6 @@ def max_rel_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
 
 
-# Module-scoped tiny pipelines, importable as fixtures by every test module.
 def generated_code(fn, *args, **kwargs) -> tuple[object, list[str]]:
     """(fn's result, the output code inductor generated for every graph compiled while it ran).
 
@@ -113,4 +112,5 @@ def generated_code(fn, *args, **kwargs) -> tuple[object, list[str]]:
         return run_and_get_code(fn, *args, **kwargs)
 
 
+# Module-scoped tiny pipelines, importable as fixtures by every test module.
 from tiny_pipelines import sd_pipe, sdxl_pipe  # noqa: E402, F401
