@@ -48,21 +48,22 @@ def eager_graphs(unet, **config):
     return frdiff_compile.optimize(unet, FRDiffConfig(compile=False, cuda_graphs=False, **config))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_cuda_graph_trajectories_match_the_eager_graphs(dtype):
+# One test per case, so each result is named and the per-test timeout of the device check covers one compile.
+@pytest.mark.parametrize("mixing", [True, False], ids=["mixing", "no-mixing"])
+@pytest.mark.parametrize("interval", [1, 2, 3], ids=["M1", "M2", "M3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_cuda_graph_trajectories_match_the_eager_graphs(dtype, interval, mixing):
     unet = cuda_unet(dtype)
     cond = cuda_inputs(dtype)
-    for interval in (1, 2, 3):
-        for mixing in (True, False):
-            config = {"keyframe_interval": interval, "score_mixing": mixing}
-            expected = trajectory(eager_graphs(unet, **config), cond)
-            fr = frdiff_compile.optimize(unet, FRDiffConfig(**config))
-            got = trajectory(fr, cond)
-            err = max_rel_error(got, expected)
-            assert err < TOLERANCE[dtype], f"{dtype} M={interval} mixing={mixing}: relative error {err:.2e}"
-            stats = fr.stats
-            assert stats.cudagraph_fallbacks == 0 and stats.recompiles == 0, stats
-            assert (stats.full_replays, stats.reuse_replays) == (stats.full_calls, stats.reuse_calls), stats
+    config = {"keyframe_interval": interval, "score_mixing": mixing}
+    expected = trajectory(eager_graphs(unet, **config), cond)
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(**config))
+    got = trajectory(fr, cond)
+    err = max_rel_error(got, expected)
+    assert err < TOLERANCE[dtype], f"{dtype} M={interval} mixing={mixing}: relative error {err:.2e}"
+    stats = fr.stats
+    assert stats.cudagraph_fallbacks == 0 and stats.recompiles == 0, stats
+    assert (stats.full_replays, stats.reuse_replays) == (stats.full_calls, stats.reuse_calls), stats
 
 
 def test_fifty_steps_without_recompiles_and_outputs_never_overwritten():
