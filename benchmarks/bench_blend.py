@@ -34,13 +34,12 @@ SWEEP_MB = [0.004, 0.064, 1, 8, 32, 128, 256]
 
 
 SPILL_BYTES = 200 * 2**20  # rotate inputs until a graph's launches touch this much: 4x an H100's L2
-MIN_LAUNCHES = 8  # per captured graph, so the replay's own launch latency is amortised
 
 
 def copy_bandwidth_gbs(device: torch.device, repeats: int) -> float:
     src = torch.empty(256 * 2**20 // 2, dtype=torch.float16, device=device).normal_()
     dst = torch.empty_like(src)
-    ms = graph_time_ms([lambda: dst.copy_(src)] * 2, device, repeats)
+    ms = graph_time_ms([lambda: dst.copy_(src)], device, repeats)
     return 2 * src.numel() * src.element_size() / ms / 1e6
 
 
@@ -55,7 +54,6 @@ def input_sets(shape, dtype, device: torch.device) -> list[tuple[torch.Tensor, t
 def timed(fn, sets, weight, device: torch.device, repeats: int) -> tuple[float, float]:
     """(device ms per launch from graph replays, ms of one call with its dispatch) of fn over the sets."""
     calls = [lambda a=a, b=b: fn(weight, a, b) for a, b in sets]
-    calls = calls * -(-MIN_LAUNCHES // len(calls)) if device.type == "cuda" else calls
     a, b = sets[0]
     return graph_time_ms(calls, device, repeats), time_ms(lambda: fn(weight, a, b), device, repeats)
 
@@ -117,8 +115,7 @@ def main() -> None:
             whole["triton arena, one launch"] = lambda: arena[0].blend_(weights, arena[1], arena[0])
         for name, fn in whole.items():
             # The arenas (2 x 90 MB for SD 1.5) already spill the L2 cache: no rotation needed.
-            calls = [fn] * (MIN_LAUNCHES if device.type == "cuda" else 1)
-            row(f"sd15 all {len(sd15)} cache points", dtype, name, mbytes, graph_time_ms(calls, device, repeats),
+            row(f"sd15 all {len(sd15)} cache points", dtype, name, mbytes, graph_time_ms([fn], device, repeats),
                 time_ms(fn, device, repeats))
     print_table(rows, ["case", "dtype", "provider", "MB", "us", "GB/s", "% copy", "call us"],
                 "bench_blend (us: device time per launch, from CUDA-graph replays; call us: one call, dispatch included)")

@@ -89,8 +89,12 @@ def time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 5, wa
     return statistics.median(samples)
 
 
-def graph_time_ms(calls: Sequence[Callable[[], object]], device: torch.device, repeats: int = 10) -> float:
+def graph_time_ms(calls: Sequence[Callable[[], object]], device: torch.device, repeats: int = 10,
+                  min_launches: int = 8) -> float:
     """Median device time in ms of one call, from CUDA-graph replays of all `calls` back to back.
+
+    On CUDA the graph holds the calls repeated until it has at least `min_launches`, so the replay's own
+    launch latency is amortised.
 
     A call timed on its own includes the host's dispatch when the host is slower than the kernel (on the GPU
     machine a custom op's dispatch took about 0.1 ms, longer than a 32 MB blend). Replaying a graph of many
@@ -103,6 +107,7 @@ def graph_time_ms(calls: Sequence[Callable[[], object]], device: torch.device, r
 
     if device.type != "cuda":
         return time_ms(run_all, device, repeats) / len(calls)
+    calls = list(calls) * -(-min_launches // len(calls))
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up (compilation, autotuning) outside the capture

@@ -39,6 +39,12 @@ def number(value: str | None) -> float | None:
         return None
 
 
+def baselines(loop: dict[str, float | None]) -> dict[str, float | None]:
+    """Loop ms of eager and of the faster compiled stock provider measured, by provider name."""
+    stock = [loop[n] for n in COMPILED_STOCK if loop.get(n)]
+    return {"eager": loop.get("eager"), "compiled": min(stock) if stock else None}
+
+
 def line(what: str, value: float | None, target: str, met: bool | None) -> tuple[str, str, str, str]:
     shown = "missing" if value is None else f"{value:.3g}"
     verdict = "-" if met is None else ("met" if met else "MISSED")
@@ -72,11 +78,10 @@ def summary(out: Path) -> list[tuple[str, str, str, str]]:
     for name, row in peers.items():
         lines.append(line(f"{name} loop ms", number(row.get("loop_ms")), "", None))
     loop = {name: number(row.get("loop_ms")) for name, row in peers.items()}
-    stock = [loop[n] for n in COMPILED_STOCK if loop.get(n)]
-    baselines = {"eager": loop.get("eager"), "compiled": min(stock) if stock else None}
+    base_ms = baselines(loop)
     for (name, baseline), target in PEER_TARGETS.items():
         # From loop times: bench_peers writes a row before a later baseline (compiled stock) exists.
-        base, own = baselines[baseline], loop.get(name)
+        base, own = base_ms[baseline], loop.get(name)
         value = base / own if base and own else None
         what = f"{name} vs {'best compiled stock' if baseline == 'compiled' else baseline}"
         lines.append(line(what, value, f">= {target:g}", None if value is None else value >= target))
@@ -94,10 +99,10 @@ def summary(out: Path) -> list[tuple[str, str, str, str]]:
 
     # SDXL (optional stage): reported, no target.
     sdxl = {r["provider"]: number(r.get("loop_ms")) for r in newest(out / "bench_peers_sdxl.csv")}
-    stock = [sdxl[n] for n in COMPILED_STOCK if sdxl.get(n)]
+    sdxl_base = baselines(sdxl)
     for name in ("frdiff-m2", "frdiff-m3"):
-        for label, base in (("eager", sdxl.get("eager")), ("best compiled stock", min(stock) if stock else None)):
-            own = sdxl.get(name)
+        for baseline, label in (("eager", "eager"), ("compiled", "best compiled stock")):
+            base, own = sdxl_base[baseline], sdxl.get(name)
             if base and own:
                 lines.append(line(f"sdxl {name} vs {label}", base / own, "", None))
     return lines
