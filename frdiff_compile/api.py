@@ -15,6 +15,7 @@ import logging
 import torch
 
 from .config import FRDiffConfig
+from .policy import check_policy_fingerprint
 from .unet import FRDiffUNet
 
 logger = logging.getLogger(__name__)
@@ -30,8 +31,8 @@ def _check_model(unet: object) -> None:
     if isinstance(unet, FRDiffUNet):
         raise UnsupportedModelError(
             "optimize() was given an FRDiffUNet: frdiff_compile has already been applied to this UNet. "
-            "Pass the original UNet2DConditionModel (available as `.unet` on the FRDiffUNet), or build a new "
-            "one with a different FRDiffConfig."
+            "To change the keyframe schedule, call `.reconfigure(FRDiffConfig(...))` on it (keeps its compiled "
+            "graphs); to start over, pass the original UNet2DConditionModel (its `.unet`)."
         )
     if isinstance(unet, torch._dynamo.eval_frame.OptimizedModule):
         raise UnsupportedModelError(
@@ -57,15 +58,7 @@ def optimize(unet: torch.nn.Module, config: FRDiffConfig | None = None) -> FRDif
     if not isinstance(config, FRDiffConfig):
         raise ValueError(f"config must be an FRDiffConfig, got {type(config).__name__}")
     _check_model(unet)
-    if config.policy_fingerprint is not None:
-        from .policy import unet_fingerprint
-
-        found = unet_fingerprint(unet)
-        if found != config.policy_fingerprint:
-            raise ValueError(
-                f"the keyframe policy was tuned on a UNet with config fingerprint {config.policy_fingerprint}, "
-                f"this UNet's is {found}; tune a policy for this model (frdiff-compile tune) or use keyframe_interval"
-            )
+    check_policy_fingerprint(unet, config.policy_fingerprint)
     wrapped = FRDiffUNet(unet, config)
     logger.info("frdiff_compile.optimize: %s", config)
     return wrapped

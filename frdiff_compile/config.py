@@ -16,6 +16,9 @@ from typing import Any
 
 CONFIG_VERSION = 1
 _CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+# The fields the built graphs depend on. The others only shape the host-side schedule, so a change of
+# schedule keeps every compiled graph and CUDA graph (`FRDiffUNet.reconfigure`).
+GRAPH_FIELDS = ("compile", "compile_mode", "cuda_graphs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +107,10 @@ class FRDiffConfig:
             raise ValueError(f"max_cached_shapes must be in [1, 64], got {self.max_cached_shapes}")
         if self.version != CONFIG_VERSION:
             raise ValueError(f"version must be {CONFIG_VERSION} (this release's format), got {self.version!r}")
+
+    def same_graphs(self, other: FRDiffConfig) -> bool:
+        """Whether graphs built under `self` serve `other` unchanged (only schedule fields differ)."""
+        return all(getattr(self, name) == getattr(other, name) for name in GRAPH_FIELDS)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

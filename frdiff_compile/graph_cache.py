@@ -53,6 +53,11 @@ class RuntimeStats:
     full_replays: int = 0  # keyframe steps served by a CUDA-graph replay
     reuse_replays: int = 0  # reuse steps served by a CUDA-graph replay
 
+    def since(self, before: RuntimeStats) -> RuntimeStats:
+        """What happened after `before` (a `copy.copy` of these stats): the counts of one run or one loop."""
+        return RuntimeStats(**{f.name: getattr(self, f.name) - getattr(before, f.name)
+                               for f in dataclasses.fields(self)})
+
 
 def _dynamo_graphs() -> int:
     # torch's own count of graphs dynamo compiled in this process; the delta around one call is what that
@@ -180,6 +185,13 @@ class GraphLRU:
     def put(self, signature: tuple, entry: GraphEntry | str) -> None:
         self._entries[signature] = entry
         self._entries.move_to_end(signature)
+        self._evict()
+
+    def resize(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._evict()
+
+    def _evict(self) -> None:
         while len(self._entries) > self.capacity:
             dropped, _ = self._entries.popitem(last=False)
             logger.debug("dropped least recently used graph pair %s", dropped)

@@ -25,6 +25,18 @@ def unet_fingerprint(unet: Any) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def check_policy_fingerprint(unet: Any, expected: str | None) -> None:
+    """Refuse a config whose keyframe policy was tuned on another UNet architecture (None: no policy)."""
+    if expected is None:
+        return
+    found = unet_fingerprint(unet)
+    if found != expected:
+        raise ValueError(
+            f"the keyframe policy was tuned on a UNet with config fingerprint {expected}, this UNet's is {found}; "
+            "tune a policy for this model (frdiff-compile tune) or use keyframe_interval"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class KeyframePolicy:
     num_steps: int

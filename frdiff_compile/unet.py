@@ -27,6 +27,7 @@ from .cudagraphs import Backend, SharedPool
 from .graph_cache import GraphEntry, GraphLRU, RuntimeStats
 from .passes import CallLayout, build_graphs, capture, plan_cache_points
 from .passes.capture import UnsupportedCall
+from .policy import check_policy_fingerprint
 from .schedule import Schedule, StepKind, build_schedule
 from .steps import StepTracker
 
@@ -84,6 +85,26 @@ class FRDiffUNet(torch.nn.Module):
         """
         self._tracker.reset(num_inference_steps)
         self._generation = _Generation(self._generation.number + 1, None)
+
+    def reconfigure(self, config: FRDiffConfig) -> None:
+        """Use `config` from the next generation on, keeping the built graphs where they still apply.
+
+        A new keyframe schedule (interval, mask, score mixing, mix bias/slope) keeps every captured,
+        compiled and CUDA-graph-captured graph: they do not depend on it. A change of `compile`,
+        `compile_mode` or `cuda_graphs` drops them (rebuilt on next use). The generation in progress, if
+        any, ends here; the next call starts a new one, whose first step is always a keyframe.
+        """
+        if not isinstance(config, FRDiffConfig):
+            raise ValueError(f"reconfigure() takes an FRDiffConfig, got {type(config).__name__}")
+        check_policy_fingerprint(self.unet, config.policy_fingerprint)
+        if not config.same_graphs(self.frdiff_config):
+            logger.info("reconfigure: compile or CUDA-graph settings changed, dropping %d graph pairs",
+                        len(self._graphs))
+            self._graphs.clear()
+        self._graphs.resize(config.max_cached_shapes)
+        self.frdiff_config = config
+        self.reset()
+        logger.info("frdiff_compile.reconfigure: %s", config)
 
     def _module_fingerprint(self) -> tuple[int, ...]:
         return tuple(id(p) for p in self.unet.parameters())

@@ -213,6 +213,37 @@ def test_graph_pairs_are_bounded_and_rebuilt_after_to():
         assert torch.equal(fr(x, sched.timesteps[0], **cond).sample, unet(x, sched.timesteps[0], **cond).sample)
 
 
+def test_reconfigure_keeps_graphs_for_a_new_schedule_only():
+    unet = make_unet("sd15")
+    cond = unet_inputs("sd15")
+    fr = frdiff_compile.optimize(unet)
+    sched = scheduler("sd15")
+    sched.set_timesteps(STEPS)
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():  # a generation cut off after a keyframe: its cache must not serve the next one
+        for t in sched.timesteps[:3]:
+            x = sched.step(fr(x, t, **cond).sample, t, x).prev_sample
+    entry = fr.graph_entries()[0]
+    for config, forced in ((FRDiffConfig(keyframe_interval=3, score_mixing=False), 1), (FRDiffConfig(mix_bias=0.3), 1)):
+        fr.reconfigure(config)
+        # The loop goes on at step 4, a new generation: a reuse step under M=3, so it must be forced to a
+        # keyframe (the cache is the cut-off generation's); a keyframe anyway under M=2.
+        with torch.no_grad():
+            fr(x, sched.timesteps[4], **cond)
+        assert fr.stats.forced_keyframes == forced
+        got = sample(optimized_fn(fr, cond), scheduler("sd15"), STEPS)
+        expected = sample(optimized_fn(frdiff_compile.optimize(unet, config), cond), scheduler("sd15"), STEPS)
+        assert torch.equal(got, expected), config
+        assert fr.graph_entries() == [entry] and fr.stats.captures == 1
+    fr.reconfigure(FRDiffConfig(compile=True, max_cached_shapes=1))  # graphs built eagerly no longer apply
+    assert fr.graph_entries() == [] and fr.frdiff_config.compile
+    with pytest.raises(ValueError, match="config fingerprint"):
+        fr.reconfigure(FRDiffConfig(keyframes=(True, False), policy_fingerprint="0" * 16))
+    with pytest.raises(ValueError, match="takes an FRDiffConfig"):
+        fr.reconfigure({"keyframe_interval": 3})
+    assert fr.frdiff_config.compile, "a refused reconfigure must leave the config as it was"
+
+
 def test_inference_mode_then_no_grad():
     unet = make_unet("sd15")
     cond = unet_inputs("sd15")
