@@ -106,13 +106,17 @@ class FRDiffUNet(torch.nn.Module):
         self.reset()
         logger.info("frdiff_compile.reconfigure: %s", config)
 
-    def _module_fingerprint(self) -> tuple[int, ...]:
-        return tuple(id(p) for p in self.unet.parameters())
+    def _module_fingerprint(self) -> tuple[tuple[int, int], ...]:
+        # Identity and storage address of every parameter: a replaced Parameter (adapters loaded,
+        # load_state_dict(assign=True)) or a swapped `.data` (a "safe" LoRA fuse) would leave compiled and
+        # CUDA graphs reading the old storage. In-place updates keep the address and need no rebuild: the
+        # graphs read parameters where they live. Host metadata only, no device sync.
+        return tuple((id(p), p.data_ptr()) for p in self.unet.parameters())
 
     def _start_generation(self, num_steps: int) -> None:
         fingerprint = self._module_fingerprint()
         if fingerprint != self._fingerprint:
-            logger.info("UNet parameters were replaced (e.g. adapters loaded): rebuilding graphs")
+            logger.info("UNet parameters were replaced or moved to new storage (e.g. adapters loaded): rebuilding graphs")
             self._graphs.clear()
             self._fingerprint = fingerprint
         number = self._generation.number + 1

@@ -138,6 +138,20 @@ def test_second_generation_at_another_resolution_and_batch(warm):
     assert s.recompiles == before.recompiles and s.cudagraph_fallbacks == 0, s
 
 
+def test_parameters_in_new_storage_are_rebuilt_not_read_stale(warm):
+    """A captured graph reads parameters at fixed addresses: new storage (a "safe" LoRA fuse) must rebuild."""
+    unet, cond, fr = warm(torch.float32)
+    fr.reconfigure(dataclasses.replace(fr.frdiff_config, keyframe_interval=2, score_mixing=True))
+    trajectory(fr, cond)
+    conv = unet.down_blocks[0].resnets[0].conv1
+    conv.weight.data = conv.weight.data * 0.5  # the old storage is freed and may be reused by anything
+    before = copy.copy(fr.stats)
+    got = trajectory(fr, cond)
+    expected = trajectory(eager_graphs(unet), cond)
+    assert max_rel_error(got, expected) < TOLERANCE[torch.float32]
+    assert fr.stats.since(before).captures == 1, fr.stats
+
+
 def test_cfg_pipeline_on_the_device(sd_pipe):
     stock = sd_pipe.unet
     sd_pipe.to(DEVICE, torch.float16)

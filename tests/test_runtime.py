@@ -213,6 +213,23 @@ def test_graph_pairs_are_bounded_and_rebuilt_after_to():
         assert torch.equal(fr(x, sched.timesteps[0], **cond).sample, unet(x, sched.timesteps[0], **cond).sample)
 
 
+def test_replaced_parameters_rebuild_and_in_place_updates_are_read_live():
+    unet = make_unet("sd15")
+    cond = unet_inputs("sd15")
+    fr = frdiff_compile.optimize(unet)
+    run = lambda: sample(optimized_fn(fr, cond), scheduler("sd15"), 6)  # noqa: E731
+    reference = lambda: sample(optimized_fn(frdiff_compile.optimize(unet), cond), scheduler("sd15"), 6)  # noqa: E731
+    run()
+    conv = unet.down_blocks[0].resnets[0].conv1
+    with torch.no_grad():
+        conv.weight.mul_(1.5)  # in place (a plain LoRA fuse): same storage, the graphs read it
+    assert torch.equal(run(), reference()) and fr.stats.captures == 1
+    conv.weight.data = conv.weight.data * 0.5  # new storage behind the same Parameter (a "safe" fuse)
+    assert torch.equal(run(), reference()) and fr.stats.captures == 2
+    conv.weight = torch.nn.Parameter(conv.weight.detach() + 0.01)  # a new Parameter (adapters loaded)
+    assert torch.equal(run(), reference()) and fr.stats.captures == 3
+
+
 def test_reconfigure_keeps_graphs_for_a_new_schedule_only():
     unet = make_unet("sd15")
     cond = unet_inputs("sd15")
