@@ -122,12 +122,13 @@ class _Trajectory:
         return {"sample": torch.cat([x, x]), "timestep": torch.tensor(t), **kw}
 
     def __call__(self, x: torch.Tensor, kw: dict, gates: torch.Tensor | None) -> torch.Tensor:
-        memory = [torch.zeros(p.shape, dtype=p.dtype) for p in self.plan.points]
+        memory = [torch.zeros(p.shape, dtype=p.dtype, device=x.device) for p in self.plan.points]
         last = torch.zeros_like(torch.cat([x, x]))
         timesteps, scale = self.timesteps, self.problem.guidance_scale
         for i, t in enumerate(timesteps):
             t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else None
-            h = torch.ones(()) if gates is None or i == 0 else gates[i]
+            # On the latents' device: the blend op takes its weight where its data is (gates live on the host).
+            h = torch.ones((), device=x.device) if gates is None or i == 0 else gates[i].to(x.device)
             lam = self.lambdas[i]
 
             def step(x, last, h, *memory, t=t, t_prev=t_prev, lam=lam):

@@ -15,6 +15,8 @@ Invariants:
   `out` may alias `a` or `b`: each element is read before it is written, by the same program.
 - Where the Triton kernel cannot run (no CUDA tensor and no `TRITON_INTERPRET=1`, or no triton), the ops
   compute the reference; results agree exactly in fp32 and fp16 (bf16 under the interpreter: 2^-7).
+- `score_blend` is differentiable in all three inputs (torch-op backward), so the Auto-FR search runs its
+  soft memory update through the same kernel as inference.
 """
 
 from __future__ import annotations
@@ -143,6 +145,32 @@ def _(weights, segments, a, b, out) -> None:  # noqa: ANN001 - mirrors the op's 
     return None
 
 
+def _blend_setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 - torch.library's signature
+    weight, a, b = inputs
+    ctx.save_for_backward(weight, a, b)
+
+
+def _blend_backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN202 - torch.library's signature
+    """Gradients of w * a + (1 - w) * b, in fp32, the form autograd gives the same expression in torch ops.
+
+    The Auto-FR search differentiates its soft memory update through this op: the gate is `w`, the fresh
+    feature `a`, the memory `b`. Plain torch ops: the backward pass is not on any inference path.
+    """
+    weight, a, b = ctx.saved_tensors
+    w, g = weight.to(torch.float32), grad.to(torch.float32)
+    grad_w = grad_a = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_w = ((g * a.to(torch.float32)).sum() - (g * b.to(torch.float32)).sum()).reshape(weight.shape)
+        grad_w = grad_w.to(weight.dtype)
+    if ctx.needs_input_grad[1]:
+        grad_a = (g * w).to(a.dtype)
+    if ctx.needs_input_grad[2]:
+        grad_b = (g * (1.0 - w)).to(b.dtype)
+    return grad_w, grad_a, grad_b
+
+
+_score_blend_op.register_autograd(_blend_backward, setup_context=_blend_setup_context)
+
 if triton is not None:
 
     # On CUDA the kernel is registered with triton_op + wrap_triton so inductor sees (and can schedule) the
@@ -155,6 +183,8 @@ if triton is not None:
         n = out.numel()
         torch.library.wrap_triton(_blend_kernel)[(triton.cdiv(n, BLOCK),)](weight, a, b, out, n, BLOCK=BLOCK)
         return out
+
+    _score_blend_triton.register_autograd(_blend_backward, setup_context=_blend_setup_context)
 
 
 def score_blend(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

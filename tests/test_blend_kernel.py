@@ -116,6 +116,27 @@ def test_op_compiles_without_graph_breaks():
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gradients_match_autograd_of_the_reference(dtype):
+    """Auto-FR differentiates through the op: the gate (weight), the fresh feature (a) and the memory (b)."""
+    grads = []
+    for fn in (score_blend, score_blend_reference):
+        a, b = (t.requires_grad_(True) for t in inputs((2, 4, 9, 7), dtype))
+        weight = torch.tensor(0.37, device=DEVICE, requires_grad=True)
+        out = fn(weight, a, b)
+        upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE, dtype)
+        grads.append(torch.autograd.grad(out, (weight, a, b), upstream))
+    (gw, ga, gb), (ew, ea, eb) = grads
+    assert ga.dtype == dtype and gb.dtype == dtype and gw.shape == ()
+    assert close(ga, ea, dtype) and close(gb, eb, dtype), (ga - ea).abs().max()
+    # The weight's gradient is a sum over every element: fp32 accumulation in a different order.
+    assert torch.allclose(gw, ew, rtol=1e-3 if dtype == torch.float16 else 1e-5), (gw, ew)
+    a, b = inputs((5,), dtype)
+    weight = torch.tensor(0.37, device=DEVICE, requires_grad=True)
+    (only_w,) = torch.autograd.grad(score_blend(weight, a, b).sum(), (weight,))
+    assert torch.allclose(only_w, (a.float() - b.float()).sum(), rtol=1e-3)
+
+
 def test_export_keeps_the_op_in_the_graph():
     class M(torch.nn.Module):
         def forward(self, w, a, b):

@@ -113,7 +113,8 @@ def build_search_graph(captured: fx.GraphModule, plan: Plan) -> fx.GraphModule:
 
     Every cache point is computed, then blended with its memory, `new = gate * S + (1 - gate) * memory`,
     and the rest of the network reads `new`: gate 1 is the keyframe graph, gate 0 the reuse graph, and
-    in between it is differentiable in the gate and the memory. Plain torch ops, so autograd sees them.
+    in between it is differentiable in the gate and the memory. The blend is the same `score_blend` op as
+    the reuse graph's (fused kernel forward, torch-op backward), so autograd sees it.
     """
     gm, nodes = _copy(captured)
     placeholders = _add_placeholders(gm, [f"memory_{i}" for i in range(len(plan.points))] + ["gate"])
@@ -123,13 +124,7 @@ def build_search_graph(captured: fx.GraphModule, plan: Plan) -> fx.GraphModule:
         value = nodes[point.node]
         users = list(value.users)
         with gm.graph.inserting_after(value):
-            keep = gm.graph.call_function(aten.rsub.Scalar, (gate, 1.0))
-        with gm.graph.inserting_after(keep):
-            old = gm.graph.call_function(aten.mul.Tensor, (memory, keep))
-        with gm.graph.inserting_after(old):
-            new = gm.graph.call_function(aten.mul.Tensor, (value, gate))
-        with gm.graph.inserting_after(new):
-            total = gm.graph.call_function(aten.add.Tensor, (new, old))
+            total = gm.graph.call_function(score_blend, (gate, value, memory))
         for user in users:
             user.replace_input_with(value, total)
         blended.append(total)
