@@ -6,7 +6,8 @@ Run (on a CUDA machine; on CPU it says so and times only the torch paths):
 
 Shapes: every SD 1.5 cache point at 64x64 latents and SDXL's at 128x128 (CFG batch 2, planned by the
 project's own planner on the meta device), and a size sweep from 4 KB to 256 MB; fp16 and bf16. Also one
-launch of the arena kernel over all SD 1.5 cache points against a loop of single blends.
+launch of the arena kernel over all SD 1.5 cache points against a loop of single blends. On CUDA (not
+--quick), a sweep of the kernel's launch configuration (block size, warps) at 8-128 MB fp16.
 
 Two times per provider and case. "us" is device time per launch, from CUDA-graph replays of back-to-back
 launches that rotate over enough input sets to spill the L2 cache: the kernel's own speed, as it runs inside
@@ -28,9 +29,13 @@ from common import RESULTS, append_csv, environment, graph_time_ms, print_table,
 from models import cache_shapes
 
 from frdiff_compile.kernels.arena import BlendArena
-from frdiff_compile.kernels.blend import kernel_available, score_blend, score_blend_reference
+from frdiff_compile.kernels.blend import BLOCK, kernel_available, launch_blend, score_blend, score_blend_reference
 
 SWEEP_MB = [0.004, 0.064, 1, 8, 32, 128, 256]
+# Launch configurations (elements per program, warps) tried on the single-tensor kernel at the sizes the
+# bandwidth target covers, fp16, so a GPU run shows whether the default (first) leaves bandwidth behind.
+CONFIG_MB = [8, 32, 128]
+CONFIGS = [(BLOCK, 4), (2048, 4), (2048, 8), (4096, 8), (8192, 8)]
 
 
 SPILL_BYTES = 200 * 2**20  # rotate inputs until a graph's launches touch this much: 4x an H100's L2
@@ -117,6 +122,17 @@ def main() -> None:
             # The arenas (2 x 90 MB for SD 1.5) already spill the L2 cache: no rotation needed.
             row(f"sd15 all {len(sd15)} cache points", dtype, name, mbytes, graph_time_ms([fn], device, repeats),
                 time_ms(fn, device, repeats))
+    if "triton" in funcs and not args.quick:
+        for mb in CONFIG_MB:
+            shape = (int(mb * 2**20 / 2),)
+            sets = input_sets(shape, torch.float16, device)
+            outs = [torch.empty_like(a) for a, _ in sets]
+            for block, warps in CONFIGS:
+                calls = [lambda a=a, b=b, o=o, block=block, warps=warps: launch_blend(weight, a, b, o, block, warps)
+                         for (a, b), o in zip(sets, outs)]
+                row(f"config {mb} MB", torch.float16, f"triton BLOCK={block} warps={warps}", mb,
+                    graph_time_ms(calls, device, repeats), time_ms(calls[0], device, repeats))
+            del sets, outs
     print_table(rows, ["case", "dtype", "provider", "MB", "us", "GB/s", "% copy", "call us"],
                 "bench_blend (us: device time per launch, from CUDA-graph replays; call us: one call, dispatch included)")
     path = append_csv(Path(args.csv), [{**row, "copy GB/s": copy_gbs} for row in rows], env)

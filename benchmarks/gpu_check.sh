@@ -96,7 +96,7 @@ if ! grep -E "^(=+ )?[0-9]+ (passed|failed|skipped|deselected|errors?)\b.* in [0
    || [[ ! -s "$OUT/gpu_tests.txt" ]]; then
   echo "cut short: $(grep -c ' PASSED' "$LOG") PASSED, $(grep -cE ' (FAILED|ERROR)' "$LOG") FAILED so far" > "$OUT/gpu_tests.txt"
 fi
-stage bench_blend 80 $PY benchmarks/bench_blend.py "${BLEND[@]}" --csv "$OUT/bench_blend.csv"
+stage bench_blend 100 $PY benchmarks/bench_blend.py "${BLEND[@]}" --csv "$OUT/bench_blend.csv"
 stage bench_peers 240 $PY benchmarks/bench_peers.py "${PEERS[@]}" --csv "$OUT/bench_peers.csv"
 stage bench_sdxl 240 $PY benchmarks/bench_peers.py "${PEERS[@]}" "${SDXL[@]}" --csv "$OUT/bench_peers_sdxl.csv"
 stage bench_unet 60 $PY benchmarks/bench_unet.py "${UNET[@]}" --csv "$OUT/bench_unet.csv"

@@ -21,6 +21,7 @@ PEER_TARGETS = {("frdiff-m2", "eager"): 2.5, ("frdiff-m3", "eager"): 3.0, ("frdi
 COMPILED_STOCK = ("compiled-static", "compiled")
 MODEL_TOLERANCE = 0.10
 COMPILE_TARGET_S = 60.0
+DEFAULT_CONFIG = "BLOCK=1024 warps=4"  # the blend kernel's launch configuration (kernels/blend.py)
 
 
 def newest(path: Path) -> list[dict[str, str]]:
@@ -69,6 +70,15 @@ def summary(out: Path) -> list[tuple[str, str, str, str]]:
     worst = min(large) if large else None
     lines.append(line("blend >= 8 MB, worst % of copy BW", worst, f">= {BLEND_TARGET:g}",
                       None if worst is None else worst >= BLEND_TARGET))
+    # bench_blend's launch-configuration sweep (no target): the configuration whose worst size does best.
+    configs: dict[str, list[float]] = {}
+    for r in blend:
+        if r["provider"].startswith("triton BLOCK="):
+            configs.setdefault(r["provider"].removeprefix("triton "), []).append(number(r["% copy"]) or 0.0)
+    if configs:
+        best = max(configs, key=lambda k: min(configs[k]))
+        lines.append(("blend launch config, best worst-case % copy", f"{min(configs[best]):.3g} ({best})",
+                      f"default {min(configs.get(DEFAULT_CONFIG, [0.0])):.3g}", "-"))
     arena = [number(r["% copy"]) for r in blend if r["provider"].startswith("triton arena")]
     worst_arena = min(arena) if arena else None
     lines.append(line("arena launch, % of copy BW", worst_arena, f">= {ARENA_TARGET:g}",

@@ -84,12 +84,18 @@ def kernel_available(t: torch.Tensor) -> bool:
     return triton is not None and (t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"))
 
 
-def launch_blend(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """One launch of `_blend_kernel` over every element of `out` (which may alias a or b)."""
+def launch_blend(
+    weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, block: int = BLOCK,
+    num_warps: int = 4,
+) -> torch.Tensor:
+    """One launch of `_blend_kernel` over every element of `out` (which may alias a or b).
+
+    `block` and `num_warps` are for bench_blend's launch-configuration sweep; the ops use the defaults.
+    """
     _check(weight, a, b, out)
     n = out.numel()
     if n:
-        _blend_kernel[(triton.cdiv(n, BLOCK),)](weight, a, b, out, n, BLOCK=BLOCK)
+        _blend_kernel[(triton.cdiv(n, block),)](weight, a, b, out, n, BLOCK=block, num_warps=num_warps)
     return out
 
 

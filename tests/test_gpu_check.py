@@ -28,6 +28,10 @@ def test_summary_judges_the_newest_run_against_the_targets(tmp_path):
         {"date": new, "provider": "triton", "MB": "1", "% copy": "40"},  # under 8 MB: not judged
         {"date": new, "provider": "torch eager", "MB": "64", "% copy": "50"},
         {"date": new, "provider": "triton arena, one launch", "MB": "300", "% copy": "75"},
+        {"date": new, "provider": "triton BLOCK=1024 warps=4", "MB": "8", "% copy": "85"},
+        {"date": new, "provider": "triton BLOCK=1024 warps=4", "MB": "128", "% copy": "95"},
+        {"date": new, "provider": "triton BLOCK=4096 warps=8", "MB": "8", "% copy": "91"},
+        {"date": new, "provider": "triton BLOCK=4096 warps=8", "MB": "128", "% copy": "92"},
     ])
     write_csv(tmp_path / "bench_peers.csv", [
         {"date": new, "provider": "eager", "loop_ms": "1000", "vs_eager": "1", "vs_compiled": "0.6",
@@ -49,6 +53,7 @@ def test_summary_judges_the_newest_run_against_the_targets(tmp_path):
     (tmp_path / "gpu_tests.txt").write_text("12 passed in 80.1s\n")
     assert verdicts["blend >= 8 MB, worst % of copy BW"][1:] == ("93", ">= 90", "met")
     assert verdicts["arena launch, % of copy BW"][3] == "MISSED"
+    assert verdicts["blend launch config, best worst-case % copy"][1:3] == ("91 (BLOCK=4096 warps=8)", "default 85")
     assert verdicts["frdiff-m2 vs eager"][3] == "met"
     assert verdicts["frdiff-m2 vs best compiled stock"][1:] == ("1.32", ">= 1.6", "MISSED")
     assert verdicts["frdiff-m2 measured / cost model"][3] == "met"
