@@ -122,7 +122,7 @@ class _Trajectory:
         return {"sample": torch.cat([x, x]), "timestep": torch.tensor(t), **kw}
 
     def __call__(self, x: torch.Tensor, kw: dict, gates: torch.Tensor | None) -> torch.Tensor:
-        memory = [torch.zeros(p.shape, dtype=p.dtype, device=x.device) for p in self.plan.points]
+        memory = [p.empty(x.device).zero_() for p in self.plan.points]
         last = torch.zeros_like(torch.cat([x, x]))
         timesteps, scale = self.timesteps, self.problem.guidance_scale
         for i, t in enumerate(timesteps):

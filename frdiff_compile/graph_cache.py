@@ -120,8 +120,11 @@ class GraphEntry:
         pool: SharedPool | None = None,
     ) -> GraphEntry:
         with torch.inference_mode(False):
-            caches = [torch.empty(p.shape, dtype=p.dtype, device=device) for p in plan.points]
-            keyframe_out = torch.empty(tuple(out_meta.shape), dtype=out_meta.dtype, device=device)
+            # In the traced layouts: the reuse graph reads these where the UNet's own values were (a
+            # channels_last UNet keeps channels_last caches), and blends its output with keyframe_out.
+            caches = [p.empty(device) for p in plan.points]
+            keyframe_out = torch.empty_strided(tuple(out_meta.shape), out_meta.stride(), dtype=out_meta.dtype,
+                                               device=device)
             weight = torch.ones((), dtype=torch.float32, device=device)
         keyframe_fn: Callable[..., torch.Tensor] = keyframe
         reuse_fn: Callable[..., torch.Tensor] = reuse

@@ -88,13 +88,15 @@ def test_refused_policies(tmp_path, digits):
         KeyframePolicy.load(tmp_path / "absent.json")
 
 
-def test_search_on_text_embeddings_of_a_tiny_sd_unet():
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"])
+def test_search_on_text_embeddings_of_a_tiny_sd_unet(memory_format):
     from conftest import TEXT_DIM
     from diffusers import DDIMScheduler
 
     from frdiff_compile.autofr import embeddings_problem
 
-    unet = make_unet("sd15")
+    # channels_last: the memory the search blends with each cache point must share its layout
+    unet = make_unet("sd15").to(memory_format=memory_format)
     g = torch.Generator().manual_seed(0)
     uncond, cond = torch.randn(2, 7, TEXT_DIM, generator=g), torch.randn(2, 7, TEXT_DIM, generator=g)
     problem = embeddings_problem(uncond, cond, (4, 8, 8), DDIMScheduler(clip_sample=False), guidance_scale=3.0)

@@ -150,6 +150,18 @@ def test_parameters_in_new_storage_are_rebuilt_not_read_stale(warm):
     assert fr.stats.since(before).captures == 1, fr.stats
 
 
+def test_channels_last_unet_under_compile_and_cuda_graphs():
+    """The layout users pick for speed: inductor's own layout choices must not break the blend's operands."""
+    unet = device_unet(torch.float16).to(memory_format=torch.channels_last)
+    cond = device_inputs(torch.float16)
+    expected = trajectory(eager_graphs(unet), cond)
+    fr = compiled(unet)
+    got = trajectory(fr, cond)
+    assert max_rel_error(got, expected) < TOLERANCE[torch.float16]
+    s = fr.stats
+    assert s.cudagraph_fallbacks == 0 and s.recompiles == 0 and s.reuse_replays == s.reuse_calls > 0, s
+
+
 def test_cfg_pipeline_on_the_device(sd_pipe):
     stock = sd_pipe.unet
     sd_pipe.to(DEVICE, torch.float16)

@@ -59,6 +59,22 @@ def test_trajectory_matches_eager_reference(kind, interval, mixing):
     assert fr.stats.reuse_calls > 0 and fr.stats.forced_keyframes == 0
 
 
+@pytest.mark.parametrize("mixing", [True, False])
+def test_channels_last_unet(mixing):
+    """`unet.to(memory_format=torch.channels_last)`, a common diffusers speed-up: caches keep its layout."""
+    unet = make_unet("sd15").to(memory_format=torch.channels_last)
+    cond = unet_inputs("sd15")
+    ref = EagerFRDiff(unet, interval=2, score_mixing=mixing)
+    expected = sample(lambda i, n, x, t: ref.step(i, n, x, t, **cond), scheduler("sd15"), STEPS)
+    ref.remove()
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(score_mixing=mixing))
+    got = sample(optimized_fn(fr, cond), scheduler("sd15"), STEPS)
+    assert max_rel_error(got, expected) < 2e-6 and fr.stats.reuse_calls > 0
+    entry = fr.graph_entries()[0]
+    assert entry.keyframe_out.is_contiguous(memory_format=torch.channels_last)
+    assert all(c.is_contiguous(memory_format=torch.channels_last) for c in entry.caches if c.dim() == 4)
+
+
 def test_paper_counts_at_50_steps():
     unet = make_unet("sd15")
     fr = frdiff_compile.optimize(unet)

@@ -37,6 +37,9 @@ class CachePoint:
     node: str  # name of the graph node whose value is cached
     shape: tuple[int, ...]
     dtype: torch.dtype
+    # The value's strides as traced: a channels_last UNet caches channels_last tensors, and the reuse graph
+    # (and the blend, which takes one layout for both operands) must read them in that layout.
+    stride: tuple[int, ...]
 
     @property
     def nbytes(self) -> int:
@@ -44,6 +47,10 @@ class CachePoint:
         for size in self.shape:
             numel *= size
         return numel * torch.empty((), dtype=self.dtype).element_size()
+
+    def empty(self, device: torch.device | str) -> torch.Tensor:
+        """An uninitialized buffer for this point: its shape, dtype and traced layout, on `device`."""
+        return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=device)
 
 
 def count_nodes(graph: fx.Graph) -> dict[str, int]:
@@ -154,5 +161,5 @@ def plan_cache_points(gm: fx.GraphModule, unet: torch.nn.Module, module_prefix: 
         if not isinstance(val, torch.Tensor):
             skipped.append((name, f"node {found.name} has no tensor metadata"))
             continue
-        points.append(CachePoint(name, kind, found.name, tuple(val.shape), val.dtype))
+        points.append(CachePoint(name, kind, found.name, tuple(val.shape), val.dtype, tuple(val.stride())))
     return Plan(points=tuple(points), skipped=tuple(skipped), node_counts=count_nodes(gm.graph))
