@@ -106,17 +106,29 @@ class FRDiffUNet(torch.nn.Module):
         self.reset()
         logger.info("frdiff_compile.reconfigure: %s", config)
 
-    def _module_fingerprint(self) -> tuple[tuple[int, int], ...]:
-        # Identity and storage address of every parameter: a replaced Parameter (adapters loaded,
-        # load_state_dict(assign=True)) or a swapped `.data` (a "safe" LoRA fuse) would leave compiled and
-        # CUDA graphs reading the old storage. In-place updates keep the address and need no rebuild: the
-        # graphs read parameters where they live. Host metadata only, no device sync.
-        return tuple((id(p), p.data_ptr()) for p in self.unet.parameters())
+    def _module_fingerprint(self) -> tuple:
+        """What the captured graphs bake in from the module, beyond tensor values; host metadata only.
+
+        - Identity and storage address of every parameter: a replaced Parameter (adapters loaded,
+          load_state_dict(assign=True)) or a swapped `.data` (a "safe" LoRA fuse) would leave compiled and
+          CUDA graphs reading the old storage. (The graphs hold the old Parameters, so their ids stay
+          taken.) In-place updates keep the address and need no rebuild: graphs read parameters in place.
+        - The attention processor objects themselves (held here, so a new one can never reuse an old one's
+          id): `set_attn_processor`, attention slicing and IP-Adapter swap them, and capture traced through
+          the old ones.
+        - FreeU's factors on the up blocks (`enable_freeu` / `disable_freeu`), read as Python values when
+          the graph was captured.
+        """
+        params = tuple((id(p), p.data_ptr()) for p in self.unet.parameters())
+        processors = tuple(m.processor for m in self.unet.modules() if hasattr(m, "set_processor"))
+        freeu = tuple(getattr(block, k, None) for block in getattr(self.unet, "up_blocks", ())
+                      for k in ("s1", "s2", "b1", "b2"))
+        return params, processors, freeu
 
     def _start_generation(self, num_steps: int) -> None:
         fingerprint = self._module_fingerprint()
         if fingerprint != self._fingerprint:
-            logger.info("UNet parameters were replaced or moved to new storage (e.g. adapters loaded): rebuilding graphs")
+            logger.info("the UNet's parameters, attention processors or FreeU settings changed: rebuilding graphs")
             self._graphs.clear()
             self._fingerprint = fingerprint
         number = self._generation.number + 1

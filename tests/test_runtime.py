@@ -246,6 +246,28 @@ def test_replaced_parameters_rebuild_and_in_place_updates_are_read_live():
     assert torch.equal(run(), reference()) and fr.stats.captures == 3
 
 
+def test_freeu_and_attention_processor_changes_rebuild():
+    """Settings the capture read as Python values: changing them must rebuild, never replay stale graphs."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet = make_unet("sd15")
+    cond = unet_inputs("sd15")
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=1))  # M=1: exactly the UNet
+    stock = lambda: sample(lambda i, n, x, t: unet(x, t, **cond).sample, scheduler("sd15"), 4)  # noqa: E731
+    run = lambda: sample(optimized_fn(fr, cond), scheduler("sd15"), 4)  # noqa: E731
+    run()
+    unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    with_freeu = stock()
+    assert torch.equal(run(), with_freeu) and fr.stats.captures == 2
+    unet.disable_freeu()
+    without = stock()
+    assert torch.equal(run(), without) and not torch.equal(without, with_freeu) and fr.stats.captures == 3
+    unet.set_attn_processor(AttnProcessor())  # the classic processor instead of SDPA: same math, new objects
+    assert torch.equal(run(), stock()) and fr.stats.captures == 4
+    run()
+    assert fr.stats.captures == 4, "nothing changed: the graphs must be kept"
+
+
 def test_reconfigure_keeps_graphs_for_a_new_schedule_only():
     unet = make_unet("sd15")
     cond = unet_inputs("sd15")
