@@ -58,6 +58,10 @@ class FRDiffUNet(torch.nn.Module):
         self.graph_backend_override: Backend | None = None
         self._pool = SharedPool()
         self._signature = inspect.signature(unet.forward)
+        parameters = self._signature.parameters
+        self._names = tuple(parameters)
+        self._required = frozenset(n for n, p in parameters.items() if p.default is inspect.Parameter.empty)
+        self._plain = all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in parameters.values())
         self._graphs = GraphLRU(config.max_cached_shapes)
         self._tracker = StepTracker()
         self._generation = _Generation(number=0, schedule=None)
@@ -119,11 +123,17 @@ class FRDiffUNet(torch.nn.Module):
         - FreeU's factors on the up blocks (`enable_freeu` / `disable_freeu`), read as Python values when
           the graph was captured.
         """
-        params = tuple((id(p), p.data_ptr()) for p in self.unet.parameters())
-        processors = tuple(m.processor for m in self.unet.modules() if hasattr(m, "set_processor"))
+        # One walk of the module tree (it runs at every generation's start, on the host's critical path):
+        # parameters straight from each module's own table, processors found through a class attribute
+        # (hasattr on a module instance falls into nn.Module.__getattr__, which is slow when it misses).
+        params, processors = [], []
+        for module in self.unet.modules():
+            params.extend((id(p), p.data_ptr()) for p in module._parameters.values() if p is not None)
+            if getattr(type(module), "set_processor", None) is not None:
+                processors.append(module.processor)
         freeu = tuple(getattr(block, k, None) for block in getattr(self.unet, "up_blocks", ())
                       for k in ("s1", "s2", "b1", "b2"))
-        return params, processors, freeu
+        return tuple(params), tuple(processors), freeu
 
     def _start_generation(self, num_steps: int) -> None:
         fingerprint = self._module_fingerprint()
@@ -223,6 +233,18 @@ class FRDiffUNet(torch.nn.Module):
 
     # --- the call -------------------------------------------------------------------------------------
     def _bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The call's arguments by name, as `inspect.Signature.bind` gives them (defaults not filled in).
+
+        Every step runs this on the host, so a signature of plain positional-or-keyword parameters (the
+        UNet's) is bound directly, several times faster than inspect; any other call (unknown or doubled
+        names, missing required ones) goes to inspect, which raises the TypeError it deserves.
+        """
+        if self._plain and len(args) <= len(self._names):
+            arguments = dict(zip(self._names, args))
+            if kwargs.keys().isdisjoint(arguments) and all(k in self._signature.parameters for k in kwargs):
+                arguments.update(kwargs)
+                if self._required <= arguments.keys():
+                    return arguments
         arguments = dict(self._signature.bind(*args, **kwargs).arguments)
         arguments.update(arguments.pop("kwargs", {}))
         return arguments

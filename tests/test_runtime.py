@@ -213,6 +213,22 @@ def test_wrapper_keeps_the_unet_interface():
     assert isinstance(tup, tuple) and len(tup) == 1 and tup[0].shape == x.shape
 
 
+def test_argument_binding_agrees_with_inspect():
+    """The per-step fast path binds exactly what inspect.Signature.bind binds, and leaves errors to it."""
+    import inspect
+
+    fr = frdiff_compile.optimize(make_unet("sdxl"))
+    signature = inspect.signature(fr.unet.forward)
+    x, t, text = torch.randn(2, 4, 8, 8), torch.tensor(3), torch.randn(2, 7, 32)
+    extra = {"added_cond_kwargs": {}, "return_dict": False}
+    for args, kwargs in [((x, t, text), {}), ((x,), {"timestep": t, "encoder_hidden_states": text, **extra}),
+                         ((), {"sample": x, "timestep": t, "encoder_hidden_states": text}), ((x, t, text, None), extra)]:
+        assert fr._bind(args, kwargs) == dict(signature.bind(*args, **kwargs).arguments), (len(args), sorted(kwargs))
+    for args, kwargs in [((x, t), {}), ((x, t, text), {"sample": x}), ((x, t, text), {"bogus": 1}), ((x,) * 20, {})]:
+        with pytest.raises(TypeError):
+            fr._bind(args, kwargs)
+
+
 def test_graph_pairs_are_bounded_and_rebuilt_after_to():
     unet = make_unet("sd15")
     fr = frdiff_compile.optimize(unet, FRDiffConfig(max_cached_shapes=2))
