@@ -39,6 +39,13 @@ _UNTRACKED = (
 )
 
 
+def _adapter_state(layer: torch.nn.Module) -> tuple:
+    """What a PEFT adapter layer's forward reads as Python values (peft is not imported: duck-typed)."""
+    scaling = layer.__dict__.get("scaling")
+    scales = tuple(sorted(scaling.items())) if isinstance(scaling, dict) else None
+    return scales, tuple(layer.active_adapters), bool(layer.disable_adapters), tuple(layer.merged_adapters)
+
+
 @dataclasses.dataclass
 class _Generation:
     number: int
@@ -122,23 +129,29 @@ class FRDiffUNet(torch.nn.Module):
           the old ones.
         - FreeU's factors on the up blocks (`enable_freeu` / `disable_freeu`), read as Python values when
           the graph was captured.
+        - Every PEFT adapter layer's state (LoRA scales, active, disabled and merged adapters), which
+          `set_adapters`, `disable_adapters`, `fuse_lora` and the like change without touching a tensor.
         """
         # One walk of the module tree (it runs at every generation's start, on the host's critical path):
         # parameters straight from each module's own table, processors found through a class attribute
         # (hasattr on a module instance falls into nn.Module.__getattr__, which is slow when it misses).
-        params, processors = [], []
+        params, processors, adapters = [], [], []
         for module in self.unet.modules():
             params.extend((id(p), p.data_ptr()) for p in module._parameters.values() if p is not None)
-            if getattr(type(module), "set_processor", None) is not None:
+            kind = type(module)
+            if getattr(kind, "set_processor", None) is not None:
                 processors.append(module.processor)
+            if getattr(kind, "adapter_layer_names", None) is not None:  # peft's BaseTunerLayer, duck-typed
+                adapters.append(_adapter_state(module))
         freeu = tuple(getattr(block, k, None) for block in getattr(self.unet, "up_blocks", ())
                       for k in ("s1", "s2", "b1", "b2"))
-        return tuple(params), tuple(processors), freeu
+        return tuple(params), tuple(processors), tuple(adapters), freeu
 
     def _start_generation(self, num_steps: int) -> None:
         fingerprint = self._module_fingerprint()
         if fingerprint != self._fingerprint:
-            logger.info("the UNet's parameters, attention processors or FreeU settings changed: rebuilding graphs")
+            logger.info("the UNet's parameters, attention processors, adapters or FreeU settings changed: "
+                        "rebuilding graphs")
             self._graphs.clear()
             self._fingerprint = fingerprint
         number = self._generation.number + 1

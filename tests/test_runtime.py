@@ -284,6 +284,26 @@ def test_freeu_and_attention_processor_changes_rebuild():
     assert fr.stats.captures == 4, "nothing changed: the graphs must be kept"
 
 
+def test_lora_adapter_changes_rebuild():
+    """PEFT LoRA (diffusers' add_adapter / set_adapters): scales and switches are Python state the capture read."""
+    from peft import LoraConfig
+
+    unet = make_unet("sd15")
+    cond = unet_inputs("sd15")
+    lora = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+    unet.add_adapter(lora, adapter_name="style")
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=1))  # M=1: exactly the UNet
+    stock = lambda: sample(lambda i, n, x, t: unet(x, t, **cond).sample, scheduler("sd15"), 4)  # noqa: E731
+    run = lambda: sample(optimized_fn(fr, cond), scheduler("sd15"), 4)  # noqa: E731
+    outputs = [run()]
+    assert torch.equal(outputs[0], stock())
+    for change in (lambda: unet.set_adapters(["style"], [0.3]), unet.disable_adapters, unet.enable_adapters):
+        change()
+        outputs.append(run())
+        assert torch.equal(outputs[-1], stock())
+    assert fr.stats.captures == 4 and not torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[1], outputs[2])
+
+
 def test_reconfigure_keeps_graphs_for_a_new_schedule_only():
     unet = make_unet("sd15")
     cond = unet_inputs("sd15")
