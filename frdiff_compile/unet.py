@@ -39,6 +39,22 @@ _UNTRACKED = (
 )
 
 
+def _plain(value: object) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    return isinstance(value, (list, tuple)) and all(_plain(v) for v in value)
+
+
+def _frozen(value: object) -> object:
+    # A snapshot: a list kept by reference would change along with the processor's (scale[0] = 0.5).
+    return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _plain_values(obj: object) -> tuple:
+    """The numbers, strings and flags (and lists of them) an object keeps, e.g. an IP-Adapter's `scale`."""
+    return tuple(sorted((k, _frozen(v)) for k, v in getattr(obj, "__dict__", {}).items() if _plain(v)))
+
+
 def _adapter_state(layer: torch.nn.Module) -> tuple:
     """What a PEFT adapter layer's forward reads as Python values (peft is not imported: duck-typed)."""
     scaling = layer.__dict__.get("scaling")
@@ -125,8 +141,8 @@ class FRDiffUNet(torch.nn.Module):
           CUDA graphs reading the old storage. (The graphs hold the old Parameters, so their ids stay
           taken.) In-place updates keep the address and need no rebuild: graphs read parameters in place.
         - The attention processor objects themselves (held here, so a new one can never reuse an old one's
-          id): `set_attn_processor`, attention slicing and IP-Adapter swap them, and capture traced through
-          the old ones.
+          id) and the plain Python values they keep: `set_attn_processor`, attention slicing and IP-Adapter
+          swap them, `set_ip_adapter_scale` changes their `scale`, and capture traced through the old ones.
         - FreeU's factors on the up blocks (`enable_freeu` / `disable_freeu`), read as Python values when
           the graph was captured.
         - Every PEFT adapter layer's state (LoRA scales, active, disabled and merged adapters), which
@@ -140,7 +156,7 @@ class FRDiffUNet(torch.nn.Module):
             params.extend((id(p), p.data_ptr()) for p in module._parameters.values() if p is not None)
             kind = type(module)
             if getattr(kind, "set_processor", None) is not None:
-                processors.append(module.processor)
+                processors.append((module.processor, _plain_values(module.processor)))
             if getattr(kind, "adapter_layer_names", None) is not None:  # peft's BaseTunerLayer, duck-typed
                 adapters.append(_adapter_state(module))
         freeu = tuple(getattr(block, k, None) for block in getattr(self.unet, "up_blocks", ())

@@ -283,6 +283,19 @@ def test_freeu_and_attention_processor_changes_rebuild():
     run()
     assert fr.stats.captures == 4, "nothing changed: the graphs must be kept"
 
+    class Scaled(AttnProcessor):  # keeps a Python value its forward reads, as IP-Adapter's `scale`
+        def __init__(self):
+            self.scale = [1.0]
+
+        def __call__(self, *args, **kwargs):
+            return super().__call__(*args, **kwargs) * self.scale[0]
+
+    unet.set_attn_processor(Scaled())
+    assert torch.equal(run(), stock()) and fr.stats.captures == 5
+    for processor in unet.attn_processors.values():
+        processor.scale[0] = 0.5  # in place, as set_ip_adapter_scale assigns a new list: both must rebuild
+    assert torch.equal(run(), stock()) and fr.stats.captures == 6
+
 
 def test_lora_adapter_changes_rebuild():
     """PEFT LoRA (diffusers' add_adapter / set_adapters): scales and switches are Python state the capture read."""
