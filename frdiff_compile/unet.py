@@ -6,7 +6,8 @@ Invariants:
 - Every per-step decision (keyframe, reuse or skip; the blend weight) is made here on the host from the
   step position (`steps.StepTracker`) and the generation's `Schedule`; graphs only ever see tensors.
 - A generation never reads a cache its own keyframe did not write (`GraphEntry.written_generation`); a new
-  signature, a new generation or a module change (`.to()`, new parameters) forces a keyframe or a rebuild.
+  signature, a new generation or a module change (`.to()`, or anything `module_state.module_fingerprint`
+  sees: parameters, attention processors, adapters, FreeU) forces a keyframe or a rebuild.
 - Calls the graphs cannot serve run the eager UNet for the rest of that generation, with one warning that
   names the argument; nothing is silently approximated outside the method.
 """
@@ -25,6 +26,7 @@ import torch
 from .config import FRDiffConfig
 from .cudagraphs import Backend, SharedPool
 from .graph_cache import GraphEntry, GraphLRU, RuntimeStats
+from .module_state import module_fingerprint
 from .passes import CallLayout, build_graphs, capture, plan_cache_points
 from .passes.capture import UnsupportedCall
 from .policy import check_policy_fingerprint
@@ -37,29 +39,6 @@ _UNTRACKED = (
     "the step index cannot be told from this timestep (not a view of scheduler.timesteps); "
     "call unet.reset(num_inference_steps=N) before the denoising loop"
 )
-
-
-def _plain(value: object) -> bool:
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return True
-    return isinstance(value, (list, tuple)) and all(_plain(v) for v in value)
-
-
-def _frozen(value: object) -> object:
-    # A snapshot: a list kept by reference would change along with the processor's (scale[0] = 0.5).
-    return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def _plain_values(obj: object) -> tuple:
-    """The numbers, strings and flags (and lists of them) an object keeps, e.g. an IP-Adapter's `scale`."""
-    return tuple(sorted((k, _frozen(v)) for k, v in getattr(obj, "__dict__", {}).items() if _plain(v)))
-
-
-def _adapter_state(layer: torch.nn.Module) -> tuple:
-    """What a PEFT adapter layer's forward reads as Python values (peft is not imported: duck-typed)."""
-    scaling = layer.__dict__.get("scaling")
-    scales = tuple(sorted(scaling.items())) if isinstance(scaling, dict) else None
-    return scales, tuple(layer.active_adapters), bool(layer.disable_adapters), tuple(layer.merged_adapters)
 
 
 @dataclasses.dataclass
@@ -88,7 +67,7 @@ class FRDiffUNet(torch.nn.Module):
         self._graphs = GraphLRU(config.max_cached_shapes)
         self._tracker = StepTracker()
         self._generation = _Generation(number=0, schedule=None)
-        self._fingerprint = self._module_fingerprint()
+        self._fingerprint = module_fingerprint(self.unet)
 
     # --- attribute forwarding -------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -133,38 +112,8 @@ class FRDiffUNet(torch.nn.Module):
         self.reset()
         logger.info("frdiff_compile.reconfigure: %s", config)
 
-    def _module_fingerprint(self) -> tuple:
-        """What the captured graphs bake in from the module, beyond tensor values; host metadata only.
-
-        - Identity and storage address of every parameter: a replaced Parameter (adapters loaded,
-          load_state_dict(assign=True)) or a swapped `.data` (a "safe" LoRA fuse) would leave compiled and
-          CUDA graphs reading the old storage. (The graphs hold the old Parameters, so their ids stay
-          taken.) In-place updates keep the address and need no rebuild: graphs read parameters in place.
-        - The attention processor objects themselves (held here, so a new one can never reuse an old one's
-          id) and the plain Python values they keep: `set_attn_processor`, attention slicing and IP-Adapter
-          swap them, `set_ip_adapter_scale` changes their `scale`, and capture traced through the old ones.
-        - FreeU's factors on the up blocks (`enable_freeu` / `disable_freeu`), read as Python values when
-          the graph was captured.
-        - Every PEFT adapter layer's state (LoRA scales, active, disabled and merged adapters), which
-          `set_adapters`, `disable_adapters`, `fuse_lora` and the like change without touching a tensor.
-        """
-        # One walk of the module tree (it runs at every generation's start, on the host's critical path):
-        # parameters straight from each module's own table, processors found through a class attribute
-        # (hasattr on a module instance falls into nn.Module.__getattr__, which is slow when it misses).
-        params, processors, adapters = [], [], []
-        for module in self.unet.modules():
-            params.extend((id(p), p.data_ptr()) for p in module._parameters.values() if p is not None)
-            kind = type(module)
-            if getattr(kind, "set_processor", None) is not None:
-                processors.append((module.processor, _plain_values(module.processor)))
-            if getattr(kind, "adapter_layer_names", None) is not None:  # peft's BaseTunerLayer, duck-typed
-                adapters.append(_adapter_state(module))
-        freeu = tuple(getattr(block, k, None) for block in getattr(self.unet, "up_blocks", ())
-                      for k in ("s1", "s2", "b1", "b2"))
-        return tuple(params), tuple(processors), tuple(adapters), freeu
-
     def _start_generation(self, num_steps: int) -> None:
-        fingerprint = self._module_fingerprint()
+        fingerprint = module_fingerprint(self.unet)
         if fingerprint != self._fingerprint:
             logger.info("the UNet's parameters, attention processors, adapters or FreeU settings changed: "
                         "rebuilding graphs")

@@ -1,0 +1,68 @@
+"""What the captured graphs bake in from a UNet beyond its tensor values, as one comparable fingerprint.
+
+`FRDiffUNet` takes `module_fingerprint(unet)` at every generation's start and rebuilds its graphs when it
+differs from the one they were built under, so no graph replays module state that has since changed.
+
+Invariants:
+- Host metadata only: identities, storage addresses and plain Python values; no tensor value is read, so
+  taking it never syncs a device.
+- Anything held by reference is either kept alive by the fingerprint itself (processor objects) or by the
+  graphs (parameters), so an id can never be reused by a new object while it is compared against.
+- What it covers:
+    - Identity and storage address of every parameter: a replaced Parameter (adapters loaded,
+      load_state_dict(assign=True)) or a swapped `.data` (a "safe" LoRA fuse) would leave compiled and
+      CUDA graphs reading the old storage. (The graphs hold the old Parameters, so their ids stay
+      taken.) In-place updates keep the address and need no rebuild: graphs read parameters in place.
+    - The attention processor objects themselves (held here, so a new one can never reuse an old one's
+      id) and the plain Python values they keep: `set_attn_processor`, attention slicing and IP-Adapter
+      swap them, `set_ip_adapter_scale` changes their `scale`, and capture traced through the old ones.
+    - FreeU's factors on the up blocks (`enable_freeu` / `disable_freeu`), read as Python values when
+      the graph was captured.
+    - Every PEFT adapter layer's state (LoRA scales, active, disabled and merged adapters), which
+      `set_adapters`, `disable_adapters`, `fuse_lora` and the like change without touching a tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _plain(value: object) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    return isinstance(value, (list, tuple)) and all(_plain(v) for v in value)
+
+
+def _frozen(value: object) -> object:
+    # A snapshot: a list kept by reference would change along with the processor's (scale[0] = 0.5).
+    return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _plain_values(obj: object) -> tuple:
+    """The numbers, strings and flags (and lists of them) an object keeps, e.g. an IP-Adapter's `scale`."""
+    return tuple(sorted((k, _frozen(v)) for k, v in getattr(obj, "__dict__", {}).items() if _plain(v)))
+
+
+def _adapter_state(layer: torch.nn.Module) -> tuple:
+    """What a PEFT adapter layer's forward reads as Python values (peft is not imported: duck-typed)."""
+    scaling = layer.__dict__.get("scaling")
+    scales = tuple(sorted(scaling.items())) if isinstance(scaling, dict) else None
+    return scales, tuple(layer.active_adapters), bool(layer.disable_adapters), tuple(layer.merged_adapters)
+
+
+def module_fingerprint(unet: torch.nn.Module) -> tuple:
+    """The fingerprint of `unet`'s graph-relevant state; compare two with `==`."""
+    # One walk of the module tree (it runs at every generation's start, on the host's critical path):
+    # parameters straight from each module's own table, processors found through a class attribute
+    # (hasattr on a module instance falls into nn.Module.__getattr__, which is slow when it misses).
+    params, processors, adapters = [], [], []
+    for module in unet.modules():
+        params.extend((id(p), p.data_ptr()) for p in module._parameters.values() if p is not None)
+        kind = type(module)
+        if getattr(kind, "set_processor", None) is not None:
+            processors.append((module.processor, _plain_values(module.processor)))
+        if getattr(kind, "adapter_layer_names", None) is not None:  # peft's BaseTunerLayer, duck-typed
+            adapters.append(_adapter_state(module))
+    freeu = tuple(getattr(block, k, None) for block in getattr(unet, "up_blocks", ())
+                  for k in ("s1", "s2", "b1", "b2"))
+    return tuple(params), tuple(processors), tuple(adapters), freeu
