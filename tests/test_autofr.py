@@ -33,7 +33,10 @@ def test_search_returns_a_valid_mask_and_the_regulariser_works(digits):
     assert all(p.requires_grad for p in unet.parameters()), "search must restore the UNet's requires_grad flags"
 
 
-def test_target_keyframes_is_met_exactly_and_never_loses_to_uniform_on_validation(digits):
+def test_target_keyframes_is_met_exactly_and_never_loses_to_uniform_on_validation(digits, monkeypatch):
+    # The search's logic, on the blend's torch reference: the interpreted Triton kernel costs minutes
+    # here, and the other searches in this file run it.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     unet, embedding = digits
     result = search(unet, digits_problem(embedding, batch=2), STEPS, iterations=3, target_keyframes=3,
                     validation_draws=2, progress=False)
@@ -104,8 +107,10 @@ def test_search_on_text_embeddings_of_a_tiny_sd_unet(memory_format):
     assert result.policy.num_keyframes == 2 and result.policy.unet_fingerprint == unet_fingerprint(unet)
 
 
-def test_tune_command_writes_a_policy(tmp_path, capsys):
+def test_tune_command_writes_a_policy(tmp_path, capsys, monkeypatch):
     from frdiff_compile.cli import main
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the command, on the blend's torch reference
 
     out = tmp_path / "policy.json"
     assert main(["tune", "--steps", "4", "--iterations", "2", "--target-keyframes", "2", "--out", str(out)]) == 0

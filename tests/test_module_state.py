@@ -1,0 +1,84 @@
+"""Module state the captured graphs bake in: changing it after a capture must rebuild, never replay stale graphs.
+
+What `frdiff_compile/module_state.py` fingerprints, each through the public path users take: parameters
+replaced or moved to new storage, FreeU, attention processors and their Python values, PEFT LoRA adapters.
+"""
+
+import torch
+from conftest import make_unet, unet_inputs
+from test_runtime import optimized_fn, sample, scheduler
+
+import frdiff_compile
+from frdiff_compile import FRDiffConfig
+
+
+def test_replaced_parameters_rebuild_and_in_place_updates_are_read_live():
+    unet = make_unet("sd15")
+    cond = unet_inputs("sd15")
+    fr = frdiff_compile.optimize(unet)
+    run = lambda: sample(optimized_fn(fr, cond), scheduler("sd15"), 6)  # noqa: E731
+    reference = lambda: sample(optimized_fn(frdiff_compile.optimize(unet), cond), scheduler("sd15"), 6)  # noqa: E731
+    run()
+    conv = unet.down_blocks[0].resnets[0].conv1
+    with torch.no_grad():
+        conv.weight.mul_(1.5)  # in place (a plain LoRA fuse): same storage, the graphs read it
+    assert torch.equal(run(), reference()) and fr.stats.captures == 1
+    conv.weight.data = conv.weight.data * 0.5  # new storage behind the same Parameter (a "safe" fuse)
+    assert torch.equal(run(), reference()) and fr.stats.captures == 2
+    conv.weight = torch.nn.Parameter(conv.weight.detach() + 0.01)  # a new Parameter (adapters loaded)
+    assert torch.equal(run(), reference()) and fr.stats.captures == 3
+
+
+def test_freeu_and_attention_processor_changes_rebuild():
+    """Settings the capture read as Python values: changing them must rebuild, never replay stale graphs."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet = make_unet("sd15")
+    cond = unet_inputs("sd15")
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=1))  # M=1: exactly the UNet
+    stock = lambda: sample(lambda i, n, x, t: unet(x, t, **cond).sample, scheduler("sd15"), 4)  # noqa: E731
+    run = lambda: sample(optimized_fn(fr, cond), scheduler("sd15"), 4)  # noqa: E731
+    run()
+    unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    with_freeu = stock()
+    assert torch.equal(run(), with_freeu) and fr.stats.captures == 2
+    unet.disable_freeu()
+    without = stock()
+    assert torch.equal(run(), without) and not torch.equal(without, with_freeu) and fr.stats.captures == 3
+    unet.set_attn_processor(AttnProcessor())  # the classic processor instead of SDPA: same math, new objects
+    assert torch.equal(run(), stock()) and fr.stats.captures == 4
+    run()
+    assert fr.stats.captures == 4, "nothing changed: the graphs must be kept"
+
+    class Scaled(AttnProcessor):  # keeps a Python value its forward reads, as IP-Adapter's `scale`
+        def __init__(self):
+            self.scale = [1.0]
+
+        def __call__(self, *args, **kwargs):
+            return super().__call__(*args, **kwargs) * self.scale[0]
+
+    unet.set_attn_processor(Scaled())
+    assert torch.equal(run(), stock()) and fr.stats.captures == 5
+    for processor in unet.attn_processors.values():
+        processor.scale[0] = 0.5  # in place: harder to see than the new list set_ip_adapter_scale assigns
+    assert torch.equal(run(), stock()) and fr.stats.captures == 6
+
+
+def test_lora_adapter_changes_rebuild():
+    """PEFT LoRA (diffusers' add_adapter / set_adapters): scales and switches are Python state the capture read."""
+    from peft import LoraConfig
+
+    unet = make_unet("sd15")
+    cond = unet_inputs("sd15")
+    lora = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+    unet.add_adapter(lora, adapter_name="style")
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=1))  # M=1: exactly the UNet
+    stock = lambda: sample(lambda i, n, x, t: unet(x, t, **cond).sample, scheduler("sd15"), 4)  # noqa: E731
+    run = lambda: sample(optimized_fn(fr, cond), scheduler("sd15"), 4)  # noqa: E731
+    outputs = [run()]
+    assert torch.equal(outputs[0], stock())
+    for change in (lambda: unet.set_adapters(["style"], [0.3]), unet.disable_adapters, unet.enable_adapters):
+        change()
+        outputs.append(run())
+        assert torch.equal(outputs[-1], stock())
+    assert fr.stats.captures == 4 and not torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[1], outputs[2])
