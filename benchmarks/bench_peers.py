@@ -11,7 +11,8 @@ eager diffusers (SDPA attention); "compiled-static": torch.compile of the stock 
 replayed as one CUDA graph by the same StaticGraph capture that frdiff_compile uses, the strongest stock
 baseline and the one the targets name; DeepCache (the pip package) at cache interval 3, branch 0;
 frdiff_compile M=2 and M=3 with score mixing (compiled, CUDA graphs; M=3 runs M=2's graphs under a new
-schedule, `FRDiffUNet.reconfigure`, so it compiles nothing); frdiff_compile M=2 compiled without CUDA graphs. Also available, not run by default: "compiled", torch.compile in "reduce-overhead" mode
+schedule, `FRDiffUNet.reconfigure`, so it compiles nothing); frdiff_compile M=2 compiled without CUDA
+graphs. Also available, not run by default: "compiled", torch.compile in "reduce-overhead" mode
 (inductor's own CUDA graphs; on the first H100 run it took 10.7 ms a step where our captured keyframe graph,
 which does more, took 7.7, so it is not the strongest baseline). Each provider runs one untimed loop
 (compilation, capture) and then --loops timed loops (CUDA events, median).
@@ -168,7 +169,8 @@ def main() -> None:
             if device.type == "cuda":
                 row["peak_extra_MiB"] = (torch.cuda.max_memory_allocated() - before) / 2**20
             if name.startswith("frdiff"):
-                describe_frdiff(row, model, stats_before, runtimes.get("frdiff-m2"), scheduler, latents, call, args.steps, device)
+                describe_frdiff(row, model, stats_before, runtimes.get("frdiff-m2"), scheduler, latents, call,
+                                args.steps, device)
             if name == "frdiff-m2" and not args.dry_run:
                 # Where the first (cold) compile's time went, phase by phase, for the log.
                 print(torch._dynamo.utils.compile_times(repr="str", aggregate=True), flush=True)
@@ -196,7 +198,8 @@ def speedups(rows: list[dict]) -> None:
                 row[f"vs_{other.replace('-', '_')}"] = base[other] / row["loop_ms"]
 
 
-def describe_frdiff(row: dict, fr, before, m2_runtime, scheduler, latents, call, steps: int, device: torch.device) -> None:
+def describe_frdiff(row: dict, fr, before, m2_runtime, scheduler, latents, call, steps: int,
+                    device: torch.device) -> None:
     """Per-call times of the graphs the loop used, and the cost model they predict for the loop.
 
     Counters are this provider's own (since `before`), also when it runs graphs another provider built.

@@ -91,7 +91,8 @@ def test_refused_policies(tmp_path, digits):
         KeyframePolicy.load(tmp_path / "absent.json")
 
 
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["contiguous", "channels_last"])
 def test_search_on_text_embeddings_of_a_tiny_sd_unet(memory_format):
     from conftest import TEXT_DIM
     from diffusers import DDIMScheduler

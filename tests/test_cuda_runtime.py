@@ -88,7 +88,8 @@ def warm():
 def assert_nothing_new(fr, before):
     """Since `before`: no compile, no capture, no fallback, and every graph call a replay."""
     new = fr.stats.since(before)
-    assert (new.compiles, new.recompiles, new.captures, new.cudagraph_captures, new.cudagraph_fallbacks) == (0,) * 5, new
+    changes = (new.compiles, new.recompiles, new.captures, new.cudagraph_captures, new.cudagraph_fallbacks)
+    assert changes == (0,) * 5, new
     assert (new.full_replays, new.reuse_replays) == (new.full_calls, new.reuse_calls), new
 
 

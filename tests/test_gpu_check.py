@@ -64,7 +64,8 @@ def test_summary_judges_the_newest_run_against_the_targets(tmp_path):
 def test_bench_peers_dry_run_measures_every_requested_provider(tmp_path):
     out = tmp_path / "peers.csv"
     result = subprocess.run(
-        [sys.executable, str(BENCH / "bench_peers.py"), "--dry-run", "--providers", "eager,compiled-static,frdiff-m2,frdiff-m3",
+        [sys.executable, str(BENCH / "bench_peers.py"), "--dry-run",
+         "--providers", "eager,compiled-static,frdiff-m2,frdiff-m3",
          "--csv", str(out)],
         capture_output=True, text=True, timeout=600,
     )

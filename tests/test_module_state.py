@@ -81,4 +81,5 @@ def test_lora_adapter_changes_rebuild():
         change()
         outputs.append(run())
         assert torch.equal(outputs[-1], stock())
-    assert fr.stats.captures == 4 and not torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[1], outputs[2])
+    assert fr.stats.captures == 4
+    assert not torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[1], outputs[2])

@@ -221,8 +221,9 @@ def test_argument_binding_agrees_with_inspect():
     signature = inspect.signature(fr.unet.forward)
     x, t, text = torch.randn(2, 4, 8, 8), torch.tensor(3), torch.randn(2, 7, 32)
     extra = {"added_cond_kwargs": {}, "return_dict": False}
-    for args, kwargs in [((x, t, text), {}), ((x,), {"timestep": t, "encoder_hidden_states": text, **extra}),
-                         ((), {"sample": x, "timestep": t, "encoder_hidden_states": text}), ((x, t, text, None), extra)]:
+    calls = [((x, t, text), {}), ((x,), {"timestep": t, "encoder_hidden_states": text, **extra}),
+             ((), {"sample": x, "timestep": t, "encoder_hidden_states": text}), ((x, t, text, None), extra)]
+    for args, kwargs in calls:
         assert fr._bind(args, kwargs) == dict(signature.bind(*args, **kwargs).arguments), (len(args), sorted(kwargs))
     for args, kwargs in [((x, t), {}), ((x, t, text), {"sample": x}), ((x, t, text), {"bogus": 1}), ((x,) * 20, {})]:
         with pytest.raises(TypeError):
