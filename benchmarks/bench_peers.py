@@ -169,8 +169,9 @@ def main() -> None:
             if device.type == "cuda":
                 row["peak_extra_MiB"] = (torch.cuda.max_memory_allocated() - before) / 2**20
             if name.startswith("frdiff"):
-                describe_frdiff(row, model, stats_before, runtimes.get("frdiff-m2"), scheduler, latents, call,
-                                args.steps, device)
+                # A provider without a runtime of its own runs another's graphs (frdiff-m3 on frdiff-m2's).
+                describe_frdiff(row, model, stats_before, runtimes.get(name) is not model, scheduler, latents,
+                                call, args.steps, device)
             if name == "frdiff-m2" and not args.dry_run:
                 # Where the first (cold) compile's time went, phase by phase, for the log.
                 print(torch._dynamo.utils.compile_times(repr="str", aggregate=True), flush=True)
@@ -198,7 +199,7 @@ def speedups(rows: list[dict]) -> None:
                 row[f"vs_{other.replace('-', '_')}"] = base[other] / row["loop_ms"]
 
 
-def describe_frdiff(row: dict, fr, before, m2_runtime, scheduler, latents, call, steps: int,
+def describe_frdiff(row: dict, fr, before, shared: bool, scheduler, latents, call, steps: int,
                     device: torch.device) -> None:
     """Per-call times of the graphs the loop used, and the cost model they predict for the loop.
 
@@ -214,12 +215,12 @@ def describe_frdiff(row: dict, fr, before, m2_runtime, scheduler, latents, call,
     # itself gains, separate from compilation and CUDA graphs.
     all_keyframes = loop_model_ms({"full": steps, "reuse": 0, "skip": 0}, ms, steps)
     stats = fr.stats.since(before)
-    shared = "graphs of frdiff-m2 (reconfigure); " if row["provider"] != "frdiff-m2" and fr is m2_runtime else ""
+    prefix = "graphs of frdiff-m2 (reconfigure); " if shared else ""
     row.update({
         "keyframe_ms": ms["keyframe"], "reuse_ms": ms["reuse"], "model_ms": model,
         "measured_over_model": row["loop_ms"] / model, "vs_all_keyframes": all_keyframes / row["loop_ms"],
         "compile_s": stats.compile_seconds,
-        "note": f"{shared}{counts['full']}/{counts['reuse']}/{counts['skip']} full/reuse/skip; compile "
+        "note": f"{prefix}{counts['full']}/{counts['reuse']}/{counts['skip']} full/reuse/skip; compile "
                 f"{stats.compile_seconds:.0f} s ({stats.compiles} graphs, {stats.recompiles} recompiles); "
                 f"graph captures {stats.cudagraph_captures}, replays {stats.full_replays}+{stats.reuse_replays}, "
                 f"fallbacks {stats.cudagraph_fallbacks}",

@@ -21,7 +21,7 @@
 # Seen on an H100 (2026-11-26): the machine's start about 30 s; 8 of the then 9 GPU tests in about 190 s
 # (mostly inductor compiling tiny UNets); bench_blend 49 s (before it timed graph replays); bench_peers
 # 226 s. A full check was then about 10 minutes of a 15-minute lease. Since then the GPU tests build one
-# compiled runtime per dtype and switch schedules with reconfigure (about 6 graph pairs compiled, not 18),
+# compiled runtime per dtype and switch schedules with reconfigure (8 graph pairs compiled, not 18),
 # and bench_peers' M=3 runs M=2's graphs; the time this saves has not been measured on a GPU.
 set -uo pipefail
 DRY=0

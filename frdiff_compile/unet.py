@@ -219,7 +219,7 @@ class FRDiffUNet(torch.nn.Module):
         """
         if self._plain and len(args) <= len(self._names):
             arguments = dict(zip(self._names, args))
-            if kwargs.keys().isdisjoint(arguments) and all(k in self._signature.parameters for k in kwargs):
+            if kwargs.keys().isdisjoint(arguments) and kwargs.keys() <= self._signature.parameters.keys():
                 arguments.update(kwargs)
                 if self._required <= arguments.keys():
                     return arguments

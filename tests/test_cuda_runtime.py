@@ -49,6 +49,12 @@ def compiled(unet, **config):
     return fr
 
 
+def use_schedule(fr, keyframe_interval=2, score_mixing=True):
+    """Switch a shared runtime's schedule, keeping its compile and CUDA-graph settings (and its graphs)."""
+    fr.reconfigure(dataclasses.replace(fr.frdiff_config, keyframe_interval=keyframe_interval,
+                                       score_mixing=score_mixing))
+
+
 def eager_graphs(unet, **config):
     return frdiff_compile.optimize(unet, FRDiffConfig(compile=False, cuda_graphs=False, **config))
 
@@ -101,7 +107,7 @@ def test_cuda_graph_trajectories_match_the_eager_graphs(warm, dtype, interval, m
     unet, cond, fr = warm(dtype)
     schedule = {"keyframe_interval": interval, "score_mixing": mixing}
     expected = trajectory(eager_graphs(unet, **schedule), cond)
-    fr.reconfigure(dataclasses.replace(fr.frdiff_config, **schedule))
+    use_schedule(fr, **schedule)
     before = copy.copy(fr.stats)
     got = trajectory(fr, cond)
     err = max_rel_error(got, expected)
@@ -112,7 +118,7 @@ def test_cuda_graph_trajectories_match_the_eager_graphs(warm, dtype, interval, m
 
 def test_fifty_steps_without_recompiles_and_outputs_never_overwritten(warm):
     _, cond, fr = warm(torch.float16)
-    fr.reconfigure(dataclasses.replace(fr.frdiff_config, keyframe_interval=2, score_mixing=True))
+    use_schedule(fr)
     before = copy.copy(fr.stats)
     kept = []
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -126,7 +132,7 @@ def test_fifty_steps_without_recompiles_and_outputs_never_overwritten(warm):
 
 def test_second_generation_at_another_resolution_and_batch(warm):
     unet, _, fr = warm(torch.float16)  # built for batch 2 at 8x8 latents
-    fr.reconfigure(dataclasses.replace(fr.frdiff_config, keyframe_interval=2, score_mixing=True))
+    use_schedule(fr)
     before = copy.copy(fr.stats)
     cond = device_inputs(torch.float16, batch=4)
     got = trajectory(fr, cond, batch=4, size=16)
@@ -140,7 +146,7 @@ def test_second_generation_at_another_resolution_and_batch(warm):
 def test_parameters_in_new_storage_are_rebuilt_not_read_stale(warm):
     """A captured graph reads parameters at fixed addresses: new storage (a "safe" LoRA fuse) must rebuild."""
     unet, cond, fr = warm(torch.float32)
-    fr.reconfigure(dataclasses.replace(fr.frdiff_config, keyframe_interval=2, score_mixing=True))
+    use_schedule(fr)
     trajectory(fr, cond)
     conv = unet.down_blocks[0].resnets[0].conv1
     conv.weight.data = conv.weight.data * 0.5  # the old storage is freed and may be reused by anything
