@@ -9,6 +9,9 @@ Invariants:
 - What a step hands back is always a fresh tensor: the graphs' outputs are new (a CUDA-graph replay's
   static output is cloned), and a skip step returns a clone of the keyframe output, never the buffer the
   next keyframe overwrites.
+- The graphs are inference graphs: they run under `torch.no_grad()` whatever the caller's grad mode, so a
+  loop that forgot `no_grad` neither compiles training graphs nor chains autograd history from one step
+  to the next through the cache buffers, and no CUDA graph captures autograd state.
 - With CUDA graphs, the keyframe and reuse graphs of an entry are captured lazily at their first use and
   share the runtime's memory pool; a capture failure turns CUDA graphs off for that entry only, with one
   warning and a `cudagraph_fallbacks` count, and the step still runs.
@@ -150,6 +153,7 @@ class GraphEntry:
         self.stats.cudagraph_captures += fresh
         return out
 
+    @torch.no_grad()
     def run_full(self, tensors: list[torch.Tensor], generation: int) -> torch.Tensor:
         out = self._replay(self.static_keyframe, tensors) if self.static_keyframe else None
         if out is None:
@@ -159,6 +163,7 @@ class GraphEntry:
         self.written_generation = generation
         return out
 
+    @torch.no_grad()
     def run_reuse(self, tensors: list[torch.Tensor], weight: float) -> torch.Tensor:
         self.weight.fill_(weight)  # in place: same tensor every step, so no recompile, no sync, and replays see it
         out = self._replay(self.static_reuse, tensors) if self.static_reuse else None

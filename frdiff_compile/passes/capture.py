@@ -3,7 +3,9 @@
 Invariants:
 - `CallLayout.from_call` flattens a call's tensor inputs in the UNet's own argument order; the layout's
   `signature` is hashable and changes whenever a captured graph could not be reused (shape, dtype, device,
-  memory format of any tensor, which optional inputs are present, any constant argument).
+  memory format of any tensor, which optional inputs are present, any constant argument, and whether
+  autocast is on for the inputs' device, and to which dtype: diffusers code reads dtypes that autocast
+  changes, such as `hidden_states.to(query.dtype)`, so a graph traced under autocast bakes in its casts).
 - `capture` exports with `strict=False` (diffusers' UNet has shape-dependent Python that `symbolic_trace`
   cannot follow) and then normalizes: the pytree calling convention becomes plain positional tensors in
   and one tensor out, export's guard call and metadata assertions are dropped, and eval-mode dropout
@@ -96,10 +98,11 @@ class CallLayout:
     """The structure of one UNet call: which arguments, their nesting, tensor metadata and constants."""
 
     structure: tuple  # ((name, flattened structure), ...) in GRAPH_ARGUMENTS order
+    autocast: torch.dtype | None = None  # the autocast dtype for the inputs' device when the call was made
 
     @property
     def signature(self) -> tuple:
-        return self.structure
+        return (self.structure, self.autocast)
 
     @classmethod
     def from_call(cls, arguments: dict[str, Any]) -> tuple[CallLayout, list[torch.Tensor]]:
@@ -127,7 +130,11 @@ class CallLayout:
             if value is None:
                 continue
             structure.append((name, _flatten(name, value, tensors)))
-        return cls(tuple(structure)), tensors
+        device_type = sample.device.type
+        autocast = None
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            autocast = torch.get_autocast_dtype(device_type)
+        return cls(tuple(structure), autocast), tensors
 
     def rebuild(self, tensors: list[torch.Tensor]) -> dict[str, Any]:
         pos = [0]
@@ -137,6 +144,8 @@ class CallLayout:
         parts = []
         for name, sub in self.structure:
             parts.append(f"{name}={tuple(sub[1])}" if sub[0] == "tensor" else name)
+        if self.autocast is not None:
+            parts.append(f"autocast={str(self.autocast).replace('torch.', '')}")
         return ", ".join(parts)
 
 

@@ -1,0 +1,49 @@
+"""Global state a call is made under (autocast, grad mode) against what the captured graphs bake in."""
+
+import torch
+from conftest import make_unet, unet_inputs
+from test_runtime import optimized_fn, sample, scheduler
+
+import frdiff_compile
+from frdiff_compile import FRDiffConfig
+
+STEPS = 6
+
+
+def test_autocast_and_plain_generations_get_their_own_graphs():
+    # diffusers' attention casts with `hidden_states.to(query.dtype)`, which export records as a cast to the
+    # dtype autocast gave query, so a graph traced under autocast is wrong without it (it used to raise a
+    # dtype mismatch in the next plain generation) and one traced without it is wrong under it.
+    unet = make_unet("sd15")
+    cond = unet_inputs("sd15")
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=1))
+    for autocast in (True, False, True):
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            expected = sample(lambda i, n, x, t: unet(x, t, **cond).sample, scheduler("sd15"), STEPS)
+            got = sample(optimized_fn(fr, cond), scheduler("sd15"), STEPS)
+        assert torch.equal(got, expected), f"autocast={autocast}: max diff {(got - expected).abs().max()}"
+    assert fr.stats.captures == 2 and fr.stats.eager_calls == 0, fr.stats
+
+
+def test_a_loop_without_no_grad_runs_inference_graphs():
+    # A user loop that forgot torch.no_grad(): parameters require grad, so the graphs would record autograd
+    # history, and the keyframe's in-place cache writes would chain every later step to it.
+    unet = make_unet("sd15")
+    assert all(p.requires_grad for p in unet.parameters())
+    cond = unet_inputs("sd15")
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=2, score_mixing=False))
+    sched = scheduler("sd15")
+    sched.set_timesteps(STEPS)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for t in sched.timesteps:
+        out = fr(x, t, **cond).sample
+        outputs.append(out)
+        x = sched.step(out, t, x).prev_sample
+    entry = fr.graph_entries()[0]
+    assert not any(o.requires_grad for o in outputs) and not any(c.requires_grad for c in entry.caches)
+    assert fr.stats.reuse_calls > 0 and fr.stats.eager_calls == 0, fr.stats
+    expected = sample(optimized_fn(frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=2,
+                                                                              score_mixing=False)), cond),
+                      scheduler("sd15"), STEPS)
+    assert torch.equal(x.detach(), expected)
