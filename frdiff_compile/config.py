@@ -15,7 +15,6 @@ import math
 from typing import Any
 
 CONFIG_VERSION = 1
-_CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 # The fields the built graphs depend on. The others only shape the host-side schedule, so a change of
 # schedule keeps every compiled graph and CUDA graph (`FRDiffUNet.reconfigure`).
 GRAPH_FIELDS = ("compile", "compile_mode", "cuda_graphs")
@@ -38,11 +37,13 @@ class FRDiffConfig:
         mix_bias: b. Larger b keeps more early steps as "jumps" on the keyframe output (faster, blurrier);
             smaller b uses feature reuse earlier.
         mix_slope: how fast lambda goes from 0 to 1 around b (the paper's tau=30 is slope 7.5).
-        compile: run both graphs through `torch.compile`. None (default) means on for CUDA models, off
-            elsewhere; eager graphs are still the fast path on CPU because they skip the cached work.
-        compile_mode: passed to `torch.compile(mode=...)` when compiling. With CUDA graphs on, modes that
-            make inductor capture its own CUDA graphs ("reduce-overhead", "max-autotune") are refused: they
-            cannot nest inside the runtime's capture; "max-autotune-no-cudagraphs" is the autotuning one.
+        compile: compile both graphs with inductor (torch.compile's compiler; the graphs go to it directly,
+            since they are ATen graphs already). None (default) means on for CUDA models, off elsewhere;
+            eager graphs are still the fast path on CPU because they skip the cached work.
+        compile_mode: one of torch.compile's modes, whose inductor options the compilation takes. With CUDA
+            graphs on, modes that make inductor capture its own CUDA graphs ("reduce-overhead",
+            "max-autotune") are refused: they cannot nest inside the runtime's capture;
+            "max-autotune-no-cudagraphs" is the autotuning one.
         cuda_graphs: capture each graph as a CUDA graph over static input buffers and replay it every step.
             None (default) means on wherever the inputs are on a CUDA device; a capture failure falls back
             to the graphs without CUDA graphs, with one warning.
@@ -91,11 +92,10 @@ class FRDiffConfig:
             raise ValueError(f"score_mixing must be a bool, got {self.score_mixing!r}")
         if self.compile is not None and not isinstance(self.compile, bool):
             raise ValueError(f"compile must be None, True or False, got {self.compile!r}")
-        if self.compile_mode is not None and not isinstance(self.compile_mode, str):
-            raise ValueError(f"compile_mode must be None or a torch.compile mode string, got {self.compile_mode!r}")
         if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be None, True or False, got {self.cuda_graphs!r}")
-        if self.cuda_graphs is not False and self.compile_mode in _CUDAGRAPH_MODES:
+        inductor_graphs = self.compile_mode is not None and _mode_options(self.compile_mode).get("triton.cudagraphs")
+        if self.cuda_graphs is not False and inductor_graphs:
             raise ValueError(
                 f"compile_mode={self.compile_mode!r} makes inductor capture its own CUDA graphs, which cannot nest "
                 "inside frdiff_compile's; use compile_mode='max-autotune-no-cudagraphs' (or None), or set "
@@ -156,3 +156,15 @@ class FRDiffConfig:
         if not isinstance(data, dict):
             raise ValueError(f"FRDiffConfig JSON must be an object, got {type(data).__name__}")
         return cls.from_dict(data)
+
+
+def _mode_options(mode: object) -> dict[str, Any]:
+    """Inductor's options for a torch.compile mode; ValueError naming the modes this torch knows otherwise."""
+    if not isinstance(mode, str):
+        raise ValueError(f"compile_mode must be None or a torch.compile mode string, got {mode!r}")
+    import torch._inductor  # here: importing inductor takes a second, and only configs that name a mode pay
+
+    try:
+        return torch._inductor.list_mode_options(mode)
+    except RuntimeError as exc:
+        raise ValueError(f"compile_mode={mode!r} is not a torch.compile mode: {exc}") from None

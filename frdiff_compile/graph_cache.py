@@ -69,18 +69,45 @@ def _dynamo_graphs() -> int:
 
 
 class _Compiled:
-    """`torch.compile` of one graph, counting its compilations into the runtime's stats."""
+    """One graph compiled by inductor at its first call, counted into the runtime's stats.
+
+    The graph goes to inductor directly (`torch._inductor.compile`, inductor's entry point for FX graphs
+    captured without dynamo), not through `torch.compile`: it is already a flat ATen graph, so dynamo's
+    retrace of it (about 2000 nodes for SD 1.5) only costs time, and its guards re-check what the entry's
+    signature already fixes (shapes, dtypes, devices, layouts, autocast; grad mode is always off). Inductor's
+    generated code still asserts every input's size and stride, so a mismatch raises instead of computing
+    garbage. Modes whose options make inductor capture its own CUDA graphs ("reduce-overhead", allowed only
+    with the runtime's CUDA graphs off) go through `torch.compile`, which drives inductor's CUDA-graph trees.
+    """
 
     def __init__(self, gm: fx.GraphModule, mode: str | None, stats: RuntimeStats) -> None:
-        # fullgraph: a graph break inside a graph of pure ATen ops would be a bug worth failing loudly on.
-        self.fn = torch.compile(gm, fullgraph=True, dynamic=False, mode=mode)
+        self.gm = gm
+        self.mode = mode
+        import torch._inductor  # here, not at module level: only runtimes that compile pay for the import
+
+        self.options = torch._inductor.list_mode_options(mode) if mode else {}
+        self.via_dynamo = bool(self.options.get("triton.cudagraphs"))
         self.stats = stats
+        self.fn: Callable[..., torch.Tensor] | None = None
         self.calls = 0
+
+    def _compile(self, args: tuple[torch.Tensor, ...]) -> Callable[..., torch.Tensor]:
+        if self.via_dynamo:
+            # fullgraph: a graph break inside a graph of pure ATen ops would be a bug worth failing loudly on.
+            return torch.compile(self.gm, fullgraph=True, dynamic=False, mode=self.mode)
+        # Inductor rewrites the graph it is given (its output becomes a list); it gets a copy of the nodes
+        # over the same parameters, so `self.gm` stays the graph the entry was built from.
+        graph = fx.Graph()
+        graph.output(graph.graph_copy(self.gm.graph, {}))
+        return torch._inductor.compile(fx.GraphModule(self.gm, graph), list(args), options=self.options)
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         before, start = _dynamo_graphs(), time.perf_counter()
+        fresh = self.fn is None
+        if fresh:
+            self.fn = self._compile(args)
         out = self.fn(*args)
-        compiled = _dynamo_graphs() - before
+        compiled = _dynamo_graphs() - before if self.via_dynamo else int(fresh)
         if compiled:
             self.stats.compiles += compiled
             self.stats.recompiles += compiled if self.calls else compiled - 1

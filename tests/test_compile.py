@@ -1,18 +1,19 @@
-"""Both graphs under torch.compile (CPU inductor): numerics against the eager graphs, zero recompiles."""
+"""Both graphs compiled by inductor (CPU): numerics against the eager graphs, two compilations, no dynamo."""
 
 import torch
-import torch._dynamo
 from conftest import generated_code, make_unet, max_rel_error, unet_inputs
 from test_runtime import optimized_fn, sample, scheduler
+from torch import fx
 from torch._dynamo.utils import counters
 
 import frdiff_compile
 from frdiff_compile import FRDiffConfig
+from frdiff_compile.graph_cache import RuntimeStats, _Compiled
 
 STEPS = 12
 
 
-def test_compiled_graphs_match_eager_with_zero_recompiles():
+def test_compiled_graphs_match_eager_and_compile_once():
     # One layer per block keeps the CPU compile of both graphs to about a minute on 2 cores.
     unet = make_unet("sd15", layers_per_block=1)
     cond = unet_inputs("sd15")
@@ -21,16 +22,42 @@ def test_compiled_graphs_match_eager_with_zero_recompiles():
     fr = frdiff_compile.optimize(unet, FRDiffConfig(compile=True))
     counters.clear()
     got, codes = generated_code(sample, optimized_fn(fr, cond), scheduler("sd15"), STEPS)
-    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # keyframe + reuse, nothing else
+    # The graphs go to inductor directly: dynamo traces nothing, and each graph compiles exactly once.
+    assert counters["stats"]["unique_graphs"] == 0, dict(counters["stats"])
+    assert fr.stats.compiles == 2 and fr.stats.recompiles == 0, fr.stats
     # The reuse graph calls the blend op (on CPU the opaque custom op; inductor must not drop or decompose
     # it); the keyframe graph has no blend.
     assert len(codes) == 2 and sorted("torch.ops.frdiff.score_blend" in code for code in codes) == [False, True]
     assert fr.stats.reuse_calls > 1 and fr.stats.full_calls > 1, fr.stats
     err = max_rel_error(got, expected)
     assert err < 1e-4, f"compiled trajectory differs from eager graphs by {err:.2e} (relative, fp32, tiny sd15)"
-    # A second generation with other noise and another step count: every weight value, no recompile.
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        again = sample(optimized_fn(fr, cond), scheduler("sd15"), STEPS + 3, seed=7)
-    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    # A second generation with other noise and another step count: every weight value, nothing compiled.
+    again = sample(optimized_fn(fr, cond), scheduler("sd15"), STEPS + 3, seed=7)
+    assert fr.stats.compiles == 2 and counters["stats"]["unique_graphs"] == 0, fr.stats
     expected_again = sample(optimized_fn(eager_fr, cond), scheduler("sd15"), STEPS + 3, seed=7)
     assert max_rel_error(again, expected_again) < 1e-4
+
+
+class _Toy(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x @ self.weight) + 1
+
+
+def test_only_modes_with_inductor_cuda_graphs_go_through_dynamo():
+    gm = fx.symbolic_trace(_Toy())
+    x = torch.randn(4, 8)
+    for mode, dynamo_graphs in ((None, 0), ("max-autotune-no-cudagraphs", 0), ("reduce-overhead", 1)):
+        stats = RuntimeStats()
+        compiled = _Compiled(gm, mode, stats)
+        counters.clear()
+        with torch.no_grad():
+            for _ in range(3):
+                torch.testing.assert_close(compiled(x), gm(x))
+            gm.weight.mul_(2)  # parameters are read where they live, not baked in
+            torch.testing.assert_close(compiled(x), gm(x))
+        assert counters["stats"]["unique_graphs"] == dynamo_graphs, (mode, dict(counters["stats"]))
+        assert (stats.compiles, stats.recompiles) == (1, 0) and stats.compile_seconds > 0, (mode, stats)

@@ -17,6 +17,8 @@ from frdiff_compile import FRDiffConfig, StepKind, build_schedule, mix_weight
         ("mix_slope", 0.0),
         ("max_cached_shapes", 0),
         ("compile", "yes"),
+        ("compile_mode", "max-autotune-nocudagraphs"),  # a typo: torch's own list of modes decides
+        ("compile_mode", 3),
         ("version", 99),
     ],
 )
