@@ -130,6 +130,32 @@ def test_fifty_steps_without_recompiles_and_outputs_never_overwritten(warm):
     assert len({out.data_ptr() for out, _ in kept}) == len(kept)
 
 
+class _NoSync:
+    """Calls the runtime with CUDA's sync debug mode at "error": any host sync inside a step raises."""
+
+    def __init__(self, fr) -> None:
+        self.fr = fr
+
+    def __call__(self, *args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return self.fr(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@cuda_only
+def test_steps_never_sync_the_host(warm):
+    """A step only queues work: a sync would put the host's per-step time (bind, schedule, copies into the
+    static inputs, replay, output clone) on the GPU's critical path. The scheduler, outside, may sync."""
+    _, cond, fr = warm(torch.float16)
+    use_schedule(fr)
+    before = copy.copy(fr.stats)
+    trajectory(_NoSync(fr), cond)  # a new generation: the module fingerprint check runs in it too
+    new = fr.stats.since(before)
+    assert new.full_replays > 0 and new.reuse_replays > 0 and new.skip_steps > 0, new
+
+
 def test_second_generation_at_another_resolution_and_batch(warm):
     unet, _, fr = warm(torch.float16)  # built for batch 2 at 8x8 latents
     use_schedule(fr)
