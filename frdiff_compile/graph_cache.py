@@ -28,6 +28,8 @@ from collections.abc import Callable
 
 import torch
 from torch import fx
+from torch._subclasses import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from .cudagraphs import Backend, CaptureError, SharedPool, StaticGraph
 from .passes import BuildReport, Plan
@@ -99,7 +101,12 @@ class _Compiled:
         # over the same parameters, so `self.gm` stays the graph the entry was built from.
         graph = fx.Graph()
         graph.output(graph.graph_copy(self.gm.graph, {}))
-        return torch._inductor.compile(fx.GraphModule(self.gm, graph), list(args), options=self.options)
+        # A tracing context whose fake mode has a shape environment, as inductor's own standalone_compile
+        # sets up: without one inductor bypasses its FX-graph and AOTAutograd caches ("No shape env"), and
+        # every new process would compile cold.
+        context = torch._guards.TracingContext(FakeTensorMode(shape_env=ShapeEnv()))
+        with torch._guards.tracing(context):
+            return torch._inductor.compile(fx.GraphModule(self.gm, graph), list(args), options=self.options)
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         before, start = _dynamo_graphs(), time.perf_counter()

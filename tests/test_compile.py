@@ -47,7 +47,7 @@ class _Toy(torch.nn.Module):
         return torch.relu(x @ self.weight) + 1
 
 
-def test_only_modes_with_inductor_cuda_graphs_go_through_dynamo():
+def test_only_modes_with_inductor_cuda_graphs_go_through_dynamo_and_all_use_the_caches():
     gm = fx.symbolic_trace(_Toy())
     x = torch.randn(4, 8)
     for mode, dynamo_graphs in ((None, 0), ("max-autotune-no-cudagraphs", 0), ("reduce-overhead", 1)):
@@ -60,4 +60,7 @@ def test_only_modes_with_inductor_cuda_graphs_go_through_dynamo():
             gm.weight.mul_(2)  # parameters are read where they live, not baked in
             torch.testing.assert_close(compiled(x), gm(x))
         assert counters["stats"]["unique_graphs"] == dynamo_graphs, (mode, dict(counters["stats"]))
+        # Inductor's on-disk caches serve the next process (a hit or a miss-and-store, never a bypass).
+        caches = {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")}
+        assert not caches.get("fxgraph_cache_bypass") and sum(caches.values()) == 1, (mode, caches)
         assert (stats.compiles, stats.recompiles) == (1, 0) and stats.compile_seconds > 0, (mode, stats)
