@@ -79,7 +79,9 @@ class _Compiled:
     signature already fixes (shapes, dtypes, devices, layouts, autocast; grad mode is always off). Inductor's
     generated code still asserts every input's size and stride, so a mismatch raises instead of computing
     garbage. Modes whose options make inductor capture its own CUDA graphs ("reduce-overhead", allowed only
-    with the runtime's CUDA graphs off) go through `torch.compile`, which drives inductor's CUDA-graph trees.
+    with the runtime's CUDA graphs off) go through `torch.compile`, which drives inductor's CUDA-graph trees,
+    and so does a graph the direct call fails on (with one warning): on a torch release where that private
+    entry point changed, users get the old path, not an error.
     """
 
     def __init__(self, gm: fx.GraphModule, mode: str | None, stats: RuntimeStats) -> None:
@@ -94,9 +96,17 @@ class _Compiled:
         self.calls = 0
 
     def _compile(self, args: tuple[torch.Tensor, ...]) -> Callable[..., torch.Tensor]:
-        if self.via_dynamo:
-            # fullgraph: a graph break inside a graph of pure ATen ops would be a bug worth failing loudly on.
-            return torch.compile(self.gm, fullgraph=True, dynamic=False, mode=self.mode)
+        if not self.via_dynamo:
+            try:
+                return self._compile_directly(args)
+            except Exception as exc:  # noqa: BLE001 - torch.compile is the documented way to the same compiler
+                self.via_dynamo = True
+                warnings.warn(f"frdiff_compile: inductor could not compile a graph directly ({type(exc).__name__}: "
+                              f"{exc}); compiling it through torch.compile instead", stacklevel=6)
+        # fullgraph: a graph break inside a graph of pure ATen ops would be a bug worth failing loudly on.
+        return torch.compile(self.gm, fullgraph=True, dynamic=False, mode=self.mode)
+
+    def _compile_directly(self, args: tuple[torch.Tensor, ...]) -> Callable[..., torch.Tensor]:
         # Inductor rewrites the graph it is given (its output becomes a list); it gets a copy of the nodes
         # over the same parameters, so `self.gm` stays the graph the entry was built from.
         graph = fx.Graph()

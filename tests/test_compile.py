@@ -1,5 +1,6 @@
 """Both graphs compiled by inductor (CPU): numerics against the eager graphs, two compilations, no dynamo."""
 
+import pytest
 import torch
 from conftest import generated_code, make_unet, max_rel_error, unet_inputs
 from test_runtime import optimized_fn, sample, scheduler
@@ -64,3 +65,22 @@ def test_only_modes_with_inductor_cuda_graphs_go_through_dynamo_and_all_use_the_
         caches = {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")}
         assert not caches.get("fxgraph_cache_bypass") and sum(caches.values()) == 1, (mode, caches)
         assert (stats.compiles, stats.recompiles) == (1, 0) and stats.compile_seconds > 0, (mode, stats)
+
+
+def test_a_failing_direct_compile_falls_back_to_torch_compile_with_one_warning(monkeypatch):
+    import torch._inductor
+
+    def broken(*args, **kwargs):
+        raise TypeError("compile() got an unexpected keyword argument 'options'")  # an API change, say
+
+    monkeypatch.setattr(torch._inductor, "compile", broken)
+    gm = fx.symbolic_trace(_Toy())
+    x = torch.randn(4, 8)
+    stats = RuntimeStats()
+    compiled = _Compiled(gm, None, stats)
+    counters.clear()
+    with pytest.warns(UserWarning, match="through torch.compile instead") as caught, torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(compiled(x), gm(x))
+    assert len(caught) == 1 and "unexpected keyword argument" in str(caught[0].message)
+    assert counters["stats"]["unique_graphs"] == 1 and (stats.compiles, stats.recompiles) == (1, 0), stats
