@@ -177,3 +177,23 @@ def test_cuda_graph_replay_reads_the_refilled_weight():
         graph.replay()
         torch.cuda.synchronize()
         assert close(out, score_blend_reference(weight, a, b), torch.float16), f"replay with w={w}"
+
+
+def test_interpreter_switched_on_after_import_runs_the_reference():
+    # Kernels decorated without TRITON_INTERPRET cannot be interpreted later: triton finds no driver and
+    # raised, so the ops must use the torch reference in a process that set the variable after importing.
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os, torch\n"
+        "from frdiff_compile.kernels import blend\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "a, b, w = torch.randn(1000), torch.randn(1000), torch.tensor(0.37)\n"
+        "assert not blend.kernel_available(a)\n"
+        "assert torch.equal(blend.score_blend(w, a, b), blend.score_blend_reference(w, a, b))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
