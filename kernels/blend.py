@@ -207,8 +207,17 @@ if triton is not None:
     _score_blend_triton.register_autograd(_blend_backward, setup_context=_blend_setup_context)
 
 
+def score_blend_op(device: torch.device) -> torch._ops.OpOverload:
+    """The blend op for tensors on `device`: the triton_op on CUDA (inductor sees its kernel), else the custom op.
+
+    Graphs built for one device call this op itself rather than `score_blend`: AOTAutograd's cache takes
+    graphs of torch ops only and bypasses one that calls a Python function.
+    """
+    if device.type == "cuda" and triton is not None:
+        return torch.ops.frdiff.score_blend_triton.default
+    return torch.ops.frdiff.score_blend.default
+
+
 def score_blend(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The blend the reuse graph calls: a new tensor w * a + (1 - w) * b (Triton where it can run)."""
-    if a.is_cuda and triton is not None:
-        return torch.ops.frdiff.score_blend_triton(weight, a, b)
-    return torch.ops.frdiff.score_blend(weight, a, b)
+    """A new tensor w * a + (1 - w) * b (Triton where it can run), through the op for a's device."""
+    return score_blend_op(a.device)(weight, a, b)

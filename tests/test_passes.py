@@ -38,6 +38,13 @@ def test_keyframe_equals_unet_and_reuse_reproduces_it(kind):
     # weight 0 gives back the keyframe output exactly, weight 0.5 the midpoint; the output is never a buffer.
     other = pair.reuse(kwargs["sample"] * 0.5, *tensors[1:], *caches, keyframe_out, torch.tensor(0.0))
     assert torch.equal(other, expected) and other.data_ptr() != keyframe_out.data_ptr()
+    # Only torch ops (and builtins such as getitem): AOTAutograd's cache bypasses a graph that calls a Python
+    # function, so every new process would trace it again.
+    for graph in (pair.keyframe.graph, pair.reuse.graph):
+        targets = {n.target for n in graph.nodes if n.op == "call_function"}
+        others = {t for t in targets
+                  if not isinstance(t, torch._ops.OpOverload) and type(t).__name__ != "builtin_function_or_method"}
+        assert not others, f"{kind}: graph calls {others}"
 
 
 def test_plan_counts_and_report(kind):

@@ -6,7 +6,8 @@ Invariants:
 - Keyframe graph: `(*inputs, *caches, keyframe_out) -> out`. It computes exactly the captured graph and
   writes every cache point and `out` into the buffers it is given, with in-place `copy_` (impure, so
   dead-code elimination keeps it). `out` is a fresh tensor, never a buffer.
-- Reuse graph: `(*inputs, *caches, keyframe_out, weight) -> score_blend(weight, out_fr, keyframe_out)`.
+- Reuse graph: `(*inputs, *caches, keyframe_out, weight) -> score_blend(weight, out_fr, keyframe_out)`,
+  through the blend op for the graph's device (`score_blend_op`), so AOTAutograd's cache can store it.
   Each cache point's uses read its buffer instead; dead-code elimination then removes everything only the
   cache points fed. `weight` is a 0-d tensor, so a new blend weight never recompiles a compiled graph.
 """
@@ -19,7 +20,7 @@ import dataclasses
 import torch
 from torch import fx
 
-from ..kernels.blend import score_blend
+from ..kernels.blend import score_blend_op
 from .plan import Plan, count_nodes
 
 aten = torch.ops.aten
@@ -102,7 +103,8 @@ def build_reuse_graph(captured: fx.GraphModule, plan: Plan) -> fx.GraphModule:
         nodes[point.node].replace_all_uses_with(buffer)
     output = gm.graph.find_nodes(op="output")[0]
     with gm.graph.inserting_before(output):
-        blended = gm.graph.call_function(score_blend, (placeholders[-1], output.args[0], placeholders[-2]))
+        blend = score_blend_op(output.args[0].meta["val"].device)
+        blended = gm.graph.call_function(blend, (placeholders[-1], output.args[0], placeholders[-2]))
     output.args = (blended,)
     _finish(gm)
     return gm
@@ -124,7 +126,7 @@ def build_search_graph(captured: fx.GraphModule, plan: Plan) -> fx.GraphModule:
         value = nodes[point.node]
         users = list(value.users)
         with gm.graph.inserting_after(value):
-            total = gm.graph.call_function(score_blend, (gate, value, memory))
+            total = gm.graph.call_function(score_blend_op(value.meta["val"].device), (gate, value, memory))
         for user in users:
             user.replace_input_with(value, total)
         blended.append(total)
