@@ -94,8 +94,9 @@ class FRDiffConfig:
             raise ValueError(f"compile must be None, True or False, got {self.compile!r}")
         if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be None, True or False, got {self.cuda_graphs!r}")
-        inductor_graphs = self.compile_mode is not None and _mode_options(self.compile_mode).get("triton.cudagraphs")
-        if self.cuda_graphs is not False and inductor_graphs:
+        # Only a named mode imports inductor to look it up: building a default config stays cheap.
+        options = inductor_mode_options(self.compile_mode) if self.compile_mode is not None else {}
+        if self.cuda_graphs is not False and options.get("triton.cudagraphs"):
             raise ValueError(
                 f"compile_mode={self.compile_mode!r} makes inductor capture its own CUDA graphs, which cannot nest "
                 "inside frdiff_compile's; use compile_mode='max-autotune-no-cudagraphs' (or None), or set "
@@ -158,12 +159,15 @@ class FRDiffConfig:
         return cls.from_dict(data)
 
 
-def _mode_options(mode: object) -> dict[str, Any]:
-    """Inductor's options for a torch.compile mode; ValueError naming the modes this torch knows otherwise."""
-    if not isinstance(mode, str):
+def inductor_mode_options(mode: object) -> dict[str, Any]:
+    """Inductor's options for a torch.compile mode (None: the default, no options); ValueError naming the
+    modes this torch knows otherwise. Imports inductor, so the compile path may use it afterwards."""
+    if mode is not None and not isinstance(mode, str):
         raise ValueError(f"compile_mode must be None or a torch.compile mode string, got {mode!r}")
-    import torch._inductor  # here: importing inductor takes a second, and only configs that name a mode pay
+    import torch._inductor  # here, not at module level: importing inductor takes a second
 
+    if mode is None:
+        return {}  # list_mode_options(None) lists every mode's options instead
     try:
         return torch._inductor.list_mode_options(mode)
     except RuntimeError as exc:

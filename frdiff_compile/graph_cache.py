@@ -31,6 +31,7 @@ from torch import fx
 from torch._subclasses import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
+from .config import inductor_mode_options
 from .cudagraphs import Backend, CaptureError, SharedPool, StaticGraph
 from .passes import BuildReport, Plan
 
@@ -87,9 +88,7 @@ class _Compiled:
     def __init__(self, gm: fx.GraphModule, mode: str | None, stats: RuntimeStats) -> None:
         self.gm = gm
         self.mode = mode
-        import torch._inductor  # here, not at module level: only runtimes that compile pay for the import
-
-        self.options = torch._inductor.list_mode_options(mode) if mode else {}
+        self.options = inductor_mode_options(mode)  # validated by FRDiffConfig; imports inductor
         self.via_dynamo = bool(self.options.get("triton.cudagraphs"))
         self.stats = stats
         self.fn: Callable[..., torch.Tensor] | None = None
