@@ -84,3 +84,23 @@ def test_a_failing_direct_compile_falls_back_to_torch_compile_with_one_warning(m
             torch.testing.assert_close(compiled(x), gm(x))
     assert len(caught) == 1 and "unexpected keyword argument" in str(caught[0].message)
     assert counters["stats"]["unique_graphs"] == 1 and (stats.compiles, stats.recompiles) == (1, 0), stats
+
+
+def test_an_outer_torch_compile_leaves_the_runtime_alone():
+    """`pipe.unet = torch.compile(pipe.unet)` after optimize(): dynamo must not trace the host-side runtime.
+
+    Traced, it broke the graph at every storage-metadata read and log call and compiled 13 fragments.
+    """
+    unet = make_unet("sd15")
+    cond = unet_inputs("sd15")
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(compile=False))
+    expected = sample(optimized_fn(frdiff_compile.optimize(unet, FRDiffConfig(compile=False)), cond),
+                      scheduler("sd15"), 6)
+    wrapped = torch.compile(fr)
+    counters.clear()
+    got = sample(optimized_fn(wrapped, cond), scheduler("sd15"), 6)
+    # The one break is dynamo skipping the disabled forward; nothing of the runtime is traced or compiled.
+    breaks = dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 0 and all("disable" in k for k in breaks), breaks
+    assert torch.equal(got, expected)
+    assert fr.stats.reuse_calls > 0 and fr.stats.eager_calls == 0 and fr.stats.captures == 1, fr.stats
