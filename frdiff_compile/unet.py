@@ -197,9 +197,10 @@ class FRDiffUNet(torch.nn.Module):
         """
         arguments = self._bind(args, kwargs)
         arguments.pop("return_dict", None)
-        if arguments.pop("cross_attention_kwargs", None):
-            raise RuntimeError("calls with cross_attention_kwargs run the eager UNet; there is no graph to prepare")
-        layout, tensors = CallLayout.from_call(arguments)
+        try:
+            layout, tensors = CallLayout.from_call(arguments)
+        except UnsupportedCall as exc:
+            raise RuntimeError(f"calls with argument {exc} run the eager UNet; there is no graph to prepare") from None
         entry = self._entry(layout, tensors)
         if isinstance(entry, str):
             raise RuntimeError(entry)
@@ -258,10 +259,6 @@ class FRDiffUNet(torch.nn.Module):
         if position.repeated:
             self._fall_back("the UNet was called more than once for the same step (separate cond/uncond calls)")
         if self._generation.eager_reason is not None:
-            return None
-        cross_attention_kwargs = arguments.pop("cross_attention_kwargs", None)
-        if cross_attention_kwargs:
-            self._fall_back(f"cross_attention_kwargs={sorted(cross_attention_kwargs)} is not captured")
             return None
         try:
             layout, tensors = CallLayout.from_call(arguments)

@@ -83,3 +83,28 @@ def test_lora_adapter_changes_rebuild():
         assert torch.equal(outputs[-1], stock())
     assert fr.stats.captures == 4
     assert not torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[1], outputs[2])
+
+
+def test_lora_scale_in_cross_attention_kwargs_is_served_by_the_graphs():
+    """pipe(..., cross_attention_kwargs={"scale": s}): diffusers scales the LoRA layers by a Python float for
+    the call, so each scale is captured as a graph pair of its own; a scale of 1 is diffusers' no-op."""
+    from peft import LoraConfig
+
+    unet = make_unet("sd15")
+    cond = unet_inputs("sd15")
+    lora = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+    unet.add_adapter(lora, adapter_name="style")
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=1))  # M=1: exactly the UNet
+
+    def stock(kwargs):
+        return sample(lambda i, n, x, t: unet(x, t, **cond, cross_attention_kwargs=kwargs).sample,
+                      scheduler("sd15"), 4)
+
+    outputs = {}
+    for scale, captures in ((0.5, 1), (None, 2), (1.0, 2), (1, 2), (0.5, 2)):
+        kwargs = None if scale is None else {"scale": scale}
+        got = sample(lambda i, n, x, t: fr(x, t, **cond, cross_attention_kwargs=kwargs).sample, scheduler("sd15"), 4)
+        assert torch.equal(got, stock(kwargs)), scale
+        assert fr.stats.captures == captures and fr.stats.eager_calls == 0, (scale, fr.stats)
+        outputs[scale] = got
+    assert not torch.equal(outputs[0.5], outputs[None])

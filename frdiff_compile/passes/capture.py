@@ -37,8 +37,9 @@ _ASSERT_TARGETS = {
 }
 
 # The UNet2DConditionModel.forward arguments the graphs take, in order. return_dict is handled by the
-# runtime; cross_attention_kwargs carries Python-side state (LoRA scales, processors' options) that a
-# graph cannot see change, so calls that use it run the eager UNet.
+# runtime. cross_attention_kwargs is taken only as {"scale": number}, the LoRA scale, which the capture
+# bakes in as a constant (see `_lora_scale`); anything else in it is Python-side state for attention
+# processors that a graph could not see change, so those calls run the eager UNet.
 GRAPH_ARGUMENTS = (
     "sample",
     "timestep",
@@ -46,6 +47,7 @@ GRAPH_ARGUMENTS = (
     "class_labels",
     "timestep_cond",
     "attention_mask",
+    "cross_attention_kwargs",
     "added_cond_kwargs",
     "down_block_additional_residuals",
     "mid_block_additional_residual",
@@ -56,6 +58,26 @@ GRAPH_ARGUMENTS = (
 
 class UnsupportedCall(Exception):
     """A call the captured graphs cannot serve; the message names the argument."""
+
+
+def _lora_scale(kwargs: object) -> dict[str, float] | None:
+    """cross_attention_kwargs as the graphs take it: None, or {"scale": s} with s != 1.
+
+    diffusers pops "scale" and multiplies every PEFT LoRA layer's Python `scaling` by it for the call, so
+    the export records it as a constant: each scale gets graphs of its own (part of the signature), and a
+    scale of 1 (diffusers' no-op) shares the graphs of calls without it.
+    """
+    if not kwargs:
+        return None
+    if not isinstance(kwargs, dict):
+        found = type(kwargs).__name__
+    elif set(kwargs) != {"scale"}:
+        found = sorted(map(str, kwargs))
+    elif isinstance(kwargs["scale"], bool) or not isinstance(kwargs["scale"], (int, float)):
+        found = f"a scale of type {type(kwargs['scale']).__name__}"
+    else:
+        return None if kwargs["scale"] == 1 else {"scale": float(kwargs["scale"])}
+    raise UnsupportedCall(f"cross_attention_kwargs ({found}; the graphs take only {{'scale': number}}, the LoRA scale)")
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
@@ -123,6 +145,7 @@ class CallLayout:
             # The UNet moves it itself; doing it here keeps a host-to-device copy out of the graphs, where a
             # CUDA-graph capture could not hold it.
             arguments = {**arguments, "timestep": timestep.to(sample.device)}
+        arguments = {**arguments, "cross_attention_kwargs": _lora_scale(arguments.get("cross_attention_kwargs"))}
         tensors: list[torch.Tensor] = []
         structure = []
         for name in GRAPH_ARGUMENTS:
@@ -143,7 +166,10 @@ class CallLayout:
     def describe(self) -> str:
         parts = []
         for name, sub in self.structure:
-            parts.append(f"{name}={tuple(sub[1])}" if sub[0] == "tensor" else name)
+            if name == "cross_attention_kwargs":
+                parts.append(f"lora_scale={_unflatten(sub, [], [0])['scale']}")  # constants only
+            else:
+                parts.append(f"{name}={tuple(sub[1])}" if sub[0] == "tensor" else name)
         if self.autocast is not None:
             parts.append(f"autocast={str(self.autocast).replace('torch.', '')}")
         return ", ".join(parts)
