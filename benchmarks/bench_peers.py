@@ -221,7 +221,9 @@ def describe_frdiff(row: dict, fr, before, shared: bool, scheduler, latents, cal
         "measured_over_model": row["loop_ms"] / model, "vs_all_keyframes": all_keyframes / row["loop_ms"],
         "compile_s": stats.compile_seconds,
         "note": f"{prefix}{counts['full']}/{counts['reuse']}/{counts['skip']} full/reuse/skip; compile "
-                f"{stats.compile_seconds:.0f} s ({stats.compiles} graphs, {stats.recompiles} recompiles); "
+                f"{stats.compile_seconds:.0f} s (reuse graph {stats.reuse_compile_seconds:.0f} s; "
+                f"{stats.compiles} graphs, {stats.recompiles} recompiles); export and passes "
+                f"{stats.build_seconds:.0f} s; "
                 f"graph captures {stats.cudagraph_captures}, replays {stats.full_replays}+{stats.reuse_replays}, "
                 f"fallbacks {stats.cudagraph_fallbacks}",
     })

@@ -54,6 +54,7 @@ class RuntimeStats:
     compiles: int = 0  # torch.compile graph compilations: two per signature when all is well
     recompiles: int = 0  # compilations past the first of a graph: guards failed, worth a bug report
     compile_seconds: float = 0.0  # first calls of compiled graphs (compilation plus one run)
+    reuse_compile_seconds: float = 0.0  # the reuse graphs' share of compile_seconds
     cudagraph_captures: int = 0
     cudagraph_fallbacks: int = 0
     full_replays: int = 0  # keyframe steps served by a CUDA-graph replay
@@ -85,8 +86,9 @@ class _Compiled:
     entry point changed, users get the old path, not an error.
     """
 
-    def __init__(self, gm: fx.GraphModule, mode: str | None, stats: RuntimeStats) -> None:
+    def __init__(self, gm: fx.GraphModule, mode: str | None, stats: RuntimeStats, kind: str = "keyframe") -> None:
         self.gm = gm
+        self.kind = kind  # "keyframe" or "reuse": which share of the compile time this graph's goes to
         self.mode = mode
         self.options = inductor_mode_options(mode)  # validated by FRDiffConfig; imports inductor
         self.via_dynamo = bool(self.options.get("triton.cudagraphs"))
@@ -127,7 +129,12 @@ class _Compiled:
         if compiled:
             self.stats.compiles += compiled
             self.stats.recompiles += compiled if self.calls else compiled - 1
-            self.stats.compile_seconds += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            self.stats.compile_seconds += elapsed
+            if self.kind == "reuse":
+                self.stats.reuse_compile_seconds += elapsed
+            logger.info("compiled the %s graph in %.1f s (%s)", self.kind, elapsed,
+                        "torch.compile" if self.via_dynamo else "inductor directly")
             if self.calls:
                 logger.warning("a compiled FRDiff graph recompiled (%d graphs); inputs changed in a way the "
                                "signature did not capture", compiled)
@@ -175,7 +182,8 @@ class GraphEntry:
         keyframe_fn: Callable[..., torch.Tensor] = keyframe
         reuse_fn: Callable[..., torch.Tensor] = reuse
         if compile:
-            keyframe_fn, reuse_fn = _Compiled(keyframe, compile_mode, stats), _Compiled(reuse, compile_mode, stats)
+            keyframe_fn = _Compiled(keyframe, compile_mode, stats)
+            reuse_fn = _Compiled(reuse, compile_mode, stats, kind="reuse")
         entry = cls(plan, report, keyframe_fn, reuse_fn, caches, keyframe_out, weight, stats)
         if graph_backend is not None:
             entry.static_keyframe = StaticGraph(keyframe_fn, [*caches, keyframe_out], graph_backend, pool)

@@ -26,6 +26,7 @@ def test_compiled_graphs_match_eager_and_compile_once():
     # The graphs go to inductor directly: dynamo traces nothing, and each graph compiles exactly once.
     assert counters["stats"]["unique_graphs"] == 0, dict(counters["stats"])
     assert fr.stats.compiles == 2 and fr.stats.recompiles == 0, fr.stats
+    assert 0 < fr.stats.reuse_compile_seconds < fr.stats.compile_seconds, fr.stats
     # The reuse graph calls the blend op (on CPU the opaque custom op; inductor must not drop or decompose
     # it); the keyframe graph has no blend.
     assert len(codes) == 2 and sorted("torch.ops.frdiff.score_blend" in code for code in codes) == [False, True]
