@@ -44,6 +44,22 @@ def reuse_cost(unet, embedding, batch: int) -> float:
     return reuse / full
 
 
+def add_sampling_args(parser: argparse.ArgumentParser, quick_help: str) -> None:
+    """The options every digits-model harness shares (eval_schedulers.py takes them from here)."""
+    parser.add_argument("--samples", type=int, default=200, help="images per row (labels 0-9 repeated)")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--guidance", type=float, default=1.5)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+
+
+def setup(args: argparse.Namespace) -> tuple:
+    """(unet, embedding, judge, labels, reuse cost) for a digits-model harness run with `args`."""
+    torch.manual_seed(0)
+    unet, embedding = load_digits_model()
+    labels = [i % 10 for i in range(args.samples)]
+    return unet, embedding, DigitsJudge(), labels, reuse_cost(unet, embedding, args.samples)
+
+
 def rows_to_run(quick: bool) -> list[dict]:
     runs = [{"method": "DDIM", "steps": s} for s in ((10, 20, 50) if quick else (10, 15, 20, 30, 50))]
     for steps in (50,) if quick else (20, 30, 50):
@@ -92,19 +108,12 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--samples", type=int, default=200, help="images per row (labels 0-9 repeated)")
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--guidance", type=float, default=1.5)
-    parser.add_argument("--quick", action="store_true", help="a few rows only")
+    add_sampling_args(parser, "a few rows only")
     parser.add_argument("--csv", default=str(RESULTS / "eval_quality.csv"))
     parser.add_argument("--plot", default=str(RESULTS / "eval_quality_pareto.png"))
     args = parser.parse_args()
-    torch.manual_seed(0)
-    unet, embedding = load_digits_model()
-    judge = DigitsJudge()
-    labels = [i % 10 for i in range(args.samples)]
+    unet, embedding, judge, labels, r = setup(args)
     env = environment(torch.device("cpu"))
-    r = reuse_cost(unet, embedding, args.samples)
     print(f"eval_quality: {args.samples} samples, seed {args.seed}, reuse call = {r:.3f} of a keyframe call")
     reference = DigitsPipeline(unet, embedding)(labels, 50, args.guidance, seed=args.seed)
     rows = []

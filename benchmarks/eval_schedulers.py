@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 from common import RESULTS, append_csv, environment, print_table
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler
-from eval_quality import reuse_cost
+from eval_quality import add_sampling_args, setup
 
 import frdiff_compile
 from frdiff_compile import FRDiffConfig, build_schedule
-from frdiff_compile.digits import DigitsPipeline, load_digits_model
+from frdiff_compile.digits import DigitsPipeline
 from frdiff_compile.digits.pipeline import default_scheduler
-from frdiff_compile.quality import DigitsJudge, psnr, sqnr
+from frdiff_compile.quality import psnr, sqnr
 
 # (name, scheduler class, N): the model's own betas (cosine) carried over from its DDIM config, and its
 # "leading" spacing. The other solvers default to "linspace", which starts at t = 999, where the cosine
@@ -52,17 +52,10 @@ def solver(cls) -> object:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--samples", type=int, default=200, help="images per row (labels 0-9 repeated)")
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--guidance", type=float, default=1.5)
-    parser.add_argument("--quick", action="store_true", help="two solvers only")
+    add_sampling_args(parser, "two solvers only")
     parser.add_argument("--csv", default=str(RESULTS / "eval_schedulers.csv"))
     args = parser.parse_args()
-    torch.manual_seed(0)
-    unet, embedding = load_digits_model()
-    judge = DigitsJudge()
-    labels = [i % 10 for i in range(args.samples)]
-    r = reuse_cost(unet, embedding, args.samples)
+    unet, embedding, judge, labels, r = setup(args)
     print(f"eval_schedulers: {args.samples} samples, seed {args.seed}, reuse call = {r:.3f} of a keyframe call")
     rows: list[dict] = []
 
