@@ -68,7 +68,7 @@ if (( DRY )); then
   PEERS=(--dry-run)
   SDXL=()
   export FRDIFF_EMULATE_GPU=1
-  TESTS_LIMIT=420  # CPU inductor on 2 cores: about 190 s for the emulated GPU tests
+  TESTS_LIMIT=420  # CPU inductor on 2 cores: about 300 s for the 17 emulated GPU tests (2026-11-27)
   PYTEST=(-q)
   BLEND=(--quick)
   UNET=(--small --latent 8 --steps 4 --repeats 1)
