@@ -10,6 +10,8 @@ Invariants:
   sees: parameters, attention processors, adapters, FreeU) forces a keyframe or a rebuild.
 - Calls the graphs cannot serve run the eager UNet for the rest of that generation, with one warning that
   names the argument; nothing is silently approximated outside the method.
+- `forward` is opaque to dynamo (`torch.compiler.disable`): an outer `torch.compile` of this module runs
+  the runtime as it is, never a trace of its host-side control flow.
 """
 
 from __future__ import annotations
