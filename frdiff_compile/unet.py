@@ -80,9 +80,18 @@ class FRDiffUNet(torch.nn.Module):
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - torch's own signature
         # .to(), .half(), .cuda() may replace parameter and buffer tensors the graphs hold: rebuild lazily.
+        # A call that moves nothing (`pipe.to("cuda")` on a pipeline already there) keeps the graphs: the
+        # graphs read the same storage, and a rebuild would export and compile again.
+        before = self._storage()
         result = super()._apply(fn, recurse)
-        self._graphs.clear()
+        if self._storage() != before:
+            self._graphs.clear()
         return result
+
+    def _storage(self) -> list[tuple]:
+        """Where every parameter and buffer of the UNet lives: address, dtype, device."""
+        tensors = [*self.unet.parameters(), *self.unet.buffers()]
+        return [(t.data_ptr(), t.dtype, t.device) for t in tensors]
 
     # --- generations ----------------------------------------------------------------------------------
     def reset(self, num_inference_steps: int | None = None) -> None:

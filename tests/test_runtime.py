@@ -241,6 +241,10 @@ def test_graph_pairs_are_bounded_and_rebuilt_after_to():
     for size in (8, 16, 24):
         sample(optimized_fn(fr, unet_inputs("sd15")), scheduler("sd15"), 4, size=size)
     assert len(fr.graph_entries()) == 2 and fr.stats.captures == 3
+    fr.to("cpu").float().eval()  # moves nothing: the graphs read the same storage and are kept
+    assert len(fr.graph_entries()) == 2
+    sample(optimized_fn(fr, unet_inputs("sd15")), scheduler("sd15"), 4, size=24)
+    assert fr.stats.captures == 3
     fr.double()
     assert fr.graph_entries() == [] and unet.dtype == torch.float64
     cond = {k: v.double() for k, v in unet_inputs("sd15").items()}
