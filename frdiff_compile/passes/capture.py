@@ -145,7 +145,8 @@ class CallLayout:
             # The UNet moves it itself; doing it here keeps a host-to-device copy out of the graphs, where a
             # CUDA-graph capture could not hold it.
             arguments = {**arguments, "timestep": timestep.to(sample.device)}
-        arguments = {**arguments, "cross_attention_kwargs": _lora_scale(arguments.get("cross_attention_kwargs"))}
+        if arguments.get("cross_attention_kwargs") is not None:  # the common call has none: no copy per step
+            arguments = {**arguments, "cross_attention_kwargs": _lora_scale(arguments["cross_attention_kwargs"])}
         tensors: list[torch.Tensor] = []
         structure = []
         for name in GRAPH_ARGUMENTS:
