@@ -1,11 +1,13 @@
 """One input signature's graph pair, the buffers it reads and writes, and an LRU of such entries.
 
 Invariants:
-- Cache buffers, the keyframe-output buffer and the 0-d blend weight are owned here, allocated once per
-  entry (outside inference mode, so a generation run under `torch.inference_mode()` and a later one run
-  without it can both write them) and only ever written in place.
-- `written_generation` names the generation whose keyframe last filled the buffers; the runtime runs a
-  reuse or skip step only when it equals the current generation, so a stale cache is never read.
+- Cache buffers, the keyframe-output buffer and the 0-d blend weight are owned here, allocated per entry
+  (outside inference mode, so a generation run under `torch.inference_mode()` and a later one run
+  without it can both write them) and only ever written in place. They are made again, empty, only when
+  the UNet's parameters move (`release`, `allocate`, `relink`); the runtime never runs a released entry.
+- `written_generation` names the generation whose keyframe last filled the buffers (-1 after they are
+  made); the runtime runs a reuse or skip step only when it equals the current generation, so a stale
+  cache is never read.
 - What a step hands back is always a fresh tensor: the graphs' outputs are new (a CUDA-graph replay's
   static output is cloned), and a skip step returns a clone of the keyframe output, never the buffer the
   next keyframe overwrites.
@@ -59,6 +61,7 @@ class RuntimeStats:
     cudagraph_fallbacks: int = 0
     full_replays: int = 0  # keyframe steps served by a CUDA-graph replay
     reuse_replays: int = 0  # reuse steps served by a CUDA-graph replay
+    relinks: int = 0  # parameter moves the built graphs served (new buffers, CUDA graphs captured again)
 
     def since(self, before: RuntimeStats) -> RuntimeStats:
         """What happened after `before` (a `copy.copy` of these stats): the counts of one run or one loop."""
@@ -148,10 +151,14 @@ class GraphEntry:
     report: BuildReport
     keyframe: Callable[..., torch.Tensor]
     reuse: Callable[..., torch.Tensor]
-    caches: list[torch.Tensor]
-    keyframe_out: torch.Tensor
-    weight: torch.Tensor
+    out_meta: torch.Tensor  # the UNet output's fake value: shape, strides and dtype of keyframe_out
+    device: torch.device
     stats: RuntimeStats
+    graph_backend: Backend | None = None
+    pool: SharedPool | None = None
+    caches: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    keyframe_out: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
     static_keyframe: StaticGraph | None = None
     static_reuse: StaticGraph | None = None
     written_generation: int = -1
@@ -172,23 +179,54 @@ class GraphEntry:
         graph_backend: Backend | None = None,
         pool: SharedPool | None = None,
     ) -> GraphEntry:
-        with torch.inference_mode(False):
-            # In the traced layouts: the reuse graph reads these where the UNet's own values were (a
-            # channels_last UNet keeps channels_last caches), and blends its output with keyframe_out.
-            caches = [p.empty(device) for p in plan.points]
-            keyframe_out = torch.empty_strided(tuple(out_meta.shape), out_meta.stride(), dtype=out_meta.dtype,
-                                               device=device)
-            weight = torch.ones((), dtype=torch.float32, device=device)
         keyframe_fn: Callable[..., torch.Tensor] = keyframe
         reuse_fn: Callable[..., torch.Tensor] = reuse
         if compile:
             keyframe_fn = _Compiled(keyframe, compile_mode, stats)
             reuse_fn = _Compiled(reuse, compile_mode, stats, kind="reuse")
-        entry = cls(plan, report, keyframe_fn, reuse_fn, caches, keyframe_out, weight, stats)
-        if graph_backend is not None:
-            entry.static_keyframe = StaticGraph(keyframe_fn, [*caches, keyframe_out], graph_backend, pool)
-            entry.static_reuse = StaticGraph(reuse_fn, [*caches, keyframe_out, weight], graph_backend, pool)
+        entry = cls(plan, report, keyframe_fn, reuse_fn, out_meta, device, stats, graph_backend, pool)
+        entry.allocate()
         return entry
+
+    def allocate(self) -> None:
+        """Make the buffers the graphs write and read, and the (not yet captured) static graphs over them."""
+        with torch.inference_mode(False):
+            # In the traced layouts: the reuse graph reads these where the UNet's own values were (a
+            # channels_last UNet keeps channels_last caches), and blends its output with keyframe_out.
+            self.caches = [p.empty(self.device) for p in self.plan.points]
+            self.keyframe_out = torch.empty_strided(tuple(self.out_meta.shape), self.out_meta.stride(),
+                                                    dtype=self.out_meta.dtype, device=self.device)
+            self.weight = torch.ones((), dtype=torch.float32, device=self.device)
+        if self.graph_backend is not None:
+            self.static_keyframe = StaticGraph(self.keyframe, [*self.caches, self.keyframe_out],
+                                               self.graph_backend, self.pool)
+            self.static_reuse = StaticGraph(self.reuse, [*self.caches, self.keyframe_out, self.weight],
+                                            self.graph_backend, self.pool)
+        self.written_generation = -1
+
+    def release(self) -> None:
+        """Free the device memory of this pair (buffers, CUDA graphs); the compiled graphs are kept.
+
+        For a UNet that left its device (model CPU offload): `allocate` makes them again when it is back.
+        """
+        self.caches, self.keyframe_out, self.weight = [], None, None
+        self.static_keyframe = self.static_reuse = None
+        self.written_generation = -1
+
+    def relink(self) -> bool:
+        """Serve parameters that moved to new storage of the same layout; False if this pair cannot.
+
+        Graphs run eagerly or compiled by inductor directly take parameters as call arguments, read from
+        each Parameter at every call, so they serve the new storage as they are. CUDA graphs baked the old
+        addresses: new buffers and static graphs are made, captured again at their next use. Graphs compiled
+        through torch.compile (`reduce-overhead`) were guarded and captured over the old tensors by dynamo:
+        they are not kept.
+        """
+        if any(getattr(fn, "via_dynamo", False) for fn in (self.keyframe, self.reuse)):
+            return False
+        self.release()
+        self.allocate()
+        return True
 
     def _replay(self, static: StaticGraph, tensors: list[torch.Tensor]) -> torch.Tensor | None:
         """Run `static` (capturing it first if needed); None if capture failed and graphs are now off."""
@@ -197,6 +235,7 @@ class GraphEntry:
             out = static(tensors)
         except CaptureError as exc:
             self.static_keyframe = self.static_reuse = None
+            self.graph_backend = None  # and so for buffers made again after a move
             self.stats.cudagraph_fallbacks += 1
             warnings.warn(f"frdiff_compile: CUDA graph capture failed, running the graphs without CUDA graphs "
                           f"for this input signature ({exc})", stacklevel=5)
@@ -257,6 +296,17 @@ class GraphLRU:
 
     def clear(self) -> None:
         self._entries.clear()
+
+    def relink(self) -> int:
+        """`GraphEntry.relink` every pair, dropping those that cannot; returns how many were kept."""
+        for signature, entry in list(self._entries.items()):
+            if isinstance(entry, GraphEntry) and not entry.relink():
+                del self._entries[signature]
+        return len(self.entries())
+
+    def release(self) -> None:
+        for entry in self.entries():
+            entry.release()
 
     def __len__(self) -> int:
         return len(self._entries)

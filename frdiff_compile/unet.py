@@ -6,8 +6,13 @@ Invariants:
 - Every per-step decision (keyframe, reuse or skip; the blend weight) is made here on the host from the
   step position (`steps.StepTracker`) and the generation's `Schedule`; graphs only ever see tensors.
 - A generation never reads a cache its own keyframe did not write (`GraphEntry.written_generation`); a new
-  signature, a new generation or a module change (`.to()`, or anything `module_state.module_fingerprint`
-  sees: parameters, attention processors, adapters, FreeU) forces a keyframe or a rebuild.
+  signature, a new generation or a module change (anything `module_state.module_fingerprint` sees:
+  replaced parameters, attention processors, adapters, FreeU) forces a keyframe or a rebuild.
+- Parameters that move (`.to()`, model CPU offload, a swapped `.data`) never leave a graph reading old
+  storage. Back in the layout (dtype, device, shape, stride) the graphs were built for, at new addresses,
+  the graphs are kept and get new buffers and CUDA-graph captures (`stats.relinks`), with no export or
+  compile. Moved out of it, the graphs' device memory is freed at once and the compiled graphs wait: they
+  serve again if the UNet comes back, and are dropped at the first call made anywhere else.
 - Calls the graphs cannot serve run the eager UNet for the rest of that generation, with one warning that
   names the argument; nothing is silently approximated outside the method.
 - `forward` is opaque to dynamo (`torch.compiler.disable`): an outer `torch.compile` of this module runs
@@ -28,7 +33,7 @@ import torch
 from .config import FRDiffConfig
 from .cudagraphs import Backend, SharedPool
 from .graph_cache import GraphEntry, GraphLRU, RuntimeStats
-from .module_state import module_fingerprint
+from .module_state import module_fingerprint, tensor_addresses, tensor_placement
 from .passes import CallLayout, build_graphs, capture, plan_cache_points
 from .passes.capture import UnsupportedCall
 from .policy import check_policy_fingerprint
@@ -70,6 +75,10 @@ class FRDiffUNet(torch.nn.Module):
         self._tracker = StepTracker()
         self._generation = _Generation(number=0, schedule=None)
         self._fingerprint = module_fingerprint(self.unet)
+        # Where the UNet's tensors were when the live graphs were built or last relinked, and whether they
+        # have since left that layout (dtype, device, shape, stride).
+        self._placement = tensor_placement(self.unet)
+        self._away = False
 
     # --- attribute forwarding -------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -79,19 +88,44 @@ class FRDiffUNet(torch.nn.Module):
             return getattr(self._modules["unet"], name)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - torch's own signature
-        # .to(), .half(), .cuda() may replace parameter and buffer tensors the graphs hold: rebuild lazily.
-        # A call that moves nothing (`pipe.to("cuda")` on a pipeline already there) keeps the graphs: the
-        # graphs read the same storage, and a rebuild would export and compile again.
-        before = self._storage()
+        # .to(), .half(), .cuda() may give parameters and buffers new storage. A call that moves nothing
+        # (`pipe.to("cuda")` on a pipeline already there, accelerate's offload hook before every forward)
+        # costs one walk of the addresses and keeps everything.
+        before = tensor_addresses(self.unet)
         result = super()._apply(fn, recurse)
-        if self._storage() != before:
-            self._graphs.clear()
+        if tensor_addresses(self.unet) != before:
+            self._placement_changed()
         return result
 
-    def _storage(self) -> list[tuple]:
-        """Where every parameter and buffer of the UNet lives: address, dtype, device."""
-        tensors = [*self.unet.parameters(), *self.unet.buffers()]
-        return [(t.data_ptr(), t.dtype, t.device) for t in tensors]
+    def _placement_changed(self) -> None:
+        """React to the UNet's tensors living somewhere new; see the invariants in the module docstring."""
+        now = tensor_placement(self.unet)
+        if not len(self._graphs):  # nothing built yet (or all dropped): nothing to keep
+            self._placement, self._away = now, False
+        elif now.layout == self._placement.layout:
+            if now != self._placement or self._away:
+                kept = self._graphs.relink()
+                self.stats.relinks += 1
+                logger.info("the UNet's parameters moved to new storage of the same dtypes, devices and "
+                            "layouts: %d graph pairs kept, their buffers and CUDA graphs made again", kept)
+            self._placement, self._away = now, False
+        elif not self._away:
+            # Model CPU offload moves the UNet off the GPU after every generation and back before the next:
+            # free what the graphs hold on the device, keep the compiled code for the way back.
+            self._graphs.release()
+            self._away = True
+            logger.info("the UNet's parameters left the dtypes or devices its graphs were built for: graph "
+                        "buffers freed; the graphs serve again if it comes back, else they are rebuilt")
+
+    def _check_placement(self) -> None:
+        """Before graphs run: catch `.data` swaps (no `_apply` sees them) and drop graphs left behind."""
+        if not self._away and tensor_addresses(self.unet) != self._placement.addresses:
+            self._placement_changed()
+        if self._away:
+            logger.info("the UNet is called where its %d graph pairs were not built: rebuilding them",
+                        len(self._graphs))
+            self._graphs.clear()
+            self._placement, self._away = tensor_placement(self.unet), False
 
     # --- generations ----------------------------------------------------------------------------------
     def reset(self, num_inference_steps: int | None = None) -> None:
@@ -130,6 +164,8 @@ class FRDiffUNet(torch.nn.Module):
                         "rebuilding graphs")
             self._graphs.clear()
             self._fingerprint = fingerprint
+            self._placement, self._away = tensor_placement(self.unet), False
+        self._check_placement()
         number = self._generation.number + 1
         try:
             schedule = build_schedule(num_steps, self.frdiff_config)
@@ -271,6 +307,8 @@ class FRDiffUNet(torch.nn.Module):
             self._fall_back("the UNet was called more than once for the same step (separate cond/uncond calls)")
         if self._generation.eager_reason is not None:
             return None
+        if self._away:  # moved mid-generation: the graphs' buffers were released
+            self._check_placement()
         try:
             layout, tensors = CallLayout.from_call(arguments)
         except UnsupportedCall as exc:

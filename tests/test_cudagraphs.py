@@ -5,6 +5,8 @@ so a runtime that handed that buffer to the caller, or skipped copying an input 
 fails here without a GPU. The real capture is covered by the gpu-marked tests in test_cuda_runtime.py.
 """
 
+import warnings
+
 import pytest
 import torch
 from conftest import make_unet, unet_inputs
@@ -77,6 +79,24 @@ def test_second_signature_gets_its_own_static_buffers():
     assert fr.stats.captures == 2 and fr.stats.cudagraph_captures == 4, fr.stats
 
 
+def test_offload_round_trips_keep_the_graphs_and_capture_again():
+    """Model CPU offload: the UNet leaves the device after every generation and comes back at new addresses."""
+    unet = make_unet("sd15")
+    cond = unet_inputs("sd15")
+    fr = frdiff_compile.optimize(unet)
+    fr.graph_backend_override = "emulate"
+    eager = frdiff_compile.optimize(unet)
+    run = lambda runtime: sample(optimized_fn(runtime, cond), scheduler("sd15"), 6)  # noqa: E731
+    run(fr)
+    for trip in range(2):
+        fr.double()  # stands in for .to("cpu"): out of the layout the graphs were built for
+        assert all(e.caches == [] and e.static_reuse is None for e in fr.graph_entries())
+        fr.float()
+        assert torch.equal(run(fr), run(eager)), trip
+    s = fr.stats
+    assert s.captures == 1 and s.relinks == 2 and s.cudagraph_captures == 6, s
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where CUDA graph capture cannot start")
 def test_failed_capture_falls_back_with_one_warning():
     unet = make_unet("sd15")
@@ -89,6 +109,12 @@ def test_failed_capture_falls_back_with_one_warning():
     assert len([w for w in record if "CUDA graph" in str(w.message)]) == 1
     assert torch.equal(got, expected)
     assert fr.stats.cudagraph_fallbacks == 1 and fr.stats.full_replays == fr.stats.reuse_replays == 0, fr.stats
+    fr.double()
+    fr.float()  # buffers made again after a move must not try the failed capture again
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(sample(optimized_fn(fr, cond), scheduler("sd15"), STEPS), expected)
+    assert fr.stats.cudagraph_fallbacks == 1 and fr.stats.relinks == 1, fr.stats
 
 
 def test_cuda_graph_settings_are_checked():

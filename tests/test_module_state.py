@@ -25,10 +25,12 @@ def test_replaced_parameters_rebuild_and_in_place_updates_are_read_live():
     with torch.no_grad():
         conv.weight.mul_(1.5)  # in place (a plain LoRA fuse): same storage, the graphs read it
     assert torch.equal(run(), reference()) and fr.stats.captures == 1
-    conv.weight.data = conv.weight.data * 0.5  # new storage behind the same Parameter (a "safe" fuse)
-    assert torch.equal(run(), reference()) and fr.stats.captures == 2
+    # New storage behind the same Parameter (a "safe" fuse): the graphs read each Parameter at every call,
+    # so they are kept (CUDA graphs, which bake addresses, are captured again: test_cuda_runtime.py).
+    conv.weight.data = conv.weight.data * 0.5
+    assert torch.equal(run(), reference()) and fr.stats.captures == 1 and fr.stats.relinks == 1
     conv.weight = torch.nn.Parameter(conv.weight.detach() + 0.01)  # a new Parameter (adapters loaded)
-    assert torch.equal(run(), reference()) and fr.stats.captures == 3
+    assert torch.equal(run(), reference()) and fr.stats.captures == 2
 
 
 def test_freeu_and_attention_processor_changes_rebuild():
