@@ -2,8 +2,9 @@
 
 Invariants:
 - Preconditions are checked here, at the API boundary, and only here: anything but a diffusers
-  `UNet2DConditionModel`, an already optimized UNet, or a `torch.compile`d module raises
-  `UnsupportedModelError` saying what was found, what is supported, and what to do.
+  `UNet2DConditionModel`, an already optimized UNet, a `torch.compile`d module, or a UNet with accelerate
+  or diffusers forward hooks (offload enabled before `optimize`) raises `UnsupportedModelError` saying
+  what was found, what is supported, and what to do. (Hooks attached later are the runtime's to refuse.)
 - `optimize` captures nothing itself: graphs are built lazily per input signature on first use, so it is
   cheap, and nothing runs at import time.
 """
@@ -15,6 +16,7 @@ import logging
 import torch
 
 from .config import FRDiffConfig
+from .module_state import module_hooks
 from .policy import check_policy_fingerprint
 from .unet import FRDiffUNet
 
@@ -45,6 +47,16 @@ def _check_model(unet: object) -> None:
             f"optimize() supports diffusers UNet2DConditionModel (SD 1.x, SD 2.x, SDXL), found "
             f"{type(unet).__module__}.{type(unet).__qualname__}. Pass `pipe.unet` of a Stable Diffusion "
             "class pipeline."
+        )
+    hooks = module_hooks(unet)
+    if hooks:
+        shown = ", ".join(hooks[:3]) + (f" and {len(hooks) - 3} more" if len(hooks) > 3 else "")
+        raise UnsupportedModelError(
+            f"optimize() was given a UNet whose modules carry forward hooks of accelerate or diffusers ({shown}); "
+            "its compiled graphs cannot run them. For model CPU offload, optimize first and enable offload "
+            "after: `pipe.remove_all_hooks()`, `pipe.unet = frdiff_compile.optimize(pipe.unet)`, "
+            "`pipe.enable_model_cpu_offload()`. Sequential CPU offload, group offloading, a device_map, "
+            "layerwise casting and diffusers' caching hooks are not supported: load the UNet without them."
         )
 
 

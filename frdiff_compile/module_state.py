@@ -22,11 +22,17 @@ Invariants:
       the graph was captured.
     - Every PEFT adapter layer's state (LoRA scales, active, disabled and merged adapters), which
       `set_adapters`, `disable_adapters`, `fuse_lora` and the like change without touching a tensor.
+    - Forward hooks of other libraries on the UNet's modules (`Fingerprint.hooks`): accelerate's
+      (sequential CPU offload, a `device_map`) move weights inside the forward, and diffusers' own
+      (group offloading, layerwise casting, FasterCache, FirstBlockCache, ...) change what it computes
+      from call to call. A captured graph would run neither, so the runtime serves no call while any is
+      attached.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import torch
 
@@ -54,12 +60,36 @@ def _adapter_state(layer: torch.nn.Module) -> tuple:
     return scales, tuple(layer.active_adapters), bool(layer.disable_adapters), tuple(layer.merged_adapters)
 
 
-def module_fingerprint(unet: torch.nn.Module) -> tuple:
+class Fingerprint(NamedTuple):
+    parameters: tuple
+    processors: tuple
+    adapters: tuple
+    freeu: tuple
+    hooks: tuple[str, ...]  # "<module class>: <hook>" for every module another library's hook wraps
+
+
+def _hooks(module: torch.nn.Module) -> list[str]:
+    """The forward hooks accelerate (`_hf_hook`) and diffusers (`_diffusers_hook`) attached to `module`."""
+    found = []
+    accelerate_hook = module.__dict__.get("_hf_hook")
+    if accelerate_hook is not None:
+        found.append(type(accelerate_hook).__name__)
+    registry = module.__dict__.get("_diffusers_hook")
+    found.extend(getattr(registry, "hooks", {}))  # an empty registry is what removing every hook leaves
+    return [f"{type(module).__name__}: {name}" for name in found]
+
+
+def module_hooks(unet: torch.nn.Module) -> tuple[str, ...]:
+    """`Fingerprint.hooks` alone."""
+    return tuple(hook for module in unet.modules() for hook in _hooks(module))
+
+
+def module_fingerprint(unet: torch.nn.Module) -> Fingerprint:
     """The fingerprint of `unet`'s graph-relevant state; compare two with `==`."""
     # One walk of the module tree (it runs at every generation's start, on the host's critical path):
     # parameters straight from each module's own table, processors found through a class attribute
     # (hasattr on a module instance falls into nn.Module.__getattr__, which is slow when it misses).
-    params, processors, adapters = [], [], []
+    params, processors, adapters, hooks = [], [], [], []
     for module in unet.modules():
         params.extend(id(p) for p in module._parameters.values() if p is not None)
         kind = type(module)
@@ -67,9 +97,10 @@ def module_fingerprint(unet: torch.nn.Module) -> tuple:
             processors.append((module.processor, _plain_values(module.processor)))
         if getattr(kind, "adapter_layer_names", None) is not None:  # peft's BaseTunerLayer, duck-typed
             adapters.append(_adapter_state(module))
+        hooks.extend(_hooks(module))
     freeu = tuple(getattr(block, k, None) for block in getattr(unet, "up_blocks", ())
                   for k in ("s1", "s2", "b1", "b2"))
-    return tuple(params), tuple(processors), tuple(adapters), freeu
+    return Fingerprint(tuple(params), tuple(processors), tuple(adapters), freeu, tuple(hooks))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -174,6 +174,10 @@ class FRDiffUNet(torch.nn.Module):
         self._generation = _Generation(number, schedule)
         self.stats.generations += 1
         logger.debug("generation %d: %s", number, schedule)
+        if fingerprint.hooks:
+            self._fall_back(f"forward hooks of accelerate or diffusers are attached to the UNet's modules "
+                            f"({', '.join(fingerprint.hooks[:3])}), which its graphs cannot run (sequential or "
+                            "group offload, layerwise casting, caching hooks)")
 
     def _fall_back(self, reason: str) -> None:
         if self._generation.eager_reason is None:

@@ -1,17 +1,19 @@
 """Module state the captured graphs bake in: changing it after a capture must rebuild, never replay stale graphs.
 
 What `frdiff_compile/module_state.py` fingerprints, each through the public path users take: parameters
-replaced or moved to new storage, FreeU, attention processors and their Python values, PEFT LoRA adapters.
+replaced or moved to new storage, FreeU, attention processors and their Python values, PEFT LoRA adapters,
+and forward hooks of accelerate and diffusers.
 """
 
 import copy
 
+import pytest
 import torch
 from conftest import make_unet, unet_inputs
 from test_runtime import optimized_fn, sample, scheduler
 
 import frdiff_compile
-from frdiff_compile import FRDiffConfig
+from frdiff_compile import FRDiffConfig, UnsupportedModelError
 
 
 def test_replaced_parameters_rebuild_and_in_place_updates_are_read_live():
@@ -118,3 +120,27 @@ def test_lora_scale_in_cross_attention_kwargs_is_served_by_the_graphs():
         assert fr.stats.captures == captures and fr.stats.eager_calls == 0, (scale, fr.stats)
         outputs[scale] = got
     assert not torch.equal(outputs[0.3], outputs[None])
+
+
+def test_forward_hooks_of_other_libraries_are_refused_at_optimize_and_run_eagerly_later():
+    """Hooks that move or recast weights inside the forward (offload, layerwise casting) or change what it
+    computes per call (diffusers' caches) are Python a captured graph never runs: no call may use graphs."""
+    from accelerate import cpu_offload_with_hook
+
+    unet = make_unet("sd15")
+    cond = unet_inputs("sd15")
+    fr = frdiff_compile.optimize(unet)
+    run = lambda: sample(optimized_fn(fr, cond), scheduler("sd15"), 4)  # noqa: E731
+    stock = lambda: sample(lambda i, n, x, t: unet(x, t, **cond).sample, scheduler("sd15"), 4)  # noqa: E731
+    run()
+    unet.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+    with pytest.warns(UserWarning, match=r"forward hooks of accelerate or diffusers .*layerwise_casting"):
+        got = run()
+    assert torch.equal(got, stock()) and fr.stats.eager_calls == 4 and fr.stats.captures == 1, fr.stats
+    with pytest.raises(UnsupportedModelError, match=r"layerwise_casting and \d+ more.*optimize first"):
+        frdiff_compile.optimize(unet)
+    # Model CPU offload enabled before optimize: the hook sits on the UNet the graphs would bypass.
+    other = make_unet("sd15")
+    cpu_offload_with_hook(other, "cpu")
+    with pytest.raises(UnsupportedModelError, match=r"UNet2DConditionModel: CpuOffload\).*enable_model_cpu_offload"):
+        frdiff_compile.optimize(other)
