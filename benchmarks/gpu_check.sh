@@ -4,7 +4,8 @@
 # summary table printed last.
 #
 #   benchmarks/gpu_check.sh            on the GPU machine, from the repository root, with the wheels from
-#                                      `../shared/gpu/carry-wheels DeepCache==0.1.1` carried in .whl/
+#                                      `../shared/gpu/carry-wheels DeepCache==0.1.1 accelerate==1.15.0
+#                                      psutil pyyaml` carried in .whl/ (accelerate: the offload test)
 #                                      (device tool: carry [".whl"], timeout_s 600, and the command
 #                                      `FRDIFF_GIT_REV=<this commit> bash benchmarks/gpu_check.sh`, since
 #                                      the device's copy of the checkout may carry a stale .git)

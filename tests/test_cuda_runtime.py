@@ -27,6 +27,7 @@ DEVICE = "cpu" if EMULATED else "cuda"
 pytestmark = [pytest.mark.gpu, pytest.mark.cpu_emulation]
 cuda_only = pytest.mark.skipif(EMULATED, reason="checks the Triton kernel on CUDA itself; nothing to emulate")
 no_sync_check = pytest.mark.skipif(EMULATED, reason="CUDA's sync debug mode has no CPU counterpart")
+two_devices = pytest.mark.skipif(EMULATED, reason="moves the UNet between the GPU and the CPU; emulation has one")
 
 STEPS = 12
 # Relative to the largest latent of a DDIM trajectory. The eager graphs and inductor's fused kernels round
@@ -227,6 +228,36 @@ def test_cfg_pipeline_on_the_device(sd_pipe):
     finally:
         sd_pipe.unet = stock
         sd_pipe.to("cpu", torch.float32)
+
+
+@two_devices
+def test_model_cpu_offload_after_optimize_keeps_the_graphs(sd_pipe):
+    """diffusers' model CPU offload takes the UNet off the GPU after each generation and back before the next:
+    every generation is served by the graphs built once, with new CUDA-graph captures and no new build."""
+    pytest.importorskip("accelerate", reason="enable_model_cpu_offload needs accelerate (carry its wheel)")
+    stock = sd_pipe.unet
+
+    def generate():
+        return sd_pipe(["a digit", "a cat"], num_inference_steps=10, height=32, width=32, guidance_scale=3.0,
+                       generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    try:
+        sd_pipe.to(DEVICE)
+        sd_pipe.unet = eager_graphs(stock)
+        expected = generate()
+        # Eager graphs under CUDA graphs: the relink logic is the same for compiled ones (test_compile.py).
+        sd_pipe.unet = frdiff_compile.optimize(stock, FRDiffConfig(compile=False))
+        sd_pipe.enable_model_cpu_offload()
+        for _ in range(3):
+            assert np.abs(generate() - expected).max() < 1e-3
+            assert stock.device.type == "cpu"  # offloaded again after the generation
+        s = sd_pipe.unet.stats
+        assert s.captures == 1 and s.relinks == 2 and s.cudagraph_captures == 6, s
+        assert s.eager_calls == 0 and s.cudagraph_fallbacks == 0 and s.reuse_replays > 0, s
+    finally:
+        sd_pipe.remove_all_hooks()
+        sd_pipe.unet = stock
+        sd_pipe.to("cpu")
 
 
 @cuda_only
