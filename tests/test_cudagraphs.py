@@ -98,6 +98,21 @@ def test_offload_round_trips_keep_the_graphs_and_capture_again():
     assert s.captures == 1 and s.relinks == 2 and s.cudagraph_captures == 6, s
 
 
+def test_graphs_compiled_through_dynamo_are_rebuilt_after_a_move_not_relinked():
+    """torch.compile (compile_mode="reduce-overhead") guarded and captured its graphs over the old tensors."""
+    unet = make_unet("sd15")
+    cond = unet_inputs("sd15")
+    fr = frdiff_compile.optimize(unet)
+    run = lambda runtime: sample(optimized_fn(runtime, cond), scheduler("sd15"), 4)  # noqa: E731
+    run(fr)
+    (entry,) = fr.graph_entries()
+    entry.reuse.via_dynamo = True  # what _Compiled says of such a graph, without its slow compile
+    fr.double()
+    fr.float()
+    assert fr.graph_entries() == []
+    assert torch.equal(run(fr), run(frdiff_compile.optimize(unet))) and fr.stats.captures == 2, fr.stats
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where CUDA graph capture cannot start")
 def test_failed_capture_falls_back_with_one_warning():
     unet = make_unet("sd15")
