@@ -19,6 +19,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -90,6 +91,8 @@ class StaticGraph:
             with torch.cuda.graph(graph, pool=self.pool.handle() if self.pool else None):
                 self._output = self.fn(*args)
             self._graph = graph
+            if self.pool is not None:
+                self.pool.add(self)
         except Exception as exc:  # noqa: BLE001 - any capture failure becomes the runtime's fallback
             self._inputs, self._output, self._graph = None, None, None
             raise CaptureError(f"{type(exc).__name__}: {exc}") from exc
@@ -114,12 +117,25 @@ class SharedPool:
 
     Sharing is safe because replays run one at a time on one stream and every output is cloned before the
     next replay; what one graph keeps alive (its static output) is never handed to another.
+
+    A handle is reused only while a graph captured into it is alive. CUDA's caching allocator keeps a pool
+    until its memory is freed, and a capture into a pool that still exists but that no live graph uses
+    fails its internal check (`use_count > 0` in `beginAllocateToPool`). That is the state after every graph
+    of a runtime is dropped: a parameter move (`GraphEntry.relink`), model offload, `clear`, an eviction of
+    the last captured pair. So once none is left, the next capture gets a new handle; the old pool's memory
+    goes back at the allocator's next `empty_cache` (diffusers' offload calls it) or its own retry on OOM.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, new_handle: Callable[[], object] | None = None) -> None:
+        self._new_handle = new_handle or torch.cuda.graph_pool_handle  # a seam for the CPU tests
         self._handle: object | None = None
+        self._graphs: weakref.WeakSet[StaticGraph] = weakref.WeakSet()  # the graphs captured into it
 
     def handle(self) -> object:
-        if self._handle is None:
-            self._handle = torch.cuda.graph_pool_handle()
+        if self._handle is None or not self._graphs:
+            self._handle = self._new_handle()
         return self._handle
+
+    def add(self, graph: StaticGraph) -> None:
+        """Record a graph captured into the current handle (a StaticGraph owns its CUDA graph to the end)."""
+        self._graphs.add(graph)

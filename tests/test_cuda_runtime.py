@@ -184,6 +184,7 @@ def test_moved_parameters_keep_the_graphs_and_are_never_read_stale(warm):
     assert max_rel_error(got, trajectory(eager_graphs(unet), cond)) < TOLERANCE[torch.float32]
     new = fr.stats.since(before)
     assert new.captures == 0 and new.compiles == 0 and new.relinks == 1 and new.cudagraph_captures == 2, new
+    assert new.cudagraph_fallbacks == 0 and new.reuse_replays == new.reuse_calls > 0, new  # captured again
     # Offload moves the UNet off the device after a generation (here: to float64 on CPU, when emulated);
     # the graphs' buffers go with it, and come back empty with the UNet.
     away, home = (torch.float64, torch.float32) if EMULATED else ("cpu", DEVICE)
@@ -198,6 +199,7 @@ def test_moved_parameters_keep_the_graphs_and_are_never_read_stale(warm):
     assert max_rel_error(got, trajectory(eager_graphs(unet), cond)) < TOLERANCE[torch.float32]
     new = fr.stats.since(before)
     assert new.captures == 0 and new.compiles == 0 and new.relinks == 1 and new.cudagraph_captures == 2, new
+    assert new.cudagraph_fallbacks == 0 and new.reuse_replays == new.reuse_calls > 0, new  # captured again
 
 
 def test_channels_last_unet_under_compile_and_cuda_graphs():

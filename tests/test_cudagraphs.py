@@ -14,7 +14,7 @@ from test_runtime import optimized_fn, sample, scheduler
 
 import frdiff_compile
 from frdiff_compile import FRDiffConfig
-from frdiff_compile.cudagraphs import StaticGraph
+from frdiff_compile.cudagraphs import SharedPool, StaticGraph
 
 STEPS = 12
 
@@ -40,6 +40,25 @@ def test_static_graph_keeps_the_example_layout():
     assert graph._inputs[0].stride() == x.stride()
     with pytest.raises(ValueError, match="backend"):
         StaticGraph(lambda t: t, [], "cudagraph")
+
+
+def test_shared_pool_gets_a_new_handle_once_no_graph_holds_the_old_one():
+    """CUDA refuses a capture into a pool that still exists but that no live graph uses (after a move or a
+    clear dropped every graph), so the handle is renewed then, and only then."""
+    handles = iter(range(10))
+    pool = SharedPool(new_handle=lambda: next(handles))
+    graphs = [StaticGraph(lambda x: x, [], "emulate", pool) for _ in range(3)]
+    first = pool.handle()
+    pool.add(graphs[0])
+    assert pool.handle() == first  # a graph captured into it lives: the pair's second graph shares it
+    pool.add(graphs[1])
+    del graphs[0]
+    assert pool.handle() == first  # one is left
+    del graphs[0]
+    renewed = pool.handle()
+    assert renewed != first
+    pool.add(graphs[0])
+    assert pool.handle() == renewed
 
 
 @pytest.mark.parametrize("interval", [1, 2, 3])
