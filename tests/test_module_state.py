@@ -15,9 +15,12 @@ from test_runtime import optimized_fn, sample, scheduler
 import frdiff_compile
 from frdiff_compile import FRDiffConfig, UnsupportedModelError
 
+# One layer per block: these tests capture again and again (export is most of their time), and what they
+# check (module state the capture reads) does not depend on the depth.
+
 
 def test_replaced_parameters_rebuild_and_in_place_updates_are_read_live():
-    unet = make_unet("sd15")
+    unet = make_unet("sd15", layers_per_block=1)
     cond = unet_inputs("sd15")
     fr = frdiff_compile.optimize(unet)
     run = lambda: sample(optimized_fn(fr, cond), scheduler("sd15"), 6)  # noqa: E731
@@ -39,7 +42,7 @@ def test_freeu_and_attention_processor_changes_rebuild():
     """Settings the capture read as Python values: changing them must rebuild, never replay stale graphs."""
     from diffusers.models.attention_processor import AttnProcessor
 
-    unet = make_unet("sd15")
+    unet = make_unet("sd15", layers_per_block=1)
     cond = unet_inputs("sd15")
     fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=1))  # M=1: exactly the UNet
     stock = lambda: sample(lambda i, n, x, t: unet(x, t, **cond).sample, scheduler("sd15"), 4)  # noqa: E731
@@ -74,7 +77,7 @@ def test_lora_adapter_changes_rebuild():
     """PEFT LoRA (diffusers' add_adapter / set_adapters): scales and switches are Python state the capture read."""
     from peft import LoraConfig
 
-    unet = make_unet("sd15")
+    unet = make_unet("sd15", layers_per_block=1)
     cond = unet_inputs("sd15")
     lora = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
     unet.add_adapter(lora, adapter_name="style")
@@ -101,7 +104,7 @@ def test_lora_scale_in_cross_attention_kwargs_is_served_by_the_graphs():
     generation checks they do not)."""
     from peft import LoraConfig
 
-    unet = make_unet("sd15")
+    unet = make_unet("sd15", layers_per_block=1)
     cond = unet_inputs("sd15")
     lora = LoraConfig(r=10, lora_alpha=17, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
     unet.add_adapter(lora, adapter_name="style")
@@ -127,7 +130,7 @@ def test_forward_hooks_of_other_libraries_are_refused_at_optimize_and_run_eagerl
     computes per call (diffusers' caches) are Python a captured graph never runs: no call may use graphs."""
     from accelerate import cpu_offload_with_hook
 
-    unet = make_unet("sd15")
+    unet = make_unet("sd15", layers_per_block=1)
     cond = unet_inputs("sd15")
     fr = frdiff_compile.optimize(unet)
     run = lambda: sample(optimized_fn(fr, cond), scheduler("sd15"), 4)  # noqa: E731
@@ -140,7 +143,7 @@ def test_forward_hooks_of_other_libraries_are_refused_at_optimize_and_run_eagerl
     with pytest.raises(UnsupportedModelError, match=r"layerwise_casting and \d+ more.*optimize first"):
         frdiff_compile.optimize(unet)
     # Model CPU offload enabled before optimize: the hook sits on the UNet the graphs would bypass.
-    other = make_unet("sd15")
+    other = make_unet("sd15", layers_per_block=1)
     cpu_offload_with_hook(other, "cpu")
     with pytest.raises(UnsupportedModelError, match=r"UNet2DConditionModel: CpuOffload\).*enable_model_cpu_offload"):
         frdiff_compile.optimize(other)
