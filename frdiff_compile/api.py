@@ -16,7 +16,7 @@ import logging
 import torch
 
 from .config import FRDiffConfig
-from .module_state import module_hooks
+from .module_state import module_fingerprint
 from .policy import check_policy_fingerprint
 from .unet import FRDiffUNet
 
@@ -48,7 +48,7 @@ def _check_model(unet: object) -> None:
             f"{type(unet).__module__}.{type(unet).__qualname__}. Pass `pipe.unet` of a Stable Diffusion "
             "class pipeline."
         )
-    hooks = module_hooks(unet)
+    hooks = module_fingerprint(unet).hooks
     if hooks:
         shown = ", ".join(hooks[:3]) + (f" and {len(hooks) - 3} more" if len(hooks) > 3 else "")
         raise UnsupportedModelError(

@@ -79,11 +79,6 @@ def _hooks(module: torch.nn.Module) -> list[str]:
     return [f"{type(module).__name__}: {name}" for name in found]
 
 
-def module_hooks(unet: torch.nn.Module) -> tuple[str, ...]:
-    """`Fingerprint.hooks` alone."""
-    return tuple(hook for module in unet.modules() for hook in _hooks(module))
-
-
 def module_fingerprint(unet: torch.nn.Module) -> Fingerprint:
     """The fingerprint of `unet`'s graph-relevant state; compare two with `==`."""
     # One walk of the module tree (it runs at every generation's start, on the host's critical path):

@@ -124,8 +124,12 @@ class FRDiffUNet(torch.nn.Module):
         if self._away:
             logger.info("the UNet is called where its %d graph pairs were not built: rebuilding them",
                         len(self._graphs))
-            self._graphs.clear()
-            self._placement, self._away = tensor_placement(self.unet), False
+            self._drop_graphs()
+
+    def _drop_graphs(self) -> None:
+        """Drop every graph pair; the next ones are built where the UNet's tensors are now."""
+        self._graphs.clear()
+        self._placement, self._away = tensor_placement(self.unet), False
 
     # --- generations ----------------------------------------------------------------------------------
     def reset(self, num_inference_steps: int | None = None) -> None:
@@ -162,9 +166,8 @@ class FRDiffUNet(torch.nn.Module):
         if fingerprint != self._fingerprint:
             logger.info("the UNet's parameters, attention processors, adapters or FreeU settings changed: "
                         "rebuilding graphs")
-            self._graphs.clear()
+            self._drop_graphs()
             self._fingerprint = fingerprint
-            self._placement, self._away = tensor_placement(self.unet), False
         self._check_placement()
         number = self._generation.number + 1
         try:
