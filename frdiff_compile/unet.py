@@ -2,7 +2,8 @@
 
 Invariants:
 - Called exactly like the wrapped UNet, same return types; attribute reads it does not define itself
-  (`config`, `dtype`, `device`, `add_embedding`, ...) go to the wrapped UNet.
+  (`config`, `dtype`, `device`, `add_embedding`, ...) go to the wrapped UNet. Module paths and state-dict
+  keys are the stock UNet's (`state_keys`); a copy or a pickle is a new runtime with no graphs (`__reduce__`).
 - Every per-step decision (keyframe, reuse or skip; the blend weight) is made here on the host from the
   step position (`steps.StepTracker`) and the generation's `Schedule`; graphs only ever see tensors.
 - A generation never reads a cache its own keyframe did not write (`GraphEntry.written_generation`); a new
@@ -38,6 +39,7 @@ from .passes import CallLayout, build_graphs, capture, plan_cache_points
 from .passes.capture import UnsupportedCall
 from .policy import check_policy_fingerprint
 from .schedule import Schedule, StepKind, build_schedule
+from . import state_keys
 from .steps import StepTracker
 
 logger = logging.getLogger(__name__)
@@ -61,6 +63,7 @@ class FRDiffUNet(torch.nn.Module):
     def __init__(self, unet: torch.nn.Module, config: FRDiffConfig) -> None:
         super().__init__()
         self.unet = unet
+        state_keys.install(self)  # state dicts spelled as the stock UNet's (no "unet." level)
         self.frdiff_config = config
         self.stats = RuntimeStats()
         # Test seam: "emulate" runs the CUDA-graph buffer discipline on any device (see cudagraphs.py).
@@ -80,12 +83,21 @@ class FRDiffUNet(torch.nn.Module):
         self._placement = tensor_placement(self.unet)
         self._away = False
 
-    # --- attribute forwarding -------------------------------------------------------------------------
+    # --- attribute forwarding, copies -----------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self._modules["unet"], name)
+
+    def __reduce__(self) -> tuple:
+        # copy.copy, copy.deepcopy and pickle make a new runtime over the (copied) UNet with this config: the
+        # graphs, buffers and CUDA graphs are built over this UNet's parameters and are never shared or copied.
+        return (type(self), (self.unet, self.frdiff_config))
+
+    def named_modules(self, memo=None, prefix="", remove_duplicate=True):  # noqa: ANN001, ANN201 - torch's
+        # Module paths as the stock UNet's (no "unet." level), matching the state-dict keys; see state_keys.
+        return state_keys.named_modules(self, memo, prefix, remove_duplicate)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - torch's own signature
         # .to(), .half(), .cuda() may give parameters and buffers new storage. A call that moves nothing
