@@ -2,8 +2,9 @@
 
 Invariants:
 - Called exactly like the wrapped UNet, same return types; attribute reads it does not define itself
-  (`config`, `dtype`, `device`, `add_embedding`, ...) go to the wrapped UNet. Module paths and state-dict
-  keys are the stock UNet's (`state_keys`); a copy or a pickle is a new runtime with no graphs (`__reduce__`).
+  (`config`, `dtype`, `device`, `add_embedding`, ...) go to the wrapped UNet. Like any module holding a
+  submodule (and torch.compile's `_orig_mod`), its parameter names and state-dict keys carry the "unet."
+  level; `load_state_dict` also takes a stock UNet's keys. A copy or a pickle is a new runtime with no graphs.
 - Every per-step decision (keyframe, reuse or skip; the blend weight) is made here on the host from the
   step position (`steps.StepTracker`) and the generation's `Schedule`; graphs only ever see tensors.
 - A generation never reads a cache its own keyframe did not write (`GraphEntry.written_generation`); a new
@@ -39,7 +40,6 @@ from .passes import CallLayout, build_graphs, capture, plan_cache_points
 from .passes.capture import UnsupportedCall
 from .policy import check_policy_fingerprint
 from .schedule import Schedule, StepKind, build_schedule
-from . import state_keys
 from .steps import StepTracker
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,27 @@ _UNTRACKED = (
     "the step index cannot be told from this timestep (not a view of scheduler.timesteps); "
     "call unet.reset(num_inference_steps=N) before the denoising loop"
 )
+
+
+def _accept_stock_keys(module: torch.nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
+    """Load-state-dict pre-hook: a stock UNet checkpoint ("conv_in.weight") loads as "unet.conv_in.weight".
+
+    Only loading is lenient. Names stay the wrapper's everywhere else (`state_dict`, `named_parameters`),
+    since tools pair the two: accelerate's offload hooks look up `state_dict()` entries by `named_children`
+    paths. The UNet has no submodule named `unet`, so the two spellings never collide.
+    """
+    inner = prefix + "unet."
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+        state_dict[inner + key[len(prefix):]] = state_dict.pop(key)  # in order: popped and re-added in turn
+    metadata = getattr(state_dict, "_metadata", None)  # module versions; only the root call's dict has it
+    if metadata is not None:
+        for name in list(metadata):  # named by module prefix without the dot: the UNet itself is "unet"
+            if name == inner[:-1] or name.startswith(inner):
+                continue  # already the wrapper's spelling
+            if name == prefix[:-1]:
+                metadata.setdefault(inner[:-1], metadata[name])
+            elif name.startswith(prefix):
+                metadata.setdefault(inner + name[len(prefix):], metadata[name])
 
 
 @dataclasses.dataclass
@@ -63,7 +84,7 @@ class FRDiffUNet(torch.nn.Module):
     def __init__(self, unet: torch.nn.Module, config: FRDiffConfig) -> None:
         super().__init__()
         self.unet = unet
-        state_keys.install(self)  # state dicts spelled as the stock UNet's (no "unet." level)
+        self.register_load_state_dict_pre_hook(_accept_stock_keys)
         self.frdiff_config = config
         self.stats = RuntimeStats()
         # Test seam: "emulate" runs the CUDA-graph buffer discipline on any device (see cudagraphs.py).
@@ -94,10 +115,6 @@ class FRDiffUNet(torch.nn.Module):
         # copy.copy, copy.deepcopy and pickle make a new runtime over the (copied) UNet with this config: the
         # graphs, buffers and CUDA graphs are built over this UNet's parameters and are never shared or copied.
         return (type(self), (self.unet, self.frdiff_config))
-
-    def named_modules(self, memo=None, prefix="", remove_duplicate=True):  # noqa: ANN001, ANN201 - torch's
-        # Module paths as the stock UNet's (no "unet." level), matching the state-dict keys; see state_keys.
-        return state_keys.named_modules(self, memo, prefix, remove_duplicate)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - torch's own signature
         # .to(), .half(), .cuda() may give parameters and buffers new storage. A call that moves nothing
