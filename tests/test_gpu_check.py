@@ -44,7 +44,15 @@ def test_summary_judges_the_newest_run_against_the_targets(tmp_path):
         # The faster compiled stock provider is the baseline the target names.
         {"date": new, "provider": "compiled-static", "loop_ms": "500", "measured_over_model": "", "first_loop_s": "80"},
     ])
+    write_csv(tmp_path / "bench_compile.csv", [
+        {"date": new, "variant": "default", "phase": "cold", "compile_s": "72.5", "triton_binaries": "140"},
+        {"date": new, "variant": "default", "phase": "warm", "compile_s": "9.1", "triton_binaries": "140"},
+        {"date": new, "variant": "shared-names", "phase": "cold", "compile_s": "58", "triton_binaries": "101"},
+    ])
     verdicts = {row[0]: row for row in summary(tmp_path)}
+    assert verdicts["compile s, default cold (140 Triton binaries)"][1:] == ("72.5", "<= 60", "MISSED")
+    assert verdicts["compile s, default warm (140 Triton binaries)"][1:] == ("9.1", "", "-")
+    assert verdicts["compile s, shared-names cold (101 Triton binaries)"][3] == "met"
     assert verdicts["stage gpu_tests"][3] == "met" and verdicts["stage bench_blend"][3] == "MISSED"
     assert verdicts["gpu tests"][3] == "met"
     for cut in ("7 passed, 1 failed in 100.0s", "cut short: 8 PASSED, 0 FAILED so far"):

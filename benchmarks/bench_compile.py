@@ -1,0 +1,159 @@
+"""Compile time of the keyframe and reuse graphs for one shape, cold and warm, per inductor setting.
+
+Run (on a CUDA machine; `--dry-run` checks the wiring on CPU with a tiny config):
+    python benchmarks/bench_compile.py                       # SD 1.5, 64x64 latents, CFG batch 2, fp16
+    python benchmarks/bench_compile.py --variants default    # one variant only
+
+Invariants:
+- Every measurement is a process of its own with its own inductor and Triton cache folders: "cold" starts
+  from empty folders (a fresh machine), "warm" is a second process over the folders its cold run filled
+  (a restart on the same machine). Nothing is shared between variants.
+- A variant is a set of environment variables that inductor reads when it is imported, so the library
+  runs unchanged, as a user setting that variable would run it. "shared-names" names every generated
+  Triton kernel `triton_` instead of numbering them per graph (TORCHINDUCTOR_UNIQUE_KERNEL_NAMES=0): most
+  of the reuse graph's kernels are keyframe kernels under another name, and Triton's compile cache hashes
+  a kernel's source, name included, so only then can the reuse graph reuse the keyframe graph's binaries.
+- Times are the runtime's own counters: export and graph passes (`build_seconds`), and each graph's first
+  call, compilation included (`compile_seconds`, `reuse_compile_seconds`). CUDA graphs are off: capture
+  is not compilation. "triton binaries" counts the kernels Triton compiled into the empty cache folder.
+- The target (GPU issue): both graphs compiled in <= 60 s for one shape. Appends rows to
+  benchmarks/results/bench_compile.csv (none for --dry-run unless --csv is given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import RESULTS, append_csv, environment, print_table, synchronize
+
+VARIANTS = {
+    "default": {},
+    "shared-names": {"TORCHINDUCTOR_UNIQUE_KERNEL_NAMES": "0"},
+}
+# A tiny UNet for --dry-run: every block kind, compiled by CPU inductor in seconds.
+TINY = dict(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, cross_attention_dim=32,
+            attention_head_dim=4, norm_num_groups=8)
+
+
+def child(args: argparse.Namespace) -> None:
+    """One process: build the runtime's graph pair and run each graph once; print the counters as JSON."""
+    import frdiff_compile
+    from frdiff_compile import FRDiffConfig
+
+    start = time.perf_counter()
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    dtype = torch.float32 if args.dry_run else torch.float16
+    torch.manual_seed(0)
+    if args.dry_run:
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel(sample_size=args.latent, **TINY).eval().to(device, dtype)
+    else:
+        from models import build_unet
+
+        unet = build_unet(args.config, args.latent).to(device, dtype)
+    from models import example_call
+
+    call = example_call(unet, args.batch, args.latent, device, dtype)
+    sample = call.pop("sample")
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(compile=True, cuda_graphs=False))
+    with torch.no_grad():
+        entry, tensors = fr.prepare(sample, torch.tensor(500, device=device), **call)
+        entry.run_full(tensors, generation=1)
+        entry.run_reuse(tensors, 0.5)
+        synchronize(device)
+    stats = fr.stats
+    print(json.dumps({
+        "export_s": stats.build_seconds,
+        "keyframe_s": stats.compile_seconds - stats.reuse_compile_seconds,
+        "reuse_s": stats.reuse_compile_seconds,
+        "compile_s": stats.compile_seconds,
+        "compiles": stats.compiles,
+        "process_s": time.perf_counter() - start,
+    }))
+
+
+def measure(args: argparse.Namespace, variant: str, cache: Path, phase: str) -> dict:
+    """Run `child` in a fresh process over `cache`; the row for the table."""
+    env = {**os.environ, **VARIANTS[variant], "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+           "TRITON_CACHE_DIR": str(cache / "triton")}
+    command = [sys.executable, __file__, "--child", "--config", args.config, "--latent", str(args.latent),
+               "--batch", str(args.batch), *(["--dry-run"] if args.dry_run else [])]
+    row: dict = {"variant": variant, "phase": phase}
+    began = time.perf_counter()
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {**row, "note": f"timed out after {args.timeout} s"}
+    row["wall_s"] = time.perf_counter() - began
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:160]
+        return {**row, "note": f"failed (exit {done.returncode}): {tail}"}
+    row.update(json.loads(lines[-1]))
+    binaries = cache / "triton"
+    row["triton_binaries"] = sum(1 for p in binaries.iterdir() if p.is_dir()) if binaries.exists() else 0
+    row["note"] = " ".join(f"{k}={v}" for k, v in VARIANTS[variant].items())
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="sd15", choices=["sd15", "sdxl", "small"])
+    parser.add_argument("--latent", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated subset of {','.join(VARIANTS)}")
+    parser.add_argument("--phases", default="cold,warm", help="cold, warm or both (warm needs cold first)")
+    parser.add_argument("--timeout", type=int, default=300, help="seconds per process")
+    parser.add_argument("--dry-run", action="store_true", help="CPU inductor, a tiny UNet at 8x8 latents")
+    parser.add_argument("--csv", default=None,
+                        help="default: benchmarks/results/bench_compile.csv (none for --dry-run)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.dry_run:
+        args.latent = 8
+    if args.child:
+        child(args)
+        return
+    variants = [v for v in args.variants.split(",") if v]
+    phases = [p for p in args.phases.split(",") if p]
+    if sorted(set(variants) - set(VARIANTS)) or sorted(set(phases) - {"cold", "warm"}):
+        parser.error(f"variants are {', '.join(VARIANTS)}; phases are cold and warm")
+    if not args.dry_run and not torch.cuda.is_available():
+        parser.error("bench_compile times compilation for CUDA and needs a CUDA device (use --dry-run on CPU)")
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    env = environment(device)
+    shape = "tiny" if args.dry_run else args.config
+    shape += f" {args.batch}x4x{args.latent}x{args.latent} {'float32' if args.dry_run else 'float16'}"
+    print(f"bench_compile: {shape} on {env['device']} (torch {env['torch']}, git {env['git']})", flush=True)
+    csv_path = args.csv or (None if args.dry_run else str(RESULTS / "bench_compile.csv"))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="frdiff_compile_caches_") as root:
+        for variant in variants:
+            cache = Path(root) / variant
+            for phase in ("cold", "warm"):
+                if phase in phases or (phase == "cold" and "warm" in phases):  # warm needs the cold caches
+                    row = measure(args, variant, cache, phase)
+                    print(f"{variant} {phase}: {row.get('compile_s', float('nan')):.1f} s {row.get('note', '')}",
+                          flush=True)
+                    if phase in phases:
+                        rows.append(row)
+                        if csv_path:
+                            append_csv(Path(csv_path), [{"shape": shape, "dry_run": args.dry_run, **row}], env)
+    columns = ["variant", "phase", "export_s", "keyframe_s", "reuse_s", "compile_s", "compiles", "triton_binaries",
+               "process_s", "wall_s", "note"]
+    print_table(rows, columns, f"bench_compile ({shape}; target: both graphs <= 60 s)")
+
+
+if __name__ == "__main__":
+    main()
