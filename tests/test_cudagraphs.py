@@ -163,3 +163,17 @@ def test_cuda_graph_settings_are_checked():
     fr.reset(num_inference_steps=2)
     with pytest.raises(ValueError, match="cuda_graphs=True but the UNet's inputs are on cpu"):
         fr(torch.randn(2, 4, 8, 8), torch.tensor(999), **unet_inputs("sd15"))
+
+
+def test_a_two_step_generation_warms_both_graphs_for_every_step_count():
+    """README's warm-up recipe: step 0 is a keyframe and step 1 a reuse step (lambda = 0.5 at i/N = b), so
+    one 2-step generation captures both graphs, and a longer generation at that shape captures nothing."""
+    unet = make_unet("sd15", layers_per_block=1)
+    cond = unet_inputs("sd15")
+    for interval in (2, 3):
+        fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=interval))
+        fr.graph_backend_override = "emulate"
+        sample(optimized_fn(fr, cond), scheduler("sd15"), 2)
+        assert (fr.stats.full_calls, fr.stats.reuse_calls, fr.stats.cudagraph_captures) == (1, 1, 2), fr.stats
+        sample(optimized_fn(fr, cond), scheduler("sd15"), 50)
+        assert fr.stats.cudagraph_captures == 2 and fr.stats.captures == 1, fr.stats
