@@ -106,11 +106,15 @@ def test_pipeline_saves_with_the_stock_unet_swapped_in(sd_pipe, tmp_path):
 
     stock_unet = sd_pipe.unet
     fr = frdiff_compile.optimize(stock_unet)
+    generate = lambda: sd_pipe("a digit", num_inference_steps=2, height=16, width=16, output_type="np")  # noqa: E731
     try:
         sd_pipe.unet = fr
+        generate()
         sd_pipe.unet = fr.unet
         sd_pipe.save_pretrained(tmp_path)
         sd_pipe.unet = fr
+        generate()
+        assert fr.stats.generations == 2 and fr.stats.captures == 1, "the swap for the save kept the graphs"
         loaded = StableDiffusionPipeline.from_pretrained(tmp_path).unet
         assert type(loaded) is type(stock_unet)
         assert all(torch.equal(v, stock_unet.state_dict()[k]) for k, v in loaded.state_dict().items())
