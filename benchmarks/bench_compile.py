@@ -60,7 +60,7 @@ def child(args: argparse.Namespace) -> None:
     else:
         from models import build_unet
 
-        unet = build_unet(args.config, args.latent).to(device, dtype)
+        unet = build_unet(args.config, args.latent, device).to(dtype)  # initialized on the GPU: seconds less
     from models import example_call
 
     call = example_call(unet, args.batch, args.latent, device, dtype)
