@@ -5,8 +5,10 @@ working after `pipe.unet = optimize(pipe.unet)`.
 """
 
 import copy
+import gc
 import io
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -97,6 +99,26 @@ def test_copies_and_pickles_are_new_runtimes_without_graphs():
     shallow = copy.copy(fr)  # a second runtime over the same UNet: graphs and generations are not shared
     assert shallow.unet is unet and not shallow.graph_entries() and shallow._graphs is not fr._graphs
     assert torch.equal(run(shallow, cond), expected) and fr.stats.captures == 1
+
+
+def test_a_dropped_runtime_frees_its_graphs_and_buffers_at_once():
+    # `pipe.unet = optimize(pipe.unet.unet, other_config)` drops the old runtime: its cache buffers and CUDA
+    # graphs (device memory) must go with its last reference, not wait for a garbage-collector pass.
+    unet = make_unet("sd15", layers_per_block=1)
+    cond = unet_inputs("sd15")
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        fr = frdiff_compile.optimize(unet)
+        fr.graph_backend_override = "emulate"
+        run(fr, cond)
+        entry = fr.graph_entries()[0]
+        held = [weakref.ref(x) for x in (fr, entry, entry.caches[0], entry.static_keyframe)]
+        del fr, entry
+        assert all(r() is None for r in held), "a reference cycle keeps the dropped runtime's memory alive"
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def test_pipeline_saves_with_the_stock_unet_swapped_in(sd_pipe, tmp_path):
