@@ -111,6 +111,10 @@ class FRDiffUNet(torch.nn.Module):
         except AttributeError:
             return getattr(self._modules["unet"], name)
 
+    def extra_repr(self) -> str:
+        # `print(pipe.unet)` says at once that the UNet is optimized, how, and how many shapes are built.
+        return f"{self.frdiff_config}, graph pairs built: {len(self._graphs.entries())}"
+
     def __reduce__(self) -> tuple:
         # copy.copy, copy.deepcopy and pickle make a new runtime over the (copied) UNet with this config: the
         # graphs, buffers and CUDA graphs are built over this UNet's parameters and are never shared or copied.

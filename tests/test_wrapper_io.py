@@ -93,6 +93,8 @@ def test_copies_and_pickles_are_new_runtimes_without_graphs():
         assert isinstance(made, FRDiffUNet) and made.frdiff_config == config, how
         assert made.unet is not unet and not made.graph_entries() and made.stats.generations == 0, how
         assert torch.equal(run(made, cond), expected) and made.stats.captures == 1, how
+        assert repr(made).startswith("FRDiffUNet(\n  FRDiffConfig(keyframe_interval=2,")
+        assert "graph pairs built: 1\n  (unet): UNet2DConditionModel(" in repr(made), how
         with torch.no_grad():
             made.unet.conv_in.weight.add_(1.0)  # the copy's weights are its own
         assert torch.equal(run(fr, cond), expected), how
