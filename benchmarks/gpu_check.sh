@@ -37,9 +37,9 @@ LOG="$OUT/gpu_check.log"
 BUDGET_S=${BUDGET_S:-$(( DRY ? 900 : 560 ))}
 # STAGES: the stages to run. Left out by default: bench_sdxl (bench_peers on the SDXL config at 1024x1024,
 # 30 steps, for a lease with time to spare), bench_unet (the M sweep and the per-op profile) and
-# bench_compile (cold and warm compile of both graphs, default inductor naming against shared kernel
-# names, each in a fresh process with empty caches: STAGES=bench_compile BUDGET_S=330; about 3.5 minutes
-# estimated on an H100 from the 73 s cold compile seen there, 3.3 minutes in the CPU dry run).
+# bench_compile (cold and warm compile of both graphs, each in a fresh process, cold over empty caches:
+# STAGES=bench_compile BUDGET_S=200; under 2 minutes expected on an H100 from the 73 s cold compile seen
+# there, an estimate; 1.5 minutes in the CPU dry run).
 STAGES=" ${STAGES:-gpu_tests bench_blend bench_peers} "
 START=$(date +%s)
 
