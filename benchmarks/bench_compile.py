@@ -39,7 +39,7 @@ VARIANTS = {
     "default": {},
     "shared-names": {"TORCHINDUCTOR_UNIQUE_KERNEL_NAMES": "0"},
 }
-# A tiny UNet for --dry-run: every block kind, compiled by CPU inductor in seconds.
+# A tiny UNet for --dry-run with every block kind (CPU inductor still takes about a minute to compile it cold).
 TINY = dict(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, cross_attention_dim=32,
             attention_head_dim=4, norm_num_groups=8)
