@@ -34,15 +34,13 @@ from pathlib import Path
 
 import torch
 from common import RESULTS, append_csv, environment, print_table, synchronize
+from models import build_unet, example_call
 
 VARIANTS = {
     "default": {},
     "shared-names": {"TORCHINDUCTOR_UNIQUE_KERNEL_NAMES": "0"},
 }
-# A tiny UNet for --dry-run with every block kind (CPU inductor still takes about a minute to compile it cold).
-TINY = dict(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, cross_attention_dim=32,
-            attention_head_dim=4, norm_num_groups=8)
+
 
 
 def child(args: argparse.Namespace) -> None:
@@ -54,15 +52,7 @@ def child(args: argparse.Namespace) -> None:
     device = torch.device("cpu" if args.dry_run else "cuda")
     dtype = torch.float32 if args.dry_run else torch.float16
     torch.manual_seed(0)
-    if args.dry_run:
-        from diffusers import UNet2DConditionModel
-
-        unet = UNet2DConditionModel(sample_size=args.latent, **TINY).eval().to(device, dtype)
-    else:
-        from models import build_unet
-
-        unet = build_unet(args.config, args.latent, device).to(dtype)  # initialized on the GPU: seconds less
-    from models import example_call
+    unet = build_unet(args.config, args.latent, device).to(dtype)  # initialized on the device: seconds less
 
     call = example_call(unet, args.batch, args.latent, device, dtype)
     sample = call.pop("sample")
@@ -109,7 +99,7 @@ def measure(args: argparse.Namespace, variant: str, cache: Path, phase: str) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="sd15", choices=["sd15", "sdxl", "small"])
+    parser.add_argument("--config", default="sd15", choices=["sd15", "sdxl", "small", "tiny"])
     parser.add_argument("--latent", type=int, default=64)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--variants", default="default",
@@ -121,8 +111,8 @@ def main() -> None:
                         help="default: benchmarks/results/bench_compile.csv (none for --dry-run)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.dry_run:
-        args.latent = 8
+    if args.dry_run:  # CPU inductor compiles even the tiny UNet in about a minute, cold
+        args.config, args.latent = "tiny", 8
     if args.child:
         child(args)
         return
@@ -134,8 +124,7 @@ def main() -> None:
         parser.error("bench_compile times compilation for CUDA and needs a CUDA device (use --dry-run on CPU)")
     device = torch.device("cpu" if args.dry_run else "cuda")
     env = environment(device)
-    shape = "tiny" if args.dry_run else args.config
-    shape += f" {args.batch}x4x{args.latent}x{args.latent} {'float32' if args.dry_run else 'float16'}"
+    shape = f"{args.config} {args.batch}x4x{args.latent}x{args.latent} {'float32' if args.dry_run else 'float16'}"
     print(f"bench_compile: {shape} on {env['device']} (torch {env['torch']}, git {env['git']})", flush=True)
     csv_path = args.csv or (None if args.dry_run else str(RESULTS / "bench_compile.csv"))
     rows = []

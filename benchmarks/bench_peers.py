@@ -111,7 +111,7 @@ def build(name: str, unet, scheduler, dry_run: bool, runtimes: dict) -> Callable
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="sd15", choices=["sd15", "sdxl", "small"])
+    parser.add_argument("--config", default="sd15", choices=["sd15", "sdxl", "small", "tiny"])
     parser.add_argument("--latent", type=int, default=64)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=50)
@@ -125,7 +125,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown providers {unknown}; known: {', '.join(ALL)}")
     if args.dry_run:
-        args.config, args.latent, args.steps, args.loops, device, dtype = "small", 8, 4, 1, torch.device("cpu"), torch.float32
+        args.config, args.latent, args.steps, args.loops, device, dtype = "tiny", 8, 4, 1, torch.device("cpu"), torch.float32
     elif not torch.cuda.is_available():
         parser.error("bench_peers measures CUDA providers and needs a CUDA device (use --dry-run on CPU)")
     else:

@@ -26,7 +26,11 @@ SDXL = dict(
     addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816,
 )
-CONFIGS = {"small": SMALL, "sd15": SD15, "sdxl": SDXL}
+# Dry runs on CPU: the smallest UNet with every block kind (cross-attention down and up, plain, mid).
+TINY = dict(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, cross_attention_dim=32,
+            attention_head_dim=4, norm_num_groups=8)
+CONFIGS = {"tiny": TINY, "small": SMALL, "sd15": SD15, "sdxl": SDXL}
 
 
 def build_unet(name: str, latent: int, device: torch.device | str = "cpu") -> UNet2DConditionModel:
