@@ -42,6 +42,9 @@ VARIANTS = {
 }
 
 
+def device_and_dtype(dry_run: bool) -> tuple[torch.device, torch.dtype]:
+    return (torch.device("cpu"), torch.float32) if dry_run else (torch.device("cuda"), torch.float16)
+
 
 def child(args: argparse.Namespace) -> None:
     """One process: build the runtime's graph pair and run each graph once; print the counters as JSON."""
@@ -49,11 +52,9 @@ def child(args: argparse.Namespace) -> None:
     from frdiff_compile import FRDiffConfig
 
     start = time.perf_counter()
-    device = torch.device("cpu" if args.dry_run else "cuda")
-    dtype = torch.float32 if args.dry_run else torch.float16
+    device, dtype = device_and_dtype(args.dry_run)
     torch.manual_seed(0)
     unet = build_unet(args.config, args.latent, device).to(dtype)  # initialized on the device: seconds less
-
     call = example_call(unet, args.batch, args.latent, device, dtype)
     sample = call.pop("sample")
     fr = frdiff_compile.optimize(unet, FRDiffConfig(compile=True, cuda_graphs=False))
@@ -122,9 +123,9 @@ def main() -> None:
         parser.error(f"variants are {', '.join(VARIANTS)}; phases are cold and warm")
     if not args.dry_run and not torch.cuda.is_available():
         parser.error("bench_compile times compilation for CUDA and needs a CUDA device (use --dry-run on CPU)")
-    device = torch.device("cpu" if args.dry_run else "cuda")
+    device, dtype = device_and_dtype(args.dry_run)
     env = environment(device)
-    shape = f"{args.config} {args.batch}x4x{args.latent}x{args.latent} {'float32' if args.dry_run else 'float16'}"
+    shape = f"{args.config} {args.batch}x4x{args.latent}x{args.latent} {str(dtype).removeprefix('torch.')}"
     print(f"bench_compile: {shape} on {env['device']} (torch {env['torch']}, git {env['git']})", flush=True)
     csv_path = args.csv or (None if args.dry_run else str(RESULTS / "bench_compile.csv"))
     rows = []

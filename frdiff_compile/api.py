@@ -16,7 +16,7 @@ import logging
 import torch
 
 from .config import FRDiffConfig
-from .module_state import module_fingerprint
+from .module_state import describe_hooks, module_fingerprint
 from .policy import check_policy_fingerprint
 from .unet import FRDiffUNet
 
@@ -50,9 +50,9 @@ def _check_model(unet: object) -> None:
         )
     hooks = module_fingerprint(unet).hooks
     if hooks:
-        shown = ", ".join(hooks[:3]) + (f" and {len(hooks) - 3} more" if len(hooks) > 3 else "")
         raise UnsupportedModelError(
-            f"optimize() was given a UNet whose modules carry forward hooks of accelerate or diffusers ({shown}); "
+            "optimize() was given a UNet whose modules carry forward hooks of accelerate or diffusers "
+            f"({describe_hooks(hooks)}); "
             "its compiled graphs cannot run them. For model CPU offload, optimize first and enable offload "
             "after: `pipe.remove_all_hooks()`, `pipe.unet = frdiff_compile.optimize(pipe.unet)`, "
             "`pipe.enable_model_cpu_offload()`. Sequential CPU offload, group offloading, a device_map, "

@@ -79,6 +79,11 @@ def _hooks(module: torch.nn.Module) -> list[str]:
     return [f"{type(module).__name__}: {name}" for name in found]
 
 
+def describe_hooks(hooks: tuple[str, ...]) -> str:
+    """`Fingerprint.hooks` for a message: the first three, and how many more."""
+    return ", ".join(hooks[:3]) + (f" and {len(hooks) - 3} more" if len(hooks) > 3 else "")
+
+
 def module_fingerprint(unet: torch.nn.Module) -> Fingerprint:
     """The fingerprint of `unet`'s graph-relevant state; compare two with `==`."""
     # One walk of the module tree (it runs at every generation's start, on the host's critical path):

@@ -35,7 +35,7 @@ import torch
 from .config import FRDiffConfig
 from .cudagraphs import Backend, SharedPool
 from .graph_cache import GraphEntry, GraphLRU, RuntimeStats
-from .module_state import module_fingerprint, tensor_addresses, tensor_placement
+from .module_state import describe_hooks, module_fingerprint, tensor_addresses, tensor_placement
 from .passes import CallLayout, build_graphs, capture, plan_cache_points
 from .passes.capture import UnsupportedCall
 from .policy import check_policy_fingerprint
@@ -212,7 +212,7 @@ class FRDiffUNet(torch.nn.Module):
         logger.debug("generation %d: %s", number, schedule)
         if fingerprint.hooks:
             self._fall_back(f"forward hooks of accelerate or diffusers are attached to the UNet's modules "
-                            f"({', '.join(fingerprint.hooks[:3])}), which its graphs cannot run (sequential or "
+                            f"({describe_hooks(fingerprint.hooks)}), which its graphs cannot run (sequential or "
                             "group offload, layerwise casting, caching hooks)")
 
     def _fall_back(self, reason: str) -> None:
