@@ -20,7 +20,8 @@ def digits():
     return load_digits_model()
 
 
-def test_search_returns_a_valid_mask_and_the_regulariser_works(digits):
+def test_search_returns_a_valid_mask_and_the_regulariser_works(digits, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the torch reference; see the text-embedding test
     unet, embedding = digits
     # A large learning rate lets a few iterations move the logits across 0.
     weak = search(unet, digits_problem(embedding), STEPS, iterations=3, lr=0.2, weight=0.0, progress=False)
@@ -93,13 +94,17 @@ def test_refused_policies(tmp_path, digits):
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
                          ids=["contiguous", "channels_last"])
-def test_search_on_text_embeddings_of_a_tiny_sd_unet(memory_format):
+def test_search_on_text_embeddings_of_a_tiny_sd_unet(memory_format, monkeypatch):
     from conftest import TEXT_DIM
     from diffusers import DDIMScheduler
 
     from frdiff_compile.autofr import embeddings_problem
 
-    # channels_last: the memory the search blends with each cache point must share its layout
+    # channels_last: the memory the search blends with each cache point must share its layout, so that
+    # case runs the interpreted Triton kernel, which refuses mismatched layouts; the other runs the blend's
+    # torch reference (the interpreter costs seconds per step here).
+    if memory_format == torch.contiguous_format:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     unet = make_unet("sd15").to(memory_format=memory_format)
     g = torch.Generator().manual_seed(0)
     uncond, cond = torch.randn(2, 7, TEXT_DIM, generator=g), torch.randn(2, 7, TEXT_DIM, generator=g)
