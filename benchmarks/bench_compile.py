@@ -2,21 +2,24 @@
 
 Run (on a CUDA machine; `--dry-run` checks the wiring on CPU with a tiny config):
     python benchmarks/bench_compile.py                       # SD 1.5, 64x64 latents, CFG batch 2, fp16
+    python benchmarks/bench_compile.py --variants default,background --phases cold   # the worker's gain
     python benchmarks/bench_compile.py --variants default,shared-names   # also with shared kernel names
 
 Invariants:
 - Every measurement is a process of its own with its own inductor and Triton cache folders: "cold" starts
   from empty folders (a fresh machine), "warm" is a second process over the folders its cold run filled
   (a restart on the same machine). Nothing is shared between variants.
-- A variant is a set of environment variables that inductor reads when it is imported, so the library
-  runs unchanged, as a user setting that variable would run it. "default" is inductor as it comes;
-  "shared-names" (not run unless asked for) names every generated Triton kernel `triton_` instead of
+- A variant is a set of environment variables that inductor reads when it is imported, and FRDiffConfig
+  fields, so the library runs as a user setting them would run it. "default" is inductor and the config as
+  they come; "background" compiles the reuse graph in a worker process while the keyframe graph compiles
+  (`FRDiffConfig(background_compile=True)`; the worker fills inductor's caches, and the reuse graph's
+  compile here is a cache hit); "shared-names" names every generated Triton kernel `triton_` instead of
   numbering them per graph (TORCHINDUCTOR_UNIQUE_KERNEL_NAMES=0), so that Triton's compile cache, which
   hashes a kernel's source with its name, can serve a reuse-graph kernel from the keyframe graph's binary.
   Counted on CPU for the SD 1.5 config, only 12 of the reuse graph's 113 kernels could be served so.
 - Times are the runtime's own counters: export and graph passes (`build_seconds`), and each graph's first
-  call, compilation included (`compile_seconds`, `reuse_compile_seconds`). CUDA graphs are off: capture
-  is not compilation. "triton binaries" counts the kernels Triton compiled into the empty cache folder.
+  call, compilation included (`compile_seconds`, `reuse_compile_seconds`; with a worker, the reuse share is
+  the wait for it plus the cache hit). CUDA graphs are off: capture is not compilation. "triton binaries" counts the kernels Triton compiled into the empty cache folder.
 - The target (GPU issue): both graphs compiled in <= 60 s for one shape. Appends rows to
   benchmarks/results/bench_compile.csv (none for --dry-run unless --csv is given).
 """
@@ -36,9 +39,11 @@ import torch
 from common import RESULTS, append_csv, environment, print_table, synchronize
 from models import build_unet, example_call
 
+# name: (environment variables, FRDiffConfig fields)
 VARIANTS = {
-    "default": {},
-    "shared-names": {"TORCHINDUCTOR_UNIQUE_KERNEL_NAMES": "0"},
+    "default": ({}, {}),
+    "background": ({}, {"background_compile": True}),
+    "shared-names": ({"TORCHINDUCTOR_UNIQUE_KERNEL_NAMES": "0"}, {}),
 }
 
 
@@ -57,7 +62,8 @@ def child(args: argparse.Namespace) -> None:
     unet = build_unet(args.config, args.latent, device).to(dtype)  # initialized on the device: seconds less
     call = example_call(unet, args.batch, args.latent, device, dtype)
     sample = call.pop("sample")
-    fr = frdiff_compile.optimize(unet, FRDiffConfig(compile=True, cuda_graphs=False))
+    fields = VARIANTS[args.variant][1]
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(compile=True, cuda_graphs=False, **fields))
     with torch.no_grad():
         entry, tensors = fr.prepare(sample, torch.tensor(500, device=device), **call)
         entry.run_full(tensors, generation=1)
@@ -70,15 +76,16 @@ def child(args: argparse.Namespace) -> None:
         "reuse_s": stats.reuse_compile_seconds,
         "compile_s": stats.compile_seconds,
         "compiles": stats.compiles,
+        "background_compiles": stats.background_compiles,
         "process_s": time.perf_counter() - start,
     }))
 
 
 def measure(args: argparse.Namespace, variant: str, cache: Path, phase: str) -> dict:
     """Run `child` in a fresh process over `cache`; the row for the table."""
-    env = {**os.environ, **VARIANTS[variant], "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+    env = {**os.environ, **VARIANTS[variant][0], "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
            "TRITON_CACHE_DIR": str(cache / "triton")}
-    command = [sys.executable, __file__, "--child", "--config", args.config, "--latent", str(args.latent),
+    command = [sys.executable, __file__, "--child", "--variant", variant, "--config", args.config, "--latent", str(args.latent),
                "--batch", str(args.batch), *(["--dry-run"] if args.dry_run else [])]
     row: dict = {"variant": variant, "phase": phase}
     began = time.perf_counter()
@@ -94,7 +101,8 @@ def measure(args: argparse.Namespace, variant: str, cache: Path, phase: str) -> 
     row.update(json.loads(lines[-1]))
     binaries = cache / "triton"
     row["triton_binaries"] = sum(1 for p in binaries.iterdir() if p.is_dir()) if binaries.exists() else 0
-    row["note"] = " ".join(f"{k}={v}" for k, v in VARIANTS[variant].items())
+    env_vars, fields = VARIANTS[variant]
+    row["note"] = " ".join(f"{k}={v}" for k, v in {**env_vars, **fields}.items())
     return row
 
 
@@ -111,6 +119,7 @@ def main() -> None:
     parser.add_argument("--csv", default=None,
                         help="default: benchmarks/results/bench_compile.csv (none for --dry-run)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", default="default", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.dry_run:  # CPU inductor compiles even the tiny UNet in about a minute, cold
         args.config, args.latent = "tiny", 8
@@ -141,8 +150,8 @@ def main() -> None:
                         rows.append(row)
                         if csv_path:
                             append_csv(Path(csv_path), [{"shape": shape, "dry_run": args.dry_run, **row}], env)
-    columns = ["variant", "phase", "export_s", "keyframe_s", "reuse_s", "compile_s", "compiles", "triton_binaries",
-               "process_s", "wall_s", "note"]
+    columns = ["variant", "phase", "export_s", "keyframe_s", "reuse_s", "compile_s", "compiles", "background_compiles",
+               "triton_binaries", "process_s", "wall_s", "note"]
     print_table(rows, columns, f"bench_compile ({shape}; target: both graphs <= 60 s)")
 
 

@@ -47,6 +47,12 @@ class FRDiffConfig:
         cuda_graphs: capture each graph as a CUDA graph over static input buffers and replay it every step.
             None (default) means on wherever the inputs are on a CUDA device; a capture failure falls back
             to the graphs without CUDA graphs, with one warning.
+        background_compile: when both graphs are compiled, compile the reuse graph in a worker process
+            while this one compiles the keyframe graph, so that the first generation at a new shape waits
+            for the longer of the two compilations, not their sum (`background_compile.py`). The worker
+            needs inductor's on-disk caches (on by default), a free CPU core, and as much device memory as
+            the UNet's parameters (uninitialised) for the minute it runs. Off by default until measured on
+            a GPU; a worker that fails costs a compile here, never a wrong result.
         max_cached_shapes: how many input signatures (batch, resolution, text length, dtype, ...) keep
             their graph pair and cache buffers; the least recently used is dropped past this.
         policy_fingerprint: set by `from_policy`: the config fingerprint of the UNet the keyframe mask was
@@ -62,6 +68,7 @@ class FRDiffConfig:
     compile: bool | None = None
     compile_mode: str | None = None
     cuda_graphs: bool | None = None
+    background_compile: bool = False
     max_cached_shapes: int = 4
     policy_fingerprint: str | None = None
     version: int = CONFIG_VERSION
@@ -94,6 +101,8 @@ class FRDiffConfig:
             raise ValueError(f"compile must be None, True or False, got {self.compile!r}")
         if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be None, True or False, got {self.cuda_graphs!r}")
+        if not isinstance(self.background_compile, bool):
+            raise ValueError(f"background_compile must be True or False, got {self.background_compile!r}")
         # Only a named mode imports inductor to look it up: building a default config stays cheap.
         options = inductor_mode_options(self.compile_mode) if self.compile_mode is not None else {}
         if self.cuda_graphs is not False and options.get("triton.cudagraphs"):

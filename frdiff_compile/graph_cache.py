@@ -33,11 +33,17 @@ from torch import fx
 from torch._subclasses import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
+from .background_compile import BackgroundCompile
 from .config import inductor_mode_options
 from .cudagraphs import Backend, CaptureError, SharedPool, StaticGraph
 from .passes import BuildReport, Plan
 
 logger = logging.getLogger(__name__)
+
+# How long the first reuse step waits for a background compile before compiling the graph itself. The
+# worker starts before the keyframe graph, the larger one, compiles here, so by the first reuse step it
+# is usually done; one still running minutes later is stuck, and compiling here is the way forward.
+BACKGROUND_TIMEOUT_S = 300.0
 
 
 @dataclasses.dataclass
@@ -62,11 +68,32 @@ class RuntimeStats:
     full_replays: int = 0  # keyframe steps served by a CUDA-graph replay
     reuse_replays: int = 0  # reuse steps served by a CUDA-graph replay
     relinks: int = 0  # parameter moves the built graphs served (new buffers, CUDA graphs captured again)
+    background_compiles: int = 0  # reuse graphs a worker process compiled into the caches in time
+    background_failures: int = 0  # workers that failed or timed out (the graph was compiled here)
 
     def since(self, before: RuntimeStats) -> RuntimeStats:
         """What happened after `before` (a `copy.copy` of these stats): the counts of one run or one loop."""
         return RuntimeStats(**{f.name: getattr(self, f.name) - getattr(before, f.name)
                                for f in dataclasses.fields(self)})
+
+
+def compile_with_inductor(gm: fx.GraphModule, args: tuple[torch.Tensor, ...], options: dict) -> Callable:
+    """`gm` compiled by inductor directly, with its on-disk caches on (shared with `background_compile`)."""
+    # Inductor rewrites the graph it is given (its output becomes a list); it gets a copy of the nodes
+    # over the same parameters, so `gm` stays the graph the entry was built from.
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    # A tracing context whose fake mode has a shape environment, as inductor's own standalone_compile
+    # sets up: without one inductor bypasses its FX-graph and AOTAutograd caches ("No shape env"), and
+    # every new process would compile cold.
+    context = torch._guards.TracingContext(FakeTensorMode(shape_env=ShapeEnv()))
+    # Contiguous inputs at a storage offset (the step's timestep, a view into `scheduler.timesteps`) are
+    # compiled from an aligned copy with the same strides: inductor keys its caches on which inputs are
+    # aligned, and that would otherwise depend on the step the graph first ran at (and a background
+    # worker's key would differ). The compiled code copies an input that arrives misaligned itself.
+    examples = [a.clone() if a.storage_offset() and a.is_contiguous() else a for a in args]
+    with torch._guards.tracing(context):
+        return torch._inductor.compile(fx.GraphModule(gm, graph), examples, options=options)
 
 
 def _dynamo_graphs() -> int:
@@ -98,6 +125,7 @@ class _Compiled:
         self.stats = stats
         self.fn: Callable[..., torch.Tensor] | None = None
         self.calls = 0
+        self.background: BackgroundCompile | None = None  # a worker compiling this graph into the caches
 
     def _compile(self, args: tuple[torch.Tensor, ...]) -> Callable[..., torch.Tensor]:
         if not self.via_dynamo:
@@ -111,21 +139,25 @@ class _Compiled:
         return torch.compile(self.gm, fullgraph=True, dynamic=False, mode=self.mode)
 
     def _compile_directly(self, args: tuple[torch.Tensor, ...]) -> Callable[..., torch.Tensor]:
-        # Inductor rewrites the graph it is given (its output becomes a list); it gets a copy of the nodes
-        # over the same parameters, so `self.gm` stays the graph the entry was built from.
-        graph = fx.Graph()
-        graph.output(graph.graph_copy(self.gm.graph, {}))
-        # A tracing context whose fake mode has a shape environment, as inductor's own standalone_compile
-        # sets up: without one inductor bypasses its FX-graph and AOTAutograd caches ("No shape env"), and
-        # every new process would compile cold.
-        context = torch._guards.TracingContext(FakeTensorMode(shape_env=ShapeEnv()))
-        with torch._guards.tracing(context):
-            return torch._inductor.compile(fx.GraphModule(self.gm, graph), list(args), options=self.options)
+        return compile_with_inductor(self.gm, args, self.options)
+
+    def _wait_for_background(self) -> None:
+        """Let a worker compiling this graph finish first, so that the compile here is a cache hit."""
+        background, self.background = self.background, None
+        if background is None:
+            return
+        failure = background.wait(timeout=BACKGROUND_TIMEOUT_S)
+        if failure is None:
+            self.stats.background_compiles += 1
+        else:
+            self.stats.background_failures += 1
+            logger.warning("background compile of the %s graph failed, compiling it here: %s", self.kind, failure)
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         before, start = _dynamo_graphs(), time.perf_counter()
         fresh = self.fn is None
         if fresh:
+            self._wait_for_background()
             self.fn = self._compile(args)
         out = self.fn(*args)
         compiled = _dynamo_graphs() - before if self.via_dynamo else int(fresh)
@@ -203,6 +235,14 @@ class GraphEntry:
             self.static_reuse = StaticGraph(self.reuse, [*self.caches, self.keyframe_out, self.weight],
                                             self.graph_backend, self.pool)
         self.written_generation = -1
+
+    def compile_reuse_in_background(self, tensors: list[torch.Tensor]) -> None:
+        """Have a worker process compile the reuse graph (for calls like `tensors`) while the keyframe graph
+        compiles here; see `background_compile`. Does nothing for graphs not compiled by inductor directly."""
+        reuse = self.reuse
+        if isinstance(reuse, _Compiled) and not reuse.via_dynamo and reuse.fn is None and reuse.background is None:
+            example = (*tensors, *self.caches, self.keyframe_out, self.weight)
+            reuse.background = BackgroundCompile.start(reuse.gm, example, reuse.options)
 
     def release(self) -> None:
         """Free the device memory of this pair (buffers, CUDA graphs); the compiled graphs are kept.

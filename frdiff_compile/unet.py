@@ -273,6 +273,8 @@ class FRDiffUNet(torch.nn.Module):
             entry.build_seconds = elapsed
             logger.info("built graph pair for %s in %.1f s\n%s\n%s", layout.describe(), elapsed, entry.plan,
                         entry.report)
+            if self.frdiff_config.background_compile:  # before the keyframe graph compiles, at its first run
+                entry.compile_reuse_in_background(tensors)
         self._graphs.put(layout.signature, entry)
         return entry
 

@@ -48,7 +48,8 @@ TINY_CONFIGS = {
 
 
 def make_unet(
-    kind: str, seed: int = 0, sample_size: int = 8, layers_per_block: int = 2, cross_attention_dim: int = TEXT_DIM
+    kind: str, seed: int = 0, sample_size: int = 8, layers_per_block: int = 2, cross_attention_dim: int = TEXT_DIM,
+    **overrides,
 ) -> UNet2DConditionModel:
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -58,7 +59,7 @@ def make_unet(
         layers_per_block=layers_per_block,
         cross_attention_dim=cross_attention_dim,
         norm_num_groups=8,
-        **TINY_CONFIGS[kind],
+        **{**TINY_CONFIGS[kind], **overrides},
     )
     # Default init leaves conv_out and some projections at zero; random weights make every path matter.
     with torch.no_grad():

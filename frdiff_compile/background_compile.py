@@ -1,0 +1,220 @@
+"""Compile the reuse graph in a second process while this one compiles the keyframe graph.
+
+The first generation at a new input signature compiles two graphs, one after the other, and inductor's
+lowering and code generation for each runs on one core. With `FRDiffConfig(background_compile=True)` a
+worker process compiles the reuse graph while this process compiles the keyframe graph; at its first
+call this process compiles the reuse graph too, and finds the worker's result in inductor's on-disk caches.
+
+Invariants:
+- The worker only fills the on-disk caches (AOTAutograd's, inductor's FX-graph cache, Triton's). This
+  process always compiles the graph itself, exactly as without a worker, so correctness never depends on
+  the worker: one that fails, is slow, or compiled under other settings (so that the cache keys differ)
+  costs the wait and a compile here from scratch, nothing else. `wait` reports which it was.
+- The worker gets the graph through torch's `GraphPickler`, node for node (a plain pickle re-traces the
+  code and reorders nodes, so the keys would differ), the parameters as metadata only (it allocates
+  uninitialised tensors of the same size, stride, dtype and device: the caches key parameters by metadata,
+  never by value), this process's inductor and functorch configs, and the process-wide numerics flags
+  the keys include (deterministic algorithms, TF32 and reduced-precision matmul settings).
+- Nothing is left behind: the job folder is removed and a running worker killed once the compile here no
+  longer needs it (`wait`, `cancel`, or the object collected).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from pathlib import Path
+
+import torch
+from torch import fx
+
+logger = logging.getLogger(__name__)
+
+JOB_VERSION = 1
+
+
+def _numerics_settings() -> dict:
+    """Process-wide flags that inductor's cache keys include and that a user may have set."""
+    return {
+        "deterministic": (torch.are_deterministic_algorithms_enabled(),
+                          torch.is_deterministic_algorithms_warn_only_enabled()),
+        "matmul_precision": torch.get_float32_matmul_precision(),
+        "cuda_matmul": (torch.backends.cuda.matmul.allow_tf32,
+                        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
+                        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction),
+        "cudnn_tf32": torch.backends.cudnn.allow_tf32,
+    }
+
+
+def _apply_numerics_settings(settings: dict) -> None:
+    # Only what differs is set: setting a flag to its default value can change how torch reports it
+    # (`allow_tf32 = False` turns the default fp32 precision "none" into "ieee"), and so the cache key.
+    if settings["deterministic"] != _numerics_settings()["deterministic"]:
+        mode, warn_only = settings["deterministic"]
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+    if settings["matmul_precision"] != torch.get_float32_matmul_precision():
+        torch.set_float32_matmul_precision(settings["matmul_precision"])
+    matmul = torch.backends.cuda.matmul
+    for name, value in zip(("allow_tf32", "allow_fp16_reduced_precision_reduction",
+                            "allow_bf16_reduced_precision_reduction"), settings["cuda_matmul"]):
+        if getattr(matmul, name) != value:
+            setattr(matmul, name, value)
+    if torch.backends.cudnn.allow_tf32 != settings["cudnn_tf32"]:
+        torch.backends.cudnn.allow_tf32 = settings["cudnn_tf32"]
+
+
+def _describe(t: torch.Tensor) -> tuple:
+    return tuple(t.shape), t.stride(), t.dtype, str(t.device), t.requires_grad
+
+
+def _materialize(description: tuple) -> torch.Tensor:
+    shape, stride, dtype, device, requires_grad = description
+    return torch.empty_strided(shape, stride, dtype=dtype, device=device).requires_grad_(requires_grad)
+
+
+def _why_not(args: tuple[torch.Tensor, ...]) -> str | None:
+    """Why a worker could not fill the caches this process will look in; None if it can."""
+    import torch._functorch.config
+    import torch._inductor.config
+
+    if not torch._inductor.config.fx_graph_cache or not torch._functorch.config.enable_autograd_cache:
+        return "inductor's FX-graph or AOTAutograd cache is off, so the worker's result could not be found"
+    device_types = {a.device.type for a in args}
+    if any(torch.is_autocast_enabled(d) for d in device_types):
+        return "autocast is on, and the worker would compile outside it"
+    return None
+
+
+class BackgroundCompile:
+    """A worker process compiling one graph into inductor's on-disk caches."""
+
+    def __init__(self, process: subprocess.Popen, folder: Path, started: float) -> None:
+        self.process = process
+        self.folder = folder
+        self.started = started
+        # Kill the worker and remove its folder if this object goes away first (an entry dropped early).
+        self._finalizer = weakref.finalize(self, _stop, process, str(folder))
+
+    @classmethod
+    def start(cls, gm: fx.GraphModule, args: tuple[torch.Tensor, ...], options: dict) -> BackgroundCompile | None:
+        """Start compiling `gm` for calls like `args` with inductor `options`; None (logged) if it cannot."""
+        reason = _why_not(args)
+        if reason is not None:
+            logger.info("background compile not started: %s", reason)
+            return None
+        try:
+            job = _job(gm, args, options)
+        except Exception as exc:  # noqa: BLE001 - anything unpicklable means: compile here, as without a worker
+            logger.info("background compile not started: the graph or settings could not be serialized (%s: %s)",
+                        type(exc).__name__, exc)
+            return None
+        folder = Path(tempfile.mkdtemp(prefix="frdiff_compile_job_"))
+        (folder / "job.pkl").write_bytes(job)
+        log = open(folder / "worker.log", "wb")  # noqa: SIM115 - the worker writes it; closed right after the start
+        # This process's import path, so the worker finds this package (and torch) wherever they came from.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        try:
+            process = subprocess.Popen([sys.executable, "-m", __name__, str(folder / "job.pkl")], env=env,
+                                       stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            logger.info("background compile not started: %s", exc)
+            return None
+        finally:
+            log.close()
+        logger.info("background compile started (pid %d) for a graph of %d nodes", process.pid, len(gm.graph.nodes))
+        return cls(process, folder, time.perf_counter())
+
+    def wait(self, timeout: float) -> str | None:
+        """Wait for the worker; None if it filled the caches, else why not (its log's last lines)."""
+        try:
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.cancel()
+            return f"the worker did not finish within {timeout:.0f} s"
+        log = (self.folder / "worker.log").read_text(errors="replace") if self.folder.exists() else ""
+        self.cancel()
+        if code != 0:
+            tail = " | ".join(log.strip().splitlines()[-3:]) or "no output"
+            return f"the worker exited with status {code}: {tail}"
+        logger.info("background compile finished in %.1f s", time.perf_counter() - self.started)
+        return None
+
+    def cancel(self) -> None:
+        self._finalizer()
+
+
+def _stop(process: subprocess.Popen, folder: str) -> None:
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _job(gm: fx.GraphModule, args: tuple[torch.Tensor, ...], options: dict) -> bytes:
+    import torch._functorch.config
+    import torch._inductor.config
+    from torch._subclasses import FakeTensorMode
+    from torch.fx._graph_pickler import GraphPickler, Options
+
+    # A copy over the same nodes whose parameters are fake tensors: pickled as metadata, never as values.
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    clone = fx.GraphModule(gm, graph)
+    fake = FakeTensorMode()
+    for name, parameter in list(clone.named_parameters()):
+        owner, _, leaf = name.rpartition(".")
+        module = clone.get_submodule(owner) if owner else clone
+        module._parameters[leaf] = torch.nn.Parameter(fake.from_tensor(parameter),
+                                                      requires_grad=parameter.requires_grad)
+    return pickle.dumps({
+        "version": JOB_VERSION,
+        # ops_filter=None: the graphs call this project's blend op, which the worker registers by import.
+        "graph": GraphPickler.dumps(clone, Options(ops_filter=None)),
+        "args": [_describe(a) for a in args],
+        "options": options,
+        "inductor_config": torch._inductor.config.save_config(),
+        "functorch_config": torch._functorch.config.save_config(),
+        "numerics": _numerics_settings(),
+    })
+
+
+def _run_job(path: str) -> None:
+    """The worker: rebuild the graph with uninitialised parameters and compile it as the runtime would."""
+    import torch._functorch.config
+    import torch._inductor.config
+    from torch._subclasses import FakeTensorMode
+    from torch.fx._graph_pickler import GraphPickler
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from . import kernels  # noqa: F401 - registers the blend ops the graph calls
+    from .graph_cache import compile_with_inductor
+
+    job = pickle.loads(Path(path).read_bytes())
+    if job["version"] != JOB_VERSION:
+        raise SystemExit(f"job format {job['version']}, this worker reads {JOB_VERSION}")
+    torch._inductor.config.load_config(job["inductor_config"])
+    torch._functorch.config.load_config(job["functorch_config"])
+    _apply_numerics_settings(job["numerics"])
+    gm = GraphPickler.loads(job["graph"], FakeTensorMode(shape_env=ShapeEnv()))
+    for name, parameter in list(gm.named_parameters()):
+        owner, _, leaf = name.rpartition(".")
+        module = gm.get_submodule(owner) if owner else gm
+        module._parameters[leaf] = torch.nn.Parameter(_materialize(_describe(parameter)),
+                                                      requires_grad=parameter.requires_grad)
+    args = tuple(_materialize(d) for d in job["args"])
+    with torch.no_grad():  # the runtime compiles its graphs as inference graphs
+        compile_with_inductor(gm, args, job["options"])
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    _run_job(sys.argv[1])
+    os._exit(0)  # skip interpreter teardown of inductor's compile pools: the caches are written already

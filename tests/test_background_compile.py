@@ -1,0 +1,110 @@
+"""The reuse graph compiled by a worker process into inductor's caches while the keyframe graph compiles here.
+
+Each test points inductor at an empty cache folder (the worker inherits it), so a hit can only come from
+the worker. CPU inductor: what is checked is the hand-over (cache keys agree, numerics, failure paths).
+The time it saves is `benchmarks/bench_compile.py --variants default,background`'s to measure.
+"""
+
+import logging
+import sys
+import tempfile
+
+import pytest
+import torch
+import torch._inductor.config
+from conftest import make_unet, max_rel_error, unet_inputs
+from test_compile import _Toy
+from test_runtime import optimized_fn, sample, scheduler
+from torch._dynamo.utils import counters
+
+import frdiff_compile
+from frdiff_compile import FRDiffConfig
+from frdiff_compile.background_compile import BackgroundCompile
+from frdiff_compile.graph_cache import RuntimeStats, _Compiled
+
+STEPS = 4
+
+
+@pytest.fixture
+def empty_caches(tmp_path, monkeypatch):
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where job folders go
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    counters.clear()
+    return tmp_path
+
+
+def cache_events() -> dict:
+    return {k: v for k, v in {**counters["inductor"], **counters["aot_autograd"]}.items() if "cache" in k}
+
+
+def test_the_worker_compiles_the_reuse_graph_into_the_caches(empty_caches, caplog):
+    # One cross-attention block (both cache kinds): CPU inductor compiles both graphs while the worker runs.
+    unet = make_unet("sd15", layers_per_block=1, block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
+                     up_block_types=("CrossAttnUpBlock2D",))
+    cond = unet_inputs("sd15")
+    expected = sample(optimized_fn(frdiff_compile.optimize(unet, FRDiffConfig(compile=False)), cond),
+                      scheduler("sd15"), STEPS)
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(compile=True, background_compile=True))
+    with caplog.at_level(logging.INFO, logger="frdiff_compile"):
+        got = sample(optimized_fn(fr, cond), scheduler("sd15"), STEPS)
+    assert fr.stats.background_compiles == 1 and fr.stats.background_failures == 0, fr.stats
+    # Keyframe graph: compiled here from scratch. Reuse graph: both caches hit, filled by the worker
+    # (keyed on a timestep view at step 1 here, on a fresh aligned tensor there).
+    events = cache_events()
+    assert events.get("fxgraph_cache_miss") == 1 and events.get("fxgraph_cache_hit") == 1, events
+    assert events.get("autograd_cache_hit") == 1, events
+    assert fr.stats.compiles == 2 and fr.stats.recompiles == 0, fr.stats
+    assert "background compile finished" in caplog.text
+    assert max_rel_error(got, expected) < 1e-4
+    # The job folder is gone once the worker was waited for.
+    assert not list((empty_caches / "tmp").glob("frdiff_compile_job_*"))
+
+
+def test_a_failing_worker_costs_a_compile_here_and_one_log_line(empty_caches, monkeypatch, caplog):
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # the worker exits 1 at once
+    gm = torch.fx.symbolic_trace(_Toy())
+    x = torch.randn(4, 8)
+    stats = RuntimeStats()
+    compiled = _Compiled(gm, None, stats, kind="reuse")
+    compiled.background = BackgroundCompile.start(gm, (x,), {})
+    with caplog.at_level(logging.WARNING, logger="frdiff_compile"), torch.no_grad():
+        torch.testing.assert_close(compiled(x), gm(x))
+        torch.testing.assert_close(compiled(x), gm(x))
+    assert (stats.background_failures, stats.background_compiles, stats.compiles) == (1, 0, 1), stats
+    failures = [r for r in caplog.records if "background compile" in r.getMessage()]
+    assert len(failures) == 1 and "exited with status 1" in failures[0].getMessage(), caplog.text
+    assert cache_events().get("fxgraph_cache_miss") == 1, cache_events()  # compiled here, from scratch
+    assert not list((empty_caches / "tmp").glob("frdiff_compile_job_*"))
+
+
+def test_no_worker_where_it_could_not_help(caplog):
+    gm = torch.fx.symbolic_trace(torch.nn.Linear(4, 4))
+    args = (torch.randn(2, 4),)
+    with caplog.at_level(logging.INFO, logger="frdiff_compile"):
+        with torch._inductor.config.patch(fx_graph_cache=False):
+            assert BackgroundCompile.start(gm, args, {}) is None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert BackgroundCompile.start(gm, args, {}) is None
+    assert "cache is off" in caplog.text and "autocast is on" in caplog.text
+
+
+def test_dropping_a_worker_kills_it_and_removes_its_folder(tmp_path, monkeypatch):
+    sleeper = tmp_path / "sleeper"
+    sleeper.write_text("#!/bin/sh\nsleep 60\n")
+    sleeper.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(sleeper))  # a worker that runs until killed
+    gm = torch.fx.symbolic_trace(torch.nn.Linear(4, 4))
+    job = BackgroundCompile.start(gm, (torch.randn(2, 4),), {})
+    assert job is not None
+    process, folder = job.process, job.folder
+    assert process.poll() is None and folder.is_dir()
+    del job  # an entry dropped before its reuse graph ever ran
+    assert process.poll() is not None and not folder.exists()
+
+
+def test_config_field_is_validated():
+    with pytest.raises(ValueError, match="background_compile must be True or False"):
+        FRDiffConfig(background_compile="yes")
+    assert FRDiffConfig.from_json(FRDiffConfig(background_compile=True).to_json()).background_compile
