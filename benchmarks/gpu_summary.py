@@ -113,7 +113,10 @@ def summary(out: Path) -> list[tuple[str, str, str, str]]:
     # Cold and warm compile per inductor setting (optional stage): a fresh machine is the cold case.
     for r in newest(out / "bench_compile.csv"):
         seconds, cold = number(r.get("compile_s")), r.get("phase") == "cold"
-        what = f"compile s, {r.get('variant')} {r.get('phase')} ({r.get('triton_binaries') or '?'} Triton binaries)"
+        what = f"compile s, {r.get('variant')} {r.get('phase')} ({r.get('triton_binaries') or '?'} Triton binaries"
+        if r.get("variant") == "background":  # did the worker hand its graph over (else it was compiled here)?
+            what += ", worker " + ("ok" if r.get("background_compiles") == "1" else "FAILED")
+        what += ")"
         lines.append(line(what, seconds, f"<= {COMPILE_TARGET_S:g}" if cold else "",
                           None if seconds is None or not cold else seconds <= COMPILE_TARGET_S))
 

@@ -13,7 +13,7 @@ from gpu_summary import summary  # noqa: E402
 
 def write_csv(path, rows):
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
         writer.writeheader()
         writer.writerows(rows)
 
@@ -48,11 +48,17 @@ def test_summary_judges_the_newest_run_against_the_targets(tmp_path):
         {"date": new, "variant": "default", "phase": "cold", "compile_s": "72.5", "triton_binaries": "140"},
         {"date": new, "variant": "default", "phase": "warm", "compile_s": "9.1", "triton_binaries": "140"},
         {"date": new, "variant": "shared-names", "phase": "cold", "compile_s": "58", "triton_binaries": "101"},
+        {"date": new, "variant": "background", "phase": "cold", "compile_s": "50", "triton_binaries": "259",
+         "background_compiles": "1"},
+        {"date": new, "variant": "background", "phase": "warm", "compile_s": "9", "triton_binaries": "259",
+         "background_compiles": "0"},
     ])
     verdicts = {row[0]: row for row in summary(tmp_path)}
     assert verdicts["compile s, default cold (140 Triton binaries)"][1:] == ("72.5", "<= 60", "MISSED")
     assert verdicts["compile s, default warm (140 Triton binaries)"][1:] == ("9.1", "", "-")
     assert verdicts["compile s, shared-names cold (101 Triton binaries)"][3] == "met"
+    assert verdicts["compile s, background cold (259 Triton binaries, worker ok)"][1:] == ("50", "<= 60", "met")
+    assert "compile s, background warm (259 Triton binaries, worker FAILED)" in verdicts
     assert verdicts["stage gpu_tests"][3] == "met" and verdicts["stage bench_blend"][3] == "MISSED"
     assert verdicts["gpu tests"][3] == "met"
     for cut in ("7 passed, 1 failed in 100.0s", "cut short: 8 PASSED, 0 FAILED so far"):
