@@ -38,8 +38,8 @@ BUDGET_S=${BUDGET_S:-$(( DRY ? 900 : 560 ))}
 # STAGES: the stages to run. Left out by default: bench_sdxl (bench_peers on the SDXL config at 1024x1024,
 # 30 steps, for a lease with time to spare), bench_unet (the M sweep and the per-op profile) and
 # bench_compile (cold compile of both graphs over empty caches, each in a fresh process, as inductor comes
-# and with the reuse graph compiled by a background worker: STAGES=bench_compile BUDGET_S=200; about
-# 2.5 minutes expected on an H100 from the 73 s cold compile seen there, an estimate; 2.5 minutes in the
+# and with the reuse graph compiled by a background worker: STAGES=bench_compile BUDGET_S=240; about
+# 2.5 minutes expected on an H100 from the 73 s cold compile seen there, an estimate; 160 s in the
 # CPU dry run).
 STAGES=" ${STAGES:-gpu_tests bench_blend bench_peers} "
 START=$(date +%s)
