@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,6 +39,8 @@ from torch import fx
 logger = logging.getLogger(__name__)
 
 JOB_VERSION = 1
+# The worker's command line (`python -c`, so the module is imported once, by its own name).
+_WORKER = "import sys; from frdiff_compile.background_compile import worker_main; worker_main(sys.argv[1])"
 
 
 def _numerics_settings() -> dict:
@@ -77,6 +80,14 @@ def _describe(t: torch.Tensor) -> tuple:
 def _materialize(description: tuple) -> torch.Tensor:
     shape, stride, dtype, device, requires_grad = description
     return torch.empty_strided(shape, stride, dtype=dtype, device=device).requires_grad_(requires_grad)
+
+
+def _replace_parameters(gm: fx.GraphModule, make: Callable[[torch.nn.Parameter], torch.Tensor]) -> None:
+    """Replace every Parameter of `gm` by a Parameter over `make(it)`, keeping names and requires_grad."""
+    for name, parameter in list(gm.named_parameters()):
+        owner, _, leaf = name.rpartition(".")
+        module = gm.get_submodule(owner) if owner else gm
+        module._parameters[leaf] = torch.nn.Parameter(make(parameter), requires_grad=parameter.requires_grad)
 
 
 def _why_not(args: tuple[torch.Tensor, ...]) -> str | None:
@@ -121,7 +132,7 @@ class BackgroundCompile:
         # This process's import path, so the worker finds this package (and torch) wherever they came from.
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         try:
-            process = subprocess.Popen([sys.executable, "-m", __name__, str(folder / "job.pkl")], env=env,
+            process = subprocess.Popen([sys.executable, "-c", _WORKER, str(folder / "job.pkl")], env=env,
                                        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         except OSError as exc:
             shutil.rmtree(folder, ignore_errors=True)
@@ -168,12 +179,7 @@ def _job(gm: fx.GraphModule, args: tuple[torch.Tensor, ...], options: dict) -> b
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
     clone = fx.GraphModule(gm, graph)
-    fake = FakeTensorMode()
-    for name, parameter in list(clone.named_parameters()):
-        owner, _, leaf = name.rpartition(".")
-        module = clone.get_submodule(owner) if owner else clone
-        module._parameters[leaf] = torch.nn.Parameter(fake.from_tensor(parameter),
-                                                      requires_grad=parameter.requires_grad)
+    _replace_parameters(clone, FakeTensorMode().from_tensor)
     return pickle.dumps({
         "version": JOB_VERSION,
         # ops_filter=None: the graphs call this project's blend op, which the worker registers by import.
@@ -204,17 +210,14 @@ def _run_job(path: str) -> None:
     torch._functorch.config.load_config(job["functorch_config"])
     _apply_numerics_settings(job["numerics"])
     gm = GraphPickler.loads(job["graph"], FakeTensorMode(shape_env=ShapeEnv()))
-    for name, parameter in list(gm.named_parameters()):
-        owner, _, leaf = name.rpartition(".")
-        module = gm.get_submodule(owner) if owner else gm
-        module._parameters[leaf] = torch.nn.Parameter(_materialize(_describe(parameter)),
-                                                      requires_grad=parameter.requires_grad)
+    _replace_parameters(gm, lambda parameter: _materialize(_describe(parameter)))
     args = tuple(_materialize(d) for d in job["args"])
     with torch.no_grad():  # the runtime compiles its graphs as inference graphs
         compile_with_inductor(gm, args, job["options"])
 
 
-if __name__ == "__main__":
+def worker_main(path: str) -> None:
+    """The worker process's entry point (`_WORKER`)."""
     logging.basicConfig(level=logging.WARNING)
-    _run_job(sys.argv[1])
+    _run_job(path)
     os._exit(0)  # skip interpreter teardown of inductor's compile pools: the caches are written already
