@@ -175,10 +175,10 @@ def _job(gm: fx.GraphModule, args: tuple[torch.Tensor, ...], options: dict) -> b
     from torch._subclasses import FakeTensorMode
     from torch.fx._graph_pickler import GraphPickler, Options
 
+    from .graph_cache import copy_graph_module
+
     # A copy over the same nodes whose parameters are fake tensors: pickled as metadata, never as values.
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    clone = fx.GraphModule(gm, graph)
+    clone = copy_graph_module(gm)
     _replace_parameters(clone, FakeTensorMode().from_tensor)
     return pickle.dumps({
         "version": JOB_VERSION,

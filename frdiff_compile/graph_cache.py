@@ -77,12 +77,15 @@ class RuntimeStats:
                                for f in dataclasses.fields(self)})
 
 
-def compile_with_inductor(gm: fx.GraphModule, args: tuple[torch.Tensor, ...], options: dict) -> Callable:
-    """`gm` compiled by inductor directly, with its on-disk caches on (shared with `background_compile`)."""
-    # Inductor rewrites the graph it is given (its output becomes a list); it gets a copy of the nodes
-    # over the same parameters, so `gm` stays the graph the entry was built from.
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule over a copy of `gm`'s nodes (names and metadata kept) and the same attributes."""
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
+    return fx.GraphModule(gm, graph)
+
+
+def compile_with_inductor(gm: fx.GraphModule, args: tuple[torch.Tensor, ...], options: dict) -> Callable:
+    """`gm` compiled by inductor directly, with its on-disk caches on (shared with `background_compile`)."""
     # A tracing context whose fake mode has a shape environment, as inductor's own standalone_compile
     # sets up: without one inductor bypasses its FX-graph and AOTAutograd caches ("No shape env"), and
     # every new process would compile cold.
@@ -92,8 +95,10 @@ def compile_with_inductor(gm: fx.GraphModule, args: tuple[torch.Tensor, ...], op
     # aligned, and that would otherwise depend on the step the graph first ran at (and a background
     # worker's key would differ). The compiled code copies an input that arrives misaligned itself.
     examples = [a.clone() if a.storage_offset() and a.is_contiguous() else a for a in args]
+    # Inductor rewrites the graph it is given (its output becomes a list); it gets a copy of the nodes
+    # over the same parameters, so `gm` stays the graph the entry was built from.
     with torch._guards.tracing(context):
-        return torch._inductor.compile(fx.GraphModule(gm, graph), examples, options=options)
+        return torch._inductor.compile(copy_graph_module(gm), examples, options=options)
 
 
 def _dynamo_graphs() -> int:
