@@ -35,7 +35,7 @@ import torch
 from .config import FRDiffConfig
 from .cudagraphs import Backend, SharedPool
 from .graph_cache import GraphEntry, GraphLRU, RuntimeStats
-from .module_state import describe_hooks, module_fingerprint, tensor_addresses, tensor_placement
+from .module_state import describe_hooks, module_fingerprint, module_snapshot, tensor_addresses, tensor_placement
 from .passes import CallLayout, build_graphs, capture, plan_cache_points
 from .passes.capture import UnsupportedCall
 from .policy import check_policy_fingerprint
@@ -150,9 +150,12 @@ class FRDiffUNet(torch.nn.Module):
             logger.info("the UNet's parameters left the dtypes or devices its graphs were built for: graph "
                         "buffers freed; the graphs serve again if it comes back, else they are rebuilt")
 
-    def _check_placement(self) -> None:
-        """Before graphs run: catch `.data` swaps (no `_apply` sees them) and drop graphs left behind."""
-        if not self._away and tensor_addresses(self.unet) != self._placement.addresses:
+    def _check_placement(self, addresses: tuple[int, ...] | None = None) -> None:
+        """Before graphs run: catch `.data` swaps (no `_apply` sees them) and drop graphs left behind.
+
+        `addresses`: `tensor_addresses(self.unet)` when the caller took them already.
+        """
+        if not self._away and (addresses or tensor_addresses(self.unet)) != self._placement.addresses:
             self._placement_changed()
         if self._away:
             logger.info("the UNet is called where its %d graph pairs were not built: rebuilding them",
@@ -195,13 +198,13 @@ class FRDiffUNet(torch.nn.Module):
         logger.info("frdiff_compile.reconfigure: %s", config)
 
     def _start_generation(self, num_steps: int) -> None:
-        fingerprint = module_fingerprint(self.unet)
+        fingerprint, addresses = module_snapshot(self.unet)
         if fingerprint != self._fingerprint:
             logger.info("the UNet's parameters, attention processors, adapters or FreeU settings changed: "
                         "rebuilding graphs")
             self._drop_graphs()
             self._fingerprint = fingerprint
-        self._check_placement()
+        self._check_placement(addresses)
         number = self._generation.number + 1
         try:
             schedule = build_schedule(num_steps, self.frdiff_config)

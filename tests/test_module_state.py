@@ -19,6 +19,20 @@ from frdiff_compile import FRDiffConfig, UnsupportedModelError
 # check (module state the capture reads) does not depend on the depth.
 
 
+def test_snapshot_sees_every_module_once_including_shared_ones():
+    """`module_snapshot` walks the tree its own way (not `modules()`): it must see exactly what torch sees."""
+    from frdiff_compile.module_state import module_snapshot, tensor_addresses
+
+    unet = make_unet("sd15", layers_per_block=1)
+    unet.down_blocks[1].shared = unet.down_blocks[0].resnets[0]  # a module reachable twice: counted once
+    fingerprint, addresses = module_snapshot(unet)
+    assert sorted(fingerprint.parameters) == sorted(id(p) for p in unet.parameters())
+    tensors = [*unet.parameters(), *unet.buffers()]
+    assert sorted(addresses) == sorted(t.data_ptr() for t in tensors) == sorted(tensor_addresses(unet))
+    assert len(fingerprint.processors) == len(unet.attn_processors)
+    assert module_snapshot(unet) == (fingerprint, addresses)  # the same order at every call
+
+
 def test_replaced_parameters_rebuild_and_in_place_updates_are_read_live():
     unet = make_unet("sd15", layers_per_block=1)
     cond = unet_inputs("sd15")
