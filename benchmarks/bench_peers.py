@@ -19,8 +19,10 @@ which does more, took 7.7, so it is not the strongest baseline). Each provider r
 
 Reports per provider: loop ms, speedup against eager and against compiled stock, first-loop seconds (for
 compiled providers, mostly compilation), peak memory above what was allocated before it was built; for
-frdiff also ms per keyframe and per reuse call and the cost model (full + reuse calls at their measured
-times, skips and scheduler steps included) against its measured loop. Appends rows to
+frdiff also ms per keyframe and per reuse call, the cost model (full + reuse calls at their measured
+times, skips and scheduler steps included) against its measured loop, and the same loop with the graphs
+called directly (`graphs_loop_ms`; the difference, `runtime_host_ms`, is the runtime's own host work, which
+DDIM's per-step read of a device value puts on the loop's critical path). Appends rows to
 benchmarks/results/bench_peers.csv.
 """
 
@@ -34,7 +36,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import RESULTS, append_csv, environment, frdiff_step_ms, loop_model_ms, loop_ms, print_table, synchronize
+from common import (RESULTS, append_csv, environment, frdiff_step_ms, graphs_loop_ms, loop_model_ms, loop_ms, print_table,
+                    synchronize)
 from diffusers import DDIMScheduler
 from models import build_unet, example_call
 
@@ -183,7 +186,8 @@ def main() -> None:
 
     speedups(rows)
     columns = ["provider", "loop_ms", "vs_eager", "vs_compiled_static", "vs_compiled", "vs_all_keyframes",
-               "keyframe_ms", "reuse_ms", "model_ms", "measured_over_model", "compile_s", "first_loop_s",
+               "keyframe_ms", "reuse_ms", "model_ms", "measured_over_model", "graphs_loop_ms", "runtime_host_ms",
+               "compile_s", "first_loop_s",
                "peak_extra_MiB", "note"]
     print_table(rows, columns, f"bench_peers ({shape}, {args.steps} steps, median of {args.loops} loops)")
     if csv_path:
@@ -209,8 +213,11 @@ def describe_frdiff(row: dict, fr, before, shared: bool, scheduler, latents, cal
     t = scheduler.timesteps[steps // 2]
     entry, tensors = fr.prepare(latents, t, **call)
     ms = frdiff_step_ms(entry, tensors, scheduler, t, latents, device)
-    counts = build_schedule(steps, fr.frdiff_config).counts()
+    schedule = build_schedule(steps, fr.frdiff_config)
+    counts = schedule.counts()
     model = loop_model_ms(counts, ms, steps)
+    # The same loop with the graphs called directly: what the runtime's host work per call adds.
+    direct = sorted(graphs_loop_ms(entry, schedule, scheduler, latents, call, steps, device) for _ in range(3))[1]
     # The same runtime with a keyframe at every step, at the measured per-call times: what feature reuse
     # itself gains, separate from compilation and CUDA graphs.
     all_keyframes = loop_model_ms({"full": steps, "reuse": 0, "skip": 0}, ms, steps)
@@ -219,6 +226,7 @@ def describe_frdiff(row: dict, fr, before, shared: bool, scheduler, latents, cal
     row.update({
         "keyframe_ms": ms["keyframe"], "reuse_ms": ms["reuse"], "model_ms": model,
         "measured_over_model": row["loop_ms"] / model, "vs_all_keyframes": all_keyframes / row["loop_ms"],
+        "graphs_loop_ms": direct, "runtime_host_ms": row["loop_ms"] - direct,
         "compile_s": stats.compile_seconds,
         "note": f"{prefix}{counts['full']}/{counts['reuse']}/{counts['skip']} full/reuse/skip; compile "
                 f"{stats.compile_seconds:.0f} s (reuse graph {stats.reuse_compile_seconds:.0f} s; "

@@ -132,6 +132,36 @@ def loop_ms(model: Callable, scheduler, latents: torch.Tensor, cond: dict, steps
     return (time.perf_counter() - start) * 1e3
 
 
+def graphs_loop_ms(entry, schedule, scheduler, latents: torch.Tensor, cond: dict, steps: int,
+                   device: torch.device) -> float:
+    """`loop_ms` with a prepared graph pair called directly, step by step as `schedule` says.
+
+    Each step flattens its call (`CallLayout.from_call`) and runs the keyframe, reuse or skip step of
+    `entry`: no argument binding, step tracking, module-state check or output wrapping. What the loop
+    through `FRDiffUNet` takes on top of this is that host work, and the device waits for it when the
+    scheduler reads a device value every step (DDIM does).
+    """
+    from frdiff_compile.passes import CallLayout
+    from frdiff_compile.schedule import StepKind
+
+    scheduler.set_timesteps(steps, device=device)
+    x = latents.clone()
+    synchronize(device)
+    start = time.perf_counter()
+    for index, t in enumerate(scheduler.timesteps):
+        _, tensors = CallLayout.from_call({"sample": x, "timestep": t, **cond})
+        kind = schedule.kinds[index]
+        if kind is StepKind.FULL:
+            eps = entry.run_full(tensors, -1)
+        elif kind is StepKind.REUSE:
+            eps = entry.run_reuse(tensors, schedule.weights[index])
+        else:
+            eps = entry.run_skip()
+        x = scheduler.step(eps, t, x).prev_sample
+    synchronize(device)
+    return (time.perf_counter() - start) * 1e3
+
+
 def frdiff_step_ms(entry, tensors: list, scheduler, t, latents: torch.Tensor, device: torch.device,
                    repeats: int = 5) -> dict[str, float]:
     """Median ms of one keyframe call, reuse call, skip step and scheduler step of a prepared graph pair."""

@@ -101,6 +101,9 @@ def summary(out: Path) -> list[tuple[str, str, str, str]]:
                           None if ratio is None else abs(ratio - 1) <= MODEL_TOLERANCE))
         # What feature reuse adds over the same runtime with a keyframe at every step (no target).
         lines.append(line(f"{name} vs all keyframes", number(peers.get(name, {}).get("vs_all_keyframes")), "", None))
+        # The runtime's host work per loop: its loop minus the same loop with the graphs called directly.
+        lines.append(line(f"{name} runtime host ms per loop", number(peers.get(name, {}).get("runtime_host_ms")), "",
+                          None))
     # Both graphs' compile time as the runtime counts it, for M=2 (M=3 runs M=2's graphs); older rows have
     # only the first loop's time.
     row = peers.get("frdiff-m2", {})

@@ -38,7 +38,7 @@ def test_summary_judges_the_newest_run_against_the_targets(tmp_path):
          "measured_over_model": "", "first_loop_s": "2"},
         # Written before the compiled baseline existed: its speedup against it is computed from loop times.
         {"date": new, "provider": "frdiff-m2", "loop_ms": "380", "vs_eager": "2.63", "vs_compiled": "",
-         "measured_over_model": "1.04", "first_loop_s": "75"},
+         "measured_over_model": "1.04", "first_loop_s": "75", "runtime_host_ms": "12.5"},
         {"date": new, "provider": "compiled", "loop_ms": "570", "vs_eager": "1.75", "vs_compiled": "1",
          "measured_over_model": "", "first_loop_s": "90"},
         # The faster compiled stock provider is the baseline the target names.
@@ -71,6 +71,7 @@ def test_summary_judges_the_newest_run_against_the_targets(tmp_path):
     assert verdicts["frdiff-m2 vs eager"][3] == "met"
     assert verdicts["frdiff-m2 vs best compiled stock"][1:] == ("1.32", ">= 1.6", "MISSED")
     assert verdicts["frdiff-m2 measured / cost model"][3] == "met"
+    assert verdicts["frdiff-m2 runtime host ms per loop"][1:] == ("12.5", "", "-")
     assert verdicts["frdiff-m2 first loop s (compile)"][3] == "MISSED"
     assert verdicts["frdiff-m3 vs eager"][1:] == ("missing", ">= 3", "-")
 
@@ -92,6 +93,7 @@ def test_bench_peers_dry_run_measures_every_requested_provider(tmp_path):
     assert float(frdiff["keyframe_ms"]) > 0 and float(frdiff["model_ms"]) > 0 and "2/1/1 full/reuse/skip" in frdiff["note"]
     assert float(rows["compiled-static"]["vs_eager"]) > 0 and float(frdiff["vs_compiled_static"]) > 0
     assert float(frdiff["vs_all_keyframes"]) > 0 and float(frdiff["compile_s"]) >= 0
+    assert float(frdiff["graphs_loop_ms"]) > 0 and frdiff["runtime_host_ms"] != ""
     # M=3 runs M=2's graphs under its own schedule, and its counters are its own.
     m3 = rows["frdiff-m3"]["note"]
     assert m3.startswith("graphs of frdiff-m2 (reconfigure); 2/1/1 full/reuse/skip") and "0 graphs" in m3, m3
