@@ -133,8 +133,9 @@ def loop_ms(model: Callable, scheduler, latents: torch.Tensor, cond: dict, steps
 
 
 def graphs_loop_ms(entry, schedule, scheduler, latents: torch.Tensor, cond: dict, steps: int,
-                   device: torch.device) -> float:
-    """`loop_ms` with a prepared graph pair called directly, step by step as `schedule` says.
+                   device: torch.device) -> tuple[float, torch.Tensor]:
+    """`loop_ms` with a prepared graph pair called directly, step by step as `schedule` says; also the
+    final latents, which equal those of the loop through the runtime (tested).
 
     Each step flattens its call (`CallLayout.from_call`) and runs the keyframe, reuse or skip step of
     `entry`: no argument binding, step tracking, module-state check or output wrapping. What the loop
@@ -159,7 +160,7 @@ def graphs_loop_ms(entry, schedule, scheduler, latents: torch.Tensor, cond: dict
             eps = entry.run_skip()
         x = scheduler.step(eps, t, x).prev_sample
     synchronize(device)
-    return (time.perf_counter() - start) * 1e3
+    return (time.perf_counter() - start) * 1e3, x
 
 
 def frdiff_step_ms(entry, tensors: list, scheduler, t, latents: torch.Tensor, device: torch.device,

@@ -99,6 +99,32 @@ def test_bench_peers_dry_run_measures_every_requested_provider(tmp_path):
     assert m3.startswith("graphs of frdiff-m2 (reconfigure); 2/1/1 full/reuse/skip") and "0 graphs" in m3, m3
 
 
+def test_direct_graph_loop_follows_the_runtimes_schedule():
+    """bench_peers' `runtime_host_ms` compares two loops: they must compute the same thing."""
+    import torch
+    from common import graphs_loop_ms
+    from conftest import make_unet, unet_inputs
+    from diffusers import DDIMScheduler
+
+    import frdiff_compile
+    from frdiff_compile import FRDiffConfig, build_schedule
+
+    unet, cond, steps = make_unet("sd15"), unet_inputs("sd15"), 8
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=3, mix_bias=0.3))
+    scheduler = DDIMScheduler()
+    scheduler.set_timesteps(steps)
+    x = latents.clone()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(fr(x, t, **cond).sample, t, x).prev_sample
+        entry, _ = fr.prepare(latents, scheduler.timesteps[0], **cond)
+        schedule = build_schedule(steps, fr.frdiff_config)
+        _, direct = graphs_loop_ms(entry, schedule, scheduler, latents, cond, steps, torch.device("cpu"))
+    assert schedule.counts()["reuse"] and schedule.counts()["skip"]  # every kind of step is compared
+    assert torch.equal(direct, x)
+
+
 def test_static_stock_baseline_returns_the_stock_unet_output():
     """The compiled-stock baseline must compute what the stock UNet computes, call after call."""
     import torch
