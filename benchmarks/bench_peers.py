@@ -36,8 +36,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import (RESULTS, append_csv, environment, frdiff_step_ms, graphs_loop_ms, loop_model_ms, loop_ms, print_table,
-                    synchronize)
+from common import (RESULTS, append_csv, environment, frdiff_step_ms, graphs_loop_ms, loop_model_ms, loop_ms,
+                    print_table, synchronize)
 from diffusers import DDIMScheduler
 from models import build_unet, example_call
 
@@ -128,7 +128,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown providers {unknown}; known: {', '.join(ALL)}")
     if args.dry_run:
-        args.config, args.latent, args.steps, args.loops, device, dtype = "tiny", 8, 4, 1, torch.device("cpu"), torch.float32
+        args.config, args.latent, args.steps, args.loops = "tiny", 8, 4, 1
+        device, dtype = torch.device("cpu"), torch.float32
     elif not torch.cuda.is_available():
         parser.error("bench_peers measures CUDA providers and needs a CUDA device (use --dry-run on CPU)")
     else:
@@ -187,8 +188,7 @@ def main() -> None:
     speedups(rows)
     columns = ["provider", "loop_ms", "vs_eager", "vs_compiled_static", "vs_compiled", "vs_all_keyframes",
                "keyframe_ms", "reuse_ms", "model_ms", "measured_over_model", "graphs_loop_ms", "runtime_host_ms",
-               "compile_s", "first_loop_s",
-               "peak_extra_MiB", "note"]
+               "compile_s", "first_loop_s", "peak_extra_MiB", "note"]
     print_table(rows, columns, f"bench_peers ({shape}, {args.steps} steps, median of {args.loops} loops)")
     if csv_path:
         print(f"\nappended {len(rows)} rows to {csv_path}")
