@@ -19,7 +19,8 @@ Invariants:
   Counted on CPU for the SD 1.5 config, only 12 of the reuse graph's 113 kernels could be served so.
 - Times are the runtime's own counters: export and graph passes (`build_seconds`), and each graph's first
   call, compilation included (`compile_seconds`, `reuse_compile_seconds`; with a worker, the reuse share is
-  the wait for it plus the cache hit). CUDA graphs are off: capture is not compilation. "triton binaries" counts the kernels Triton compiled into the empty cache folder.
+  the wait for it plus the cache hit). CUDA graphs are off: capture is not compilation. "triton binaries"
+  counts the kernels Triton compiled into the empty cache folder.
 - The target (GPU issue): both graphs compiled in <= 60 s for one shape. Appends rows to
   benchmarks/results/bench_compile.csv (none for --dry-run unless --csv is given).
 """
@@ -85,8 +86,8 @@ def measure(args: argparse.Namespace, variant: str, cache: Path, phase: str) -> 
     """Run `child` in a fresh process over `cache`; the row for the table."""
     env = {**os.environ, **VARIANTS[variant][0], "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
            "TRITON_CACHE_DIR": str(cache / "triton")}
-    command = [sys.executable, __file__, "--child", "--variant", variant, "--config", args.config, "--latent", str(args.latent),
-               "--batch", str(args.batch), *(["--dry-run"] if args.dry_run else [])]
+    command = [sys.executable, __file__, "--child", "--variant", variant, "--config", args.config,
+               "--latent", str(args.latent), "--batch", str(args.batch), *(["--dry-run"] if args.dry_run else [])]
     row: dict = {"variant": variant, "phase": phase}
     began = time.perf_counter()
     try:

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import (RESULTS, append_csv, environment, frdiff_step_ms, graphs_loop_ms, loop_model_ms, loop_ms,
+from common import (RESULTS, DirectGraphs, append_csv, environment, frdiff_step_ms, loop_model_ms, loop_ms,
                     print_table, synchronize)
 from diffusers import DDIMScheduler
 from models import build_unet, example_call
@@ -217,7 +217,8 @@ def describe_frdiff(row: dict, fr, before, shared: bool, scheduler, latents, cal
     counts = schedule.counts()
     model = loop_model_ms(counts, ms, steps)
     # The same loop with the graphs called directly: what the runtime's host work per call adds.
-    direct = sorted(graphs_loop_ms(entry, schedule, scheduler, latents, call, steps, device)[0] for _ in range(3))[1]
+    direct_model = DirectGraphs(entry, schedule)
+    direct = sorted(loop_ms(direct_model, scheduler, latents, call, steps, device) for _ in range(3))[1]
     # The same runtime with a keyframe at every step, at the measured per-call times: what feature reuse
     # itself gains, separate from compilation and CUDA graphs.
     all_keyframes = loop_model_ms({"full": steps, "reuse": 0, "skip": 0}, ms, steps)

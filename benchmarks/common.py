@@ -16,10 +16,14 @@ import platform
 import statistics
 import subprocess
 import time
+import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+
+from frdiff_compile.passes import CallLayout
+from frdiff_compile.schedule import StepKind
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -132,35 +136,31 @@ def loop_ms(model: Callable, scheduler, latents: torch.Tensor, cond: dict, steps
     return (time.perf_counter() - start) * 1e3
 
 
-def graphs_loop_ms(entry, schedule, scheduler, latents: torch.Tensor, cond: dict, steps: int,
-                   device: torch.device) -> tuple[float, torch.Tensor]:
-    """`loop_ms` with a prepared graph pair called directly, step by step as `schedule` says; also the
-    final latents, which equal those of the loop through the runtime (tested).
+class DirectGraphs:
+    """A prepared graph pair called directly, step by step as `schedule` says: a model for `loop_ms`.
 
-    Each step flattens its call (`CallLayout.from_call`) and runs the keyframe, reuse or skip step of
-    `entry`: no argument binding, step tracking, module-state check or output wrapping. What the loop
-    through `FRDiffUNet` takes on top of this is that host work, and the device waits for it when the
-    scheduler reads a device value every step (DDIM does).
+    Each call flattens its arguments (`CallLayout.from_call`) and runs the keyframe, reuse or skip step of
+    `entry` at the next step index: no argument binding, step tracking, module-state check or output
+    wrapping. What `loop_ms` through `FRDiffUNet` takes on top of `loop_ms` through this is that host work,
+    which the device waits for when the scheduler reads a device value every step (DDIM does). It computes
+    what the runtime computes (tested).
     """
-    from frdiff_compile.passes import CallLayout
-    from frdiff_compile.schedule import StepKind
 
-    scheduler.set_timesteps(steps, device=device)
-    x = latents.clone()
-    synchronize(device)
-    start = time.perf_counter()
-    for index, t in enumerate(scheduler.timesteps):
-        _, tensors = CallLayout.from_call({"sample": x, "timestep": t, **cond})
-        kind = schedule.kinds[index]
+    def __init__(self, entry, schedule) -> None:
+        self.entry, self.schedule, self.calls = entry, schedule, 0
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, **cond) -> types.SimpleNamespace:
+        _, tensors = CallLayout.from_call({"sample": sample, "timestep": timestep, **cond})
+        index = self.calls % self.schedule.num_steps  # one loop after another
+        self.calls += 1
+        kind = self.schedule.kinds[index]
         if kind is StepKind.FULL:
-            eps = entry.run_full(tensors, -1)
+            eps = self.entry.run_full(tensors, -1)
         elif kind is StepKind.REUSE:
-            eps = entry.run_reuse(tensors, schedule.weights[index])
+            eps = self.entry.run_reuse(tensors, self.schedule.weights[index])
         else:
-            eps = entry.run_skip()
-        x = scheduler.step(eps, t, x).prev_sample
-    synchronize(device)
-    return (time.perf_counter() - start) * 1e3, x
+            eps = self.entry.run_skip()
+        return types.SimpleNamespace(sample=eps)
 
 
 def frdiff_step_ms(entry, tensors: list, scheduler, t, latents: torch.Tensor, device: torch.device,

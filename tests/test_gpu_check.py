@@ -103,7 +103,7 @@ def test_bench_peers_dry_run_measures_every_requested_provider(tmp_path):
 def test_direct_graph_loop_follows_the_runtimes_schedule():
     """bench_peers' `runtime_host_ms` compares two loops: they must compute the same thing."""
     import torch
-    from common import graphs_loop_ms
+    from common import DirectGraphs
     from conftest import make_unet, unet_inputs
     from diffusers import DDIMScheduler
 
@@ -115,15 +115,20 @@ def test_direct_graph_loop_follows_the_runtimes_schedule():
     fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=3, mix_bias=0.3))
     scheduler = DDIMScheduler()
     scheduler.set_timesteps(steps)
-    x = latents.clone()
-    with torch.no_grad():
+
+    def final_latents(model):
+        x = latents.clone()
         for t in scheduler.timesteps:
-            x = scheduler.step(fr(x, t, **cond).sample, t, x).prev_sample
+            x = scheduler.step(model(x, t, **cond).sample, t, x).prev_sample
+        return x
+
+    with torch.no_grad():
+        through_runtime = final_latents(fr)
         entry, _ = fr.prepare(latents, scheduler.timesteps[0], **cond)
         schedule = build_schedule(steps, fr.frdiff_config)
-        _, direct = graphs_loop_ms(entry, schedule, scheduler, latents, cond, steps, torch.device("cpu"))
+        direct = final_latents(DirectGraphs(entry, schedule))
     assert schedule.counts()["reuse"] and schedule.counts()["skip"]  # every kind of step is compared
-    assert torch.equal(direct, x)
+    assert torch.equal(direct, through_runtime)
 
 
 def test_static_stock_baseline_returns_the_stock_unet_output():
