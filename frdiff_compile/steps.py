@@ -9,7 +9,10 @@ Invariants:
   storage's length is the generation's real number of steps (for img2img, which slices the schedule, the
   full schedule's length and the step's place in it). This is tensor metadata, read on the host.
 - A new generation starts when the timesteps storage changes or the index does not move forward (a new
-  pipeline call always makes a new timesteps tensor and starts at its first step). The same index twice in
+  pipeline call always makes a new timesteps tensor and starts at its first step). Storages are told apart
+  by address, so the tracker holds the current schedule's storage: a freed schedule's address handed to a
+  new one (a cancelled generation, then an img2img start at a later index) would otherwise read as the
+  same generation going on, and its reuse steps would read the cancelled generation's caches. The same index twice in
   a row is reported as `repeated` (a pipeline calling the UNet more than once per step), never as a new
   generation, so a second call can never overwrite the first one's cache unnoticed.
 """
@@ -52,6 +55,7 @@ class StepTracker:
     def __init__(self) -> None:
         self._explicit: list[int] | None = None  # [num_steps, next_index] after reset(num_inference_steps)
         self._key: tuple | None = None
+        self._storage: torch.UntypedStorage | None = None  # keeps `_key`'s address from being reused
         self._last_index = -1
 
     def reset(self, num_steps: int | None = None) -> None:
@@ -60,6 +64,7 @@ class StepTracker:
             raise ValueError(f"num_inference_steps must be an int >= 1, got {num_steps!r}")
         self._explicit = None if num_steps is None else [num_steps, 0]
         self._key = None
+        self._storage = None
         self._last_index = -1
 
     def locate(self, timestep: object) -> StepPosition | None:
@@ -78,6 +83,7 @@ class StepTracker:
         if same_schedule and index == self._last_index:
             return StepPosition(index, num_steps, new_generation=False, repeated=True)
         new_generation = not same_schedule or index < self._last_index
-        self._key = key
+        if not same_schedule:
+            self._key, self._storage = key, timestep.untyped_storage()
         self._last_index = index
         return StepPosition(index, num_steps, new_generation=new_generation)

@@ -147,6 +147,33 @@ def test_img2img_start_forces_a_keyframe():
     assert max_rel_error(outs[0], outs[1]) < 2e-6
 
 
+@torch.no_grad()
+def test_a_schedule_at_a_freed_schedules_address_starts_a_new_generation():
+    # Generations are told apart by the timesteps storage's address. A cancelled generation's schedule that
+    # is freed and whose address goes to the next schedule, entered at a later step (an img2img start), must
+    # still start a new generation: continuing the old one, its first step would return the old keyframe.
+    unet = make_unet("sd15", layers_per_block=1)
+    cond = unet_inputs("sd15")
+    fr = frdiff_compile.optimize(unet)
+    sched = scheduler("sd15")
+    sched.set_timesteps(STEPS)
+    x = torch.randn(2, 4, 8, 8)
+    # Schedules as schedulers make them on CPU (`torch.from_numpy`): numpy's allocator reuses a freed block
+    # for the next request of its size at once, where torch's own CPU allocator does not.
+    values = sched.timesteps.numpy()
+    cancelled = torch.from_numpy(values.copy())
+    for i in range(3):
+        fr(x, cancelled[i], **cond)
+    address = cancelled.data_ptr()
+    del cancelled
+    candidates = [torch.from_numpy(values.copy()) for _ in range(8)]
+    timesteps = next((c for c in candidates if c.data_ptr() == address), candidates[0])
+    start = 5  # a skip step at b = 0.5 (lambda = 0): it would return the cancelled generation's keyframe
+    got = fr(x, timesteps[start], **cond).sample
+    assert fr.stats.generations == 2 and fr.stats.forced_keyframes == 1, fr.stats
+    assert torch.equal(got, unet(x, timesteps[start], **cond).sample)
+
+
 def test_reset_counts_steps_for_plain_timesteps():
     unet = make_unet("sd15")
     cond = unet_inputs("sd15")
