@@ -45,8 +45,9 @@ from .steps import StepTracker
 logger = logging.getLogger(__name__)
 
 _UNTRACKED = (
-    "the step index cannot be told from this timestep (not a view of scheduler.timesteps); "
-    "call unet.reset(num_inference_steps=N) before the denoising loop"
+    "the step index cannot be told from this timestep (not a view into a schedule of two or more timesteps, "
+    "such as scheduler.timesteps); a loop over plain timesteps calls unet.reset(num_inference_steps=N) first, "
+    "and a one-step generation has nothing to reuse"
 )
 
 
