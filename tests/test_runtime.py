@@ -1,5 +1,7 @@
 """FRDiffUNet over whole DDIM trajectories, against the UNet and an independent eager FRDiff."""
 
+import copy
+
 import pytest
 import torch
 from conftest import make_unet, max_rel_error, unet_inputs
@@ -172,6 +174,41 @@ def test_a_schedule_at_a_freed_schedules_address_starts_a_new_generation():
     got = fr(x, timesteps[start], **cond).sample
     assert fr.stats.generations == 2 and fr.stats.forced_keyframes == 1, fr.stats
     assert torch.equal(got, unet(x, timesteps[start], **cond).sample)
+
+
+@torch.no_grad()
+def test_interleaved_generations_run_full_compute_and_copies_follow_one_each():
+    # A server stepping two requests in turn through one runtime: each call's timesteps tensor differs from
+    # the last one's, so every step starts a generation and runs the keyframe graph (correct, no reuse).
+    # A shallow copy per request shares the UNet's parameters and follows its own request's generation.
+    unet = make_unet("sd15", layers_per_block=1)
+    cond = unet_inputs("sd15")
+    steps = 8
+
+    def interleaved(models):
+        scheds = [scheduler("sd15") for _ in models]
+        xs = [torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(seed)) for seed in range(len(models))]
+        for sched in scheds:
+            sched.set_timesteps(steps)
+        for i in range(steps):
+            for k, (model, sched) in enumerate(zip(models, scheds)):
+                t = sched.timesteps[i]
+                xs[k] = sched.step(model(xs[k], t, **cond).sample, t, xs[k]).prev_sample
+        return xs
+
+    shared = frdiff_compile.optimize(unet)
+    streams = [copy.copy(shared) for _ in range(2)]
+    assert all(stream.unet is unet for stream in streams)
+    full, one_each = interleaved([unet, unet]), interleaved(streams)
+    for got, expected in zip(interleaved([shared, shared]), full):
+        assert torch.equal(got, expected)
+    assert shared.stats.generations == 2 * steps and shared.stats.reuse_calls + shared.stats.skip_steps == 0
+    alone = frdiff_compile.optimize(unet)  # the requests one after the other
+    for seed, (stream, got) in enumerate(zip(streams, one_each)):
+        expected = sample(optimized_fn(alone, cond), scheduler("sd15"), steps, seed=seed)
+        assert torch.equal(got, expected), f"stream {seed}"
+        assert stream.stats.generations == 1 and stream.stats.reuse_calls > 0
+    assert alone.stats.reuse_calls == sum(stream.stats.reuse_calls for stream in streams)
 
 
 def test_reset_counts_steps_for_plain_timesteps():
