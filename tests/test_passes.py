@@ -20,6 +20,21 @@ def _buffers(plan, out_like):
     return [torch.full(p.shape, float("nan"), dtype=p.dtype) for p in plan.points], torch.full_like(out_like, float("nan"))
 
 
+def test_each_input_layout_gets_its_own_signature():
+    # Compiled graphs assert their inputs' strides, so a layout the graphs were not built for must not find
+    # them: contiguous, channels_last and a transposed view are three signatures.
+    cond = unet_inputs("sd15")
+    x = torch.randn(2, 4, 8, 8)
+    samples = [x, x.to(memory_format=torch.channels_last), x.transpose(2, 3)]
+    signatures = [CallLayout.from_call(dict(sample=s, timestep=torch.tensor(500), **cond))[0].signature for s in samples]
+    assert len(set(signatures)) == 3
+    # Strides of size-1 dimensions matter to neither: one channel, contiguous or channels_last, is one layout.
+    one = torch.randn(2, 1, 8, 8)
+    pair = [CallLayout.from_call(dict(sample=s, timestep=torch.tensor(500), **cond))[0] for s in (one, one.to(
+        memory_format=torch.channels_last))]
+    assert pair[0].signature == pair[1].signature
+
+
 @torch.no_grad()
 def test_keyframe_equals_unet_and_reuse_reproduces_it(kind):
     unet = make_unet(kind)

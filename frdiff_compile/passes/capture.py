@@ -80,8 +80,22 @@ def _lora_scale(kwargs: object) -> dict[str, float] | None:
     raise UnsupportedCall(f"cross_attention_kwargs ({found}; the graphs take only {{'scale': number}}, the LoRA scale)")
 
 
+def _layout(t: torch.Tensor) -> str | tuple[int, ...]:
+    """The tensor's memory layout as far as a graph built for it cares.
+
+    Inductor's compiled graphs assert every input's strides (a sample laid out otherwise raises deep in
+    generated code), so a layout of its own gets graphs of its own: the two dense layouts by name (strides
+    of size-1 dimensions do not matter to them or to inductor's check), any other by its strides.
+    """
+    if t.is_contiguous():
+        return "contiguous"
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    return tuple(t.stride())
+
+
 def _tensor_key(t: torch.Tensor) -> tuple:
-    return ("tensor", tuple(t.shape), t.dtype, t.device, t.is_contiguous())
+    return ("tensor", tuple(t.shape), t.dtype, t.device, _layout(t))
 
 
 def _flatten(name: str, value: Any, tensors: list[torch.Tensor]) -> tuple:
