@@ -360,6 +360,12 @@ class FRDiffUNet(torch.nn.Module):
         except UnsupportedCall as exc:
             self._fall_back(f"argument {exc} is not supported by the captured graphs")
             return None
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            # A caller differentiating through the UNet (guidance by a loss on its output) needs the autograd
+            # history the inference graphs never record; a loop that merely forgot no_grad has no such input.
+            self._fall_back("an input requires grad and grad mode is on (gradients through the UNet); the "
+                            "graphs are inference graphs")
+            return None
         entry = self._entry(layout, tensors)
         if isinstance(entry, str):
             self._fall_back(entry)

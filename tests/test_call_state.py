@@ -1,5 +1,6 @@
 """Global state a call is made under (autocast, grad mode) against what the captured graphs bake in."""
 
+import pytest
 import torch
 from conftest import make_unet, unet_inputs
 from test_runtime import optimized_fn, sample, scheduler
@@ -47,3 +48,21 @@ def test_a_loop_without_no_grad_runs_inference_graphs():
                                                                               score_mixing=False)), cond),
                       scheduler("sd15"), STEPS)
     assert torch.equal(x.detach(), expected)
+
+
+def test_a_call_that_needs_gradients_runs_the_eager_unet():
+    # Guidance by a loss on the UNet's output differentiates through the UNet: the graphs record no autograd
+    # history, so such calls (an input that requires grad, grad mode on) run the eager UNet, with one warning.
+    unet = make_unet("sd15")
+    cond = unet_inputs("sd15")
+    fr = frdiff_compile.optimize(unet)
+    sched = scheduler("sd15")
+    sched.set_timesteps(STEPS)
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    with pytest.warns(UserWarning, match="requires grad") as record:
+        outs = [fr(x, t, **cond).sample for t in sched.timesteps[:2]]
+    assert len([w for w in record if "frdiff_compile" in str(w.message)]) == 1
+    expected = unet(x, sched.timesteps[1], **cond).sample
+    grads = [torch.autograd.grad(out.square().sum(), x)[0] for out in (outs[1], expected)]
+    assert torch.equal(outs[1], expected) and torch.equal(grads[0], grads[1])
+    assert fr.stats.eager_calls == 2 and fr.stats.captures == 0, fr.stats
