@@ -5,7 +5,8 @@ Invariants:
   comes from the call's position in the generation: either a counter started by
   `FRDiffUNet.reset(num_inference_steps=N)`, or the layout of the timestep tensor itself.
 - Layout: diffusers pipelines (and hand-written `for t in scheduler.timesteps` loops) pass each timestep as
-  a 0-d view into the scheduler's timesteps tensor, so the view's storage offset is the step index and the
+  a 0-d view into the scheduler's timesteps tensor (or a view of that one entry: `t.expand(batch)`,
+  `t[None]`, `timesteps[i:i + 1]`), so the view's storage offset is the step index and the
   storage's length is the generation's real number of steps (for img2img, which slices the schedule, the
   full schedule's length and the step's place in it). This is tensor metadata, read on the host.
 - A new generation starts when the timesteps storage changes or the index does not move forward (a new
@@ -36,9 +37,9 @@ def schedule_view(timestep: object) -> tuple[tuple, int, int] | None:
     """(storage key, number of steps, index) if `timestep` is a view of one schedule entry, else None."""
     if not isinstance(timestep, torch.Tensor):
         return None
-    # A per-sample timestep made by expand() keeps stride 0; one made by repeat() or a fresh tensor does not
-    # point into the schedule.
-    if any(stride != 0 for stride in timestep.stride()):
+    # A view of one entry: `t`, `t[None]`, `timesteps[i:i + 1]`, or a per-sample `t.expand(batch)` (stride
+    # 0). One made by repeat() or a fresh tensor holds values of its own, not a place in the schedule.
+    if any(size != 1 and stride != 0 for size, stride in zip(timestep.shape, timestep.stride())):
         return None
     storage = timestep.untyped_storage()
     num_steps = storage.nbytes() // timestep.element_size()

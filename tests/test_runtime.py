@@ -211,6 +211,26 @@ def test_interleaved_generations_run_full_compute_and_copies_follow_one_each():
     assert alone.stats.reuse_calls == sum(stream.stats.reuse_calls for stream in streams)
 
 
+@pytest.mark.parametrize("view", ["expand", "unsqueeze", "slice"])
+def test_timesteps_viewed_per_sample_or_as_one_element_are_tracked(view):
+    # Pipelines pass `t.expand(batch)`; hand-written loops `t[None]` or `timesteps[i:i + 1]`: each is still
+    # one entry of the schedule, so the step is known without a reset() and the graphs serve every step.
+    unet = make_unet("sd15", layers_per_block=1)
+    cond = unet_inputs("sd15")
+    steps = 6
+    fr = frdiff_compile.optimize(unet)
+    expected = sample(optimized_fn(frdiff_compile.optimize(unet), cond), scheduler("sd15"), steps)
+    sched = scheduler("sd15")
+    sched.set_timesteps(steps)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for i, t in enumerate(sched.timesteps):
+            passed = {"expand": t.expand(2), "unsqueeze": t[None], "slice": sched.timesteps[i:i + 1]}[view]
+            x = sched.step(fr(x, passed, **cond).sample, t, x).prev_sample
+    assert fr.stats.eager_calls == 0 and fr.stats.reuse_calls > 0, fr.stats
+    assert torch.equal(x, expected)
+
+
 def test_reset_counts_steps_for_plain_timesteps():
     unet = make_unet("sd15")
     cond = unet_inputs("sd15")
