@@ -53,8 +53,9 @@ class FRDiffConfig:
             needs inductor's on-disk caches (on by default), a free CPU core, and as much device memory as
             the UNet's parameters (uninitialised) for the minute it runs. Off by default until measured on
             a GPU; a worker that fails costs a compile here, never a wrong result.
-        max_cached_shapes: how many input signatures (batch, resolution, text length, dtype, ...) keep
-            their graph pair and cache buffers; the least recently used is dropped past this.
+        max_cached_shapes: how many graph pairs, with their cache buffers, are kept: one per input
+            signature (batch, resolution, text length, dtype, ...) and module setting (FreeU, LoRA
+            adapters, attention processors); the least recently used is dropped past this.
         policy_fingerprint: set by `from_policy`: the config fingerprint of the UNet the keyframe mask was
             tuned on; `optimize` refuses a UNet with another one.
         version: the configuration format version.

@@ -312,22 +312,48 @@ class GraphEntry:
 
 
 class GraphLRU:
-    """Entries by input signature, least recently used dropped past `capacity`."""
+    """Entries by module settings and input signature, least recently used dropped past `capacity`.
+
+    Lookups are made under the current module settings (`use_settings`): graphs built under other settings
+    (FreeU on, another LoRA adapter, PAG's attention processors) stay until evicted, so switching back to
+    them builds nothing. A settings tuple is hashed once, when it becomes current, into a small token that
+    each step's lookup uses; the tuple is kept while an entry uses its token, so the processor objects it
+    names stay alive and their ids cannot be reused by new ones.
+    """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._entries: collections.OrderedDict[tuple, GraphEntry | str] = collections.OrderedDict()
+        self._tokens: dict[tuple, int] = {}  # module settings -> token, for the current and the cached ones
+        self._token = 0
+        self._next_token = 1
+
+    def use_settings(self, settings: tuple) -> None:
+        """Look up (and put) graphs built under `settings` from now on."""
+        token = self._tokens.get(settings)
+        if token is None:
+            token, self._next_token = self._next_token, self._next_token + 1
+            self._tokens[settings] = token
+        self._token = token
+        self._forget_unused_settings()
+
+    def _forget_unused_settings(self) -> None:
+        used = {token for token, _ in self._entries} | {self._token}
+        if len(used) < len(self._tokens):
+            self._tokens = {s: t for s, t in self._tokens.items() if t in used}
 
     def get(self, signature: tuple) -> GraphEntry | str | None:
         """The entry, the reason its capture failed, or None if the signature was never built."""
-        found = self._entries.get(signature)
+        key = (self._token, signature)
+        found = self._entries.get(key)
         if found is not None:
-            self._entries.move_to_end(signature)
+            self._entries.move_to_end(key)
         return found
 
     def put(self, signature: tuple, entry: GraphEntry | str) -> None:
-        self._entries[signature] = entry
-        self._entries.move_to_end(signature)
+        key = (self._token, signature)
+        self._entries[key] = entry
+        self._entries.move_to_end(key)
         self._evict()
 
     def resize(self, capacity: int) -> None:
@@ -335,18 +361,22 @@ class GraphLRU:
         self._evict()
 
     def _evict(self) -> None:
+        if len(self._entries) <= self.capacity:
+            return
         while len(self._entries) > self.capacity:
             dropped, _ = self._entries.popitem(last=False)
             logger.debug("dropped least recently used graph pair %s", dropped)
+        self._forget_unused_settings()
 
     def clear(self) -> None:
         self._entries.clear()
+        self._forget_unused_settings()
 
     def relink(self) -> int:
         """`GraphEntry.relink` every pair, dropping those that cannot; returns how many were kept."""
-        for signature, entry in list(self._entries.items()):
+        for key, entry in list(self._entries.items()):
             if isinstance(entry, GraphEntry) and not entry.relink():
-                del self._entries[signature]
+                del self._entries[key]
         return len(self.entries())
 
     def release(self) -> None:

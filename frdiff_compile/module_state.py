@@ -1,8 +1,9 @@
 """What the captured graphs bake in from a UNet beyond its tensor values, as one comparable fingerprint.
 
 `FRDiffUNet` takes `module_snapshot(unet)` (the fingerprint, and the tensors' addresses) at every
-generation's start and rebuilds its graphs when the fingerprint differs from the one they were built under,
-so no graph replays module state that has since changed.
+generation's start and never runs graphs built under another fingerprint, so no graph replays module
+state that has since changed. Replaced parameters drop every graph pair; a change of the other settings
+(`Fingerprint.settings`) switches to the pairs built under the new ones, keeping the old for a switch back.
 Where the tensors live is tracked apart from it (`tensor_placement`): parameters that only moved to new
 storage of the same dtype, device and layout keep the graphs (see `FRDiffUNet._placement_changed`).
 
@@ -67,6 +68,12 @@ class Fingerprint(NamedTuple):
     adapters: tuple
     freeu: tuple
     hooks: tuple[str, ...]  # "<module class>: <hook>" for every module another library's hook wraps
+
+    @property
+    def settings(self) -> tuple:
+        """All but the parameters' identities: state that can change and change back (FreeU off and on,
+        adapters switched, processors restored) with graphs built under each setting valid again."""
+        return (self.processors, self.adapters, self.freeu, self.hooks)
 
 
 def _hooks(module: torch.nn.Module) -> list[str]:

@@ -9,7 +9,8 @@ Invariants:
   step position (`steps.StepTracker`) and the generation's `Schedule`; graphs only ever see tensors.
 - A generation never reads a cache its own keyframe did not write (`GraphEntry.written_generation`); a new
   signature, a new generation or a module change (anything `module_state.module_fingerprint` sees:
-  replaced parameters, attention processors, adapters, FreeU) forces a keyframe or a rebuild.
+  replaced parameters, attention processors, adapters, FreeU) forces a keyframe or other graphs (those
+  built under the new settings, if any were: a switch back builds nothing).
 - Parameters that move (`.to()`, model CPU offload, a swapped `.data`) never leave a graph reading old
   storage. Back in the layout (dtype, device, shape, stride) the graphs were built for, at new addresses,
   the graphs are kept and get new buffers and CUDA-graph captures (`stats.relinks`), with no export or
@@ -100,6 +101,7 @@ class FRDiffUNet(torch.nn.Module):
         self._tracker = StepTracker()
         self._generation = _Generation(number=0, schedule=None)
         self._fingerprint = module_fingerprint(self.unet)
+        self._graphs.use_settings(self._fingerprint.settings)
         # Where the UNet's tensors were when the live graphs were built or last relinked, and whether they
         # have since left that layout (dtype, device, shape, stride).
         self._placement = tensor_placement(self.unet)
@@ -201,9 +203,14 @@ class FRDiffUNet(torch.nn.Module):
     def _start_generation(self, num_steps: int) -> None:
         fingerprint, addresses = module_snapshot(self.unet)
         if fingerprint != self._fingerprint:
-            logger.info("the UNet's parameters, attention processors, adapters or FreeU settings changed: "
-                        "rebuilding graphs")
-            self._drop_graphs()
+            if fingerprint.parameters != self._fingerprint.parameters:
+                # Graphs over replaced Parameters would keep them (and their memory) alive, and serve no one.
+                logger.info("the UNet's parameters were replaced: rebuilding graphs")
+                self._drop_graphs()
+            else:
+                logger.info("attention processors, adapters or FreeU settings changed: using graphs built "
+                            "under these settings, keeping the others for a switch back")
+            self._graphs.use_settings(fingerprint.settings)
             self._fingerprint = fingerprint
         self._check_placement(addresses)
         number = self._generation.number + 1

@@ -53,7 +53,8 @@ def test_replaced_parameters_rebuild_and_in_place_updates_are_read_live():
 
 
 def test_freeu_and_attention_processor_changes_rebuild():
-    """Settings the capture read as Python values: changing them must rebuild, never replay stale graphs."""
+    """Settings the capture read as Python values: changing them must rebuild, never replay stale graphs;
+    changing them back serves the graphs built under them before."""
     from diffusers.models.attention_processor import AttnProcessor
 
     unet = make_unet("sd15", layers_per_block=1)
@@ -67,11 +68,14 @@ def test_freeu_and_attention_processor_changes_rebuild():
     assert torch.equal(run(), with_freeu) and fr.stats.captures == 2
     unet.disable_freeu()
     without = stock()
-    assert torch.equal(run(), without) and not torch.equal(without, with_freeu) and fr.stats.captures == 3
+    assert torch.equal(run(), without) and not torch.equal(without, with_freeu) and fr.stats.captures == 2
+    unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    assert torch.equal(run(), with_freeu) and fr.stats.captures == 2, "switched back: the FreeU graphs serve"
+    unet.disable_freeu()
     unet.set_attn_processor(AttnProcessor())  # the classic processor instead of SDPA: same math, new objects
-    assert torch.equal(run(), stock()) and fr.stats.captures == 4
+    assert torch.equal(run(), stock()) and fr.stats.captures == 3
     run()
-    assert fr.stats.captures == 4, "nothing changed: the graphs must be kept"
+    assert fr.stats.captures == 3, "nothing changed: the graphs must be kept"
 
     class Scaled(AttnProcessor):  # keeps a Python value its forward reads, as IP-Adapter's `scale`
         def __init__(self):
@@ -81,14 +85,15 @@ def test_freeu_and_attention_processor_changes_rebuild():
             return super().__call__(*args, **kwargs) * self.scale[0]
 
     unet.set_attn_processor(Scaled())
-    assert torch.equal(run(), stock()) and fr.stats.captures == 5
+    assert torch.equal(run(), stock()) and fr.stats.captures == 4
     for processor in unet.attn_processors.values():
         processor.scale[0] = 0.5  # in place: harder to see than the new list set_ip_adapter_scale assigns
-    assert torch.equal(run(), stock()) and fr.stats.captures == 6
+    assert torch.equal(run(), stock()) and fr.stats.captures == 5
 
 
 def test_lora_adapter_changes_rebuild():
-    """PEFT LoRA (diffusers' add_adapter / set_adapters): scales and switches are Python state the capture read."""
+    """PEFT LoRA (diffusers' add_adapter / set_adapters): scales and switches are Python state the capture read;
+    a state seen before is served by the graphs built under it."""
     from peft import LoraConfig
 
     unet = make_unet("sd15", layers_per_block=1)
@@ -100,12 +105,16 @@ def test_lora_adapter_changes_rebuild():
     run = lambda: sample(optimized_fn(fr, cond), scheduler("sd15"), 4)  # noqa: E731
     outputs = [run()]
     assert torch.equal(outputs[0], stock())
-    for change in (lambda: unet.set_adapters(["style"], [0.3]), unet.disable_adapters, unet.enable_adapters):
+    changes = (lambda: unet.set_adapters(["style"], [0.3]), unet.disable_adapters, unet.enable_adapters,
+               lambda: unet.set_adapters(["style"], [1.0]))
+    for change in changes:
         change()
         outputs.append(run())
         assert torch.equal(outputs[-1], stock())
-    assert fr.stats.captures == 4
+    # Enabled again at 0.3 is the state set_adapters made, and 1.0 the first one: no capture for either.
+    assert fr.stats.captures == 3
     assert not torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[1], outputs[2])
+    assert torch.equal(outputs[3], outputs[1]) and torch.equal(outputs[4], outputs[0])
 
 
 def test_lora_scale_in_cross_attention_kwargs_is_served_by_the_graphs():
@@ -161,3 +170,35 @@ def test_forward_hooks_of_other_libraries_are_refused_at_optimize_and_run_eagerl
     cpu_offload_with_hook(other, "cpu")
     with pytest.raises(UnsupportedModelError, match=r"UNet2DConditionModel: CpuOffload\).*enable_model_cpu_offload"):
         frdiff_compile.optimize(other)
+
+
+def test_graphs_of_other_settings_stay_until_evicted_then_their_settings_are_let_go():
+    """The LRU keeps pairs built under earlier module settings for a switch back, and holds a settings tuple
+    (and the processor objects it names) only while a pair built under it is kept."""
+    import gc
+    import weakref
+
+    from frdiff_compile.graph_cache import GraphLRU
+
+    class Processor:
+        pass
+
+    lru = GraphLRU(2)
+    first, second = Processor(), Processor()
+    first_alive = weakref.ref(first)
+    lru.use_settings((first,))
+    lru.put("shape", "built under first")
+    lru.use_settings((second,))
+    assert lru.get("shape") is None
+    lru.put("shape", "built under second")
+    lru.use_settings((first,))
+    assert lru.get("shape") == "built under first"
+    lru.use_settings((second,))
+    assert lru.get("shape") == "built under second"
+    lru.put("other shape", "built under second")  # capacity 2: evicts the pair built under `first`
+    assert len(lru) == 2
+    del first
+    gc.collect()
+    assert first_alive() is None
+    lru.use_settings((Processor(),))
+    assert lru.get("shape") is None

@@ -46,3 +46,22 @@ def test_pipeline_runs_optimized_unet(name, request):
         assert stats.forced_keyframes == 0, stats
     finally:
         pipe.unet = stock
+
+
+def test_pag_and_plain_pipelines_sharing_the_unet_switch_graphs_without_rebuilding(sd_pipe):
+    # diffusers' PAG pipeline swaps attention processors in for each call and restores them after it, so the
+    # UNet's settings alternate when it serves a plain pipeline too: each setting's graphs are built once.
+    from diffusers import StableDiffusionPAGPipeline
+
+    stock = sd_pipe.unet
+    pag = StableDiffusionPAGPipeline(**sd_pipe.components, requires_safety_checker=False, pag_applied_layers=["mid"])
+    pag.set_progress_bar_config(disable=True)
+    run = {"pag": lambda: generate(pag, 4, 16), "plain": lambda: generate(sd_pipe, 4, 16)}
+    expected = {name: fn() for name, fn in run.items()}
+    try:
+        sd_pipe.unet = pag.unet = frdiff_compile.optimize(stock, FRDiffConfig(keyframe_interval=1))
+        for name in ("pag", "plain", "pag", "plain"):
+            assert np.array_equal(run[name](), expected[name]), name
+        assert sd_pipe.unet.stats.captures == 2 and sd_pipe.unet.stats.eager_calls == 0, sd_pipe.unet.stats
+    finally:
+        sd_pipe.unet = stock
