@@ -3,8 +3,10 @@
 Invariants:
 - Cache buffers, the keyframe-output buffer and the 0-d blend weight are owned here, allocated per entry
   (outside inference mode, so a generation run under `torch.inference_mode()` and a later one run
-  without it can both write them) and only ever written in place. They are made again, empty, only when
-  the UNet's parameters move (`release`, `allocate`, `relink`); the runtime never runs a released entry.
+  without it can both write them) and only ever written in place. They are freed (`release`) when the
+  UNet's parameters move (`relink`) or leave the device, and when the module settings the pair was built
+  under stop being current, and made again, empty, at the pair's next use (`GraphLRU.get`), so no
+  released pair ever runs and device memory is held only by pairs of the current settings.
 - `written_generation` names the generation whose keyframe last filled the buffers (-1 after they are
   made); the runtime runs a reuse or skip step only when it equals the current generation, so a stale
   cache is never read.
@@ -249,10 +251,15 @@ class GraphEntry:
             example = (*tensors, *self.caches, self.keyframe_out, self.weight)
             reuse.background = BackgroundCompile.start(reuse.gm, example, reuse.options)
 
+    @property
+    def allocated(self) -> bool:
+        return self.keyframe_out is not None
+
     def release(self) -> None:
         """Free the device memory of this pair (buffers, CUDA graphs); the compiled graphs are kept.
 
-        For a UNet that left its device (model CPU offload): `allocate` makes them again when it is back.
+        For a UNet that left its device (model CPU offload), or settings switched away from: `allocate`
+        makes them again at the pair's next use.
         """
         self.caches, self.keyframe_out, self.weight = [], None, None
         self.static_keyframe = self.static_reuse = None
@@ -263,14 +270,13 @@ class GraphEntry:
 
         Graphs run eagerly or compiled by inductor directly take parameters as call arguments, read from
         each Parameter at every call, so they serve the new storage as they are. CUDA graphs baked the old
-        addresses: new buffers and static graphs are made, captured again at their next use. Graphs compiled
-        through torch.compile (`reduce-overhead`) were guarded and captured over the old tensors by dynamo:
-        they are not kept.
+        addresses: buffers and static graphs are released, to be made and captured again at the next use.
+        Graphs compiled through torch.compile (`reduce-overhead`) were guarded and captured over the old
+        tensors by dynamo: they are not kept.
         """
         if any(getattr(fn, "via_dynamo", False) for fn in (self.keyframe, self.reuse)):
             return False
         self.release()
-        self.allocate()
         return True
 
     def _replay(self, static: StaticGraph, tensors: list[torch.Tensor]) -> torch.Tensor | None:
@@ -314,11 +320,11 @@ class GraphEntry:
 class GraphLRU:
     """Entries by module settings and input signature, least recently used dropped past `capacity`.
 
-    Lookups are made under the current module settings (`use_settings`): graphs built under other settings
-    (FreeU on, another LoRA adapter, PAG's attention processors) stay until evicted, so switching back to
-    them builds nothing. A settings tuple is hashed once, when it becomes current, into a small token that
-    each step's lookup uses; the tuple is kept while an entry uses its token, so the processor objects it
-    names stay alive and their ids cannot be reused by new ones.
+    Lookups are made under the current module settings (`use_settings`): pairs built under others (FreeU
+    on, another LoRA adapter, PAG's processors) stay until evicted, so switching back compiles nothing;
+    meanwhile their buffers and CUDA graphs are released. A settings tuple is hashed once, when it becomes
+    current, into the small token each step's lookup uses, and is kept while a pair uses it, so the
+    processor objects it names stay alive and their ids cannot be reused by new ones.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -334,13 +340,16 @@ class GraphLRU:
         if token is None:
             token, self._next_token = self._next_token, self._next_token + 1
             self._tokens[settings] = token
-        self._token = token
+        if token != self._token:
+            self._token = token
+            for key, entry in self._entries.items():
+                if key[0] != token and isinstance(entry, GraphEntry):
+                    entry.release()
         self._forget_unused_settings()
 
     def _forget_unused_settings(self) -> None:
         used = {token for token, _ in self._entries} | {self._token}
-        if len(used) < len(self._tokens):
-            self._tokens = {s: t for s, t in self._tokens.items() if t in used}
+        self._tokens = {s: t for s, t in self._tokens.items() if t in used}
 
     def get(self, signature: tuple) -> GraphEntry | str | None:
         """The entry, the reason its capture failed, or None if the signature was never built."""
@@ -348,6 +357,8 @@ class GraphLRU:
         found = self._entries.get(key)
         if found is not None:
             self._entries.move_to_end(key)
+            if isinstance(found, GraphEntry) and not found.allocated:
+                found.allocate()
         return found
 
     def put(self, signature: tuple, entry: GraphEntry | str) -> None:
@@ -361,8 +372,6 @@ class GraphLRU:
         self._evict()
 
     def _evict(self) -> None:
-        if len(self._entries) <= self.capacity:
-            return
         while len(self._entries) > self.capacity:
             dropped, _ = self._entries.popitem(last=False)
             logger.debug("dropped least recently used graph pair %s", dropped)

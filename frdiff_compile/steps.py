@@ -13,9 +13,9 @@ Invariants:
   pipeline call always makes a new timesteps tensor and starts at its first step). Storages are told apart
   by address, so the tracker holds the current schedule's storage: a freed schedule's address handed to a
   new one (a cancelled generation, then an img2img start at a later index) would otherwise read as the
-  same generation going on, and its reuse steps would read the cancelled generation's caches. The same index twice in
-  a row is reported as `repeated` (a pipeline calling the UNet more than once per step), never as a new
-  generation, so a second call can never overwrite the first one's cache unnoticed.
+  same generation going on, and its reuse steps would read the cancelled generation's caches. The same
+  index twice in a row is reported as `repeated` (a pipeline calling the UNet more than once per step),
+  never as a new generation, so a second call can never overwrite the first one's cache unnoticed.
 """
 
 from __future__ import annotations

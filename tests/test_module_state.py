@@ -69,6 +69,8 @@ def test_freeu_and_attention_processor_changes_rebuild():
     unet.disable_freeu()
     without = stock()
     assert torch.equal(run(), without) and not torch.equal(without, with_freeu) and fr.stats.captures == 2
+    # Only the current settings' pair holds buffers; the FreeU pair's are made again when it is used again.
+    assert [entry.allocated for entry in fr.graph_entries()] == [False, True]
     unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
     assert torch.equal(run(), with_freeu) and fr.stats.captures == 2, "switched back: the FreeU graphs serve"
     unet.disable_freeu()
