@@ -119,6 +119,20 @@ class FRDiffConfig:
         if self.version != CONFIG_VERSION:
             raise ValueError(f"version must be {CONFIG_VERSION} (this release's format), got {self.version!r}")
 
+    def resolve(self, device_type: str) -> tuple[bool, bool]:
+        """(compile, cuda_graphs) for graphs whose inputs live on a `device_type` device, defaults resolved.
+
+        Resolved per input signature from where the inputs are, not at `optimize` time: `pipe.to("cuda")`
+        after `optimize` is the common order.
+        """
+        on_cuda = device_type == "cuda"
+        if self.cuda_graphs and not on_cuda:
+            raise ValueError(f"frdiff_compile: cuda_graphs=True but the UNet's inputs are on {device_type}; "
+                             "move the pipeline to a CUDA device or leave cuda_graphs at None")
+        compile_graphs = self.compile if self.compile is not None else on_cuda
+        cuda_graphs = self.cuda_graphs if self.cuda_graphs is not None else on_cuda
+        return compile_graphs, cuda_graphs
+
     def same_graphs(self, other: FRDiffConfig) -> bool:
         """Whether graphs built under `self` serve `other` unchanged (only schedule fields differ)."""
         return all(getattr(self, name) == getattr(other, name) for name in GRAPH_FIELDS)
