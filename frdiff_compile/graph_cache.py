@@ -8,8 +8,7 @@ Invariants:
   under stop being current, and made again, empty, at the pair's next use (`GraphLRU.get`), so no
   released pair ever runs and device memory is held only by pairs of the current settings.
 - `written_generation` names the generation whose keyframe last filled the buffers (-1 after they are
-  made); the runtime runs a reuse or skip step only when it equals the current generation, so a stale
-  cache is never read.
+  made); the runtime runs a reuse or skip step only when it is the current one: no stale cache is read.
 - What a step hands back is always a fresh tensor: the graphs' outputs are new (a CUDA-graph replay's
   static output is cloned), and a skip step returns a clone of the keyframe output, never the buffer the
   next keyframe overwrites.
@@ -27,7 +26,6 @@ import collections
 import dataclasses
 import logging
 import time
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -39,6 +37,7 @@ from .background_compile import BackgroundCompile
 from .config import inductor_mode_options
 from .cudagraphs import Backend, CaptureError, SharedPool, StaticGraph
 from .passes import BuildReport, Plan
+from .warn import warn
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +69,7 @@ class RuntimeStats:
     full_replays: int = 0  # keyframe steps served by a CUDA-graph replay
     reuse_replays: int = 0  # reuse steps served by a CUDA-graph replay
     relinks: int = 0  # parameter moves the built graphs served (new buffers, CUDA graphs captured again)
+    resumed_generations: int = 0  # generations resumed after another's steps (interleaved: no reuse there)
     background_compiles: int = 0  # reuse graphs a worker process compiled into the caches in time
     background_failures: int = 0  # workers that failed or timed out (the graph was compiled here)
 
@@ -140,8 +140,8 @@ class _Compiled:
                 return self._compile_directly(args)
             except Exception as exc:  # noqa: BLE001 - torch.compile is the documented way to the same compiler
                 self.via_dynamo = True
-                warnings.warn(f"frdiff_compile: inductor could not compile a graph directly ({type(exc).__name__}: "
-                              f"{exc}); compiling it through torch.compile instead", stacklevel=6)
+                warn(logger, f"inductor could not compile a graph directly ({type(exc).__name__}: {exc}); "
+                     "compiling it through torch.compile instead")
         # fullgraph: a graph break inside a graph of pure ATen ops would be a bug worth failing loudly on.
         return torch.compile(self.gm, fullgraph=True, dynamic=False, mode=self.mode)
 
@@ -288,8 +288,8 @@ class GraphEntry:
             self.static_keyframe = self.static_reuse = None
             self.graph_backend = None  # and so for buffers made again after a move
             self.stats.cudagraph_fallbacks += 1
-            warnings.warn(f"frdiff_compile: CUDA graph capture failed, running the graphs without CUDA graphs "
-                          f"for this input signature ({exc})", stacklevel=5)
+            warn(logger, f"CUDA graph capture failed, running the graphs without CUDA graphs for this input "
+                 f"signature ({exc})")
             return None
         self.stats.cudagraph_captures += fresh
         return out

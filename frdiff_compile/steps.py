@@ -11,18 +11,24 @@ Invariants:
   full schedule's length and the step's place in it). This is tensor metadata, read on the host.
 - A new generation starts when the timesteps storage changes or the index does not move forward (a new
   pipeline call always makes a new timesteps tensor and starts at its first step). Storages are told apart
-  by address, so the tracker holds the current schedule's storage: a freed schedule's address handed to a
+  by address, so the tracker holds the recent schedules' storages: a freed schedule's address handed to a
   new one (a cancelled generation, then an img2img start at a later index) would otherwise read as the
   same generation going on, and its reuse steps would read the cancelled generation's caches. The same
   index twice in a row is reported as `repeated` (a pipeline calling the UNet more than once per step),
   never as a new generation, so a second call can never overwrite the first one's cache unnoticed.
+- A schedule that comes back, past where it left off, after another one's steps is a generation `resumed`
+  (requests stepped in turn through one runtime): still a new generation, whose caches start empty. The
+  last `RECENT` schedules are remembered, with their storages, for this and for the address rule above.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import torch
+
+RECENT = 8  # schedules remembered for `resumed`: more than the requests a server steps in turn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +37,7 @@ class StepPosition:
     num_steps: int
     new_generation: bool
     repeated: bool = False
+    resumed: bool = False  # a new generation that goes on with a schedule another one's steps interrupted
 
 
 def schedule_view(timestep: object) -> tuple[tuple, int, int] | None:
@@ -56,8 +63,11 @@ class StepTracker:
     def __init__(self) -> None:
         self._explicit: list[int] | None = None  # [num_steps, next_index] after reset(num_inference_steps)
         self._key: tuple | None = None
-        self._storage: torch.UntypedStorage | None = None  # keeps `_key`'s address from being reused
         self._last_index = -1
+        # key -> [storage, last index reached], the current schedule last. A storage held here keeps its
+        # address from being handed to a new schedule, which would then pass for this one.
+        self._recent: collections.OrderedDict[tuple, list] = collections.OrderedDict()
+        self._current: list | None = None  # the current schedule's entry in `_recent`
 
     def reset(self, num_steps: int | None = None) -> None:
         """Forget the current generation; with `num_steps`, count the next `num_steps` calls as one."""
@@ -65,8 +75,9 @@ class StepTracker:
             raise ValueError(f"num_inference_steps must be an int >= 1, got {num_steps!r}")
         self._explicit = None if num_steps is None else [num_steps, 0]
         self._key = None
-        self._storage = None
         self._last_index = -1
+        self._recent.clear()
+        self._current = None
 
     def locate(self, timestep: object) -> StepPosition | None:
         """The position of this call, or None when it cannot be told (no reset() and no schedule view)."""
@@ -84,7 +95,15 @@ class StepTracker:
         if same_schedule and index == self._last_index:
             return StepPosition(index, num_steps, new_generation=False, repeated=True)
         new_generation = not same_schedule or index < self._last_index
+        resumed = False
         if not same_schedule:
-            self._key, self._storage = key, timestep.untyped_storage()
-        self._last_index = index
-        return StepPosition(index, num_steps, new_generation=new_generation)
+            seen = self._recent.get(key)
+            resumed = seen is not None and index > seen[1]
+            if seen is None:
+                self._recent[key] = seen = [timestep.untyped_storage(), index]
+                if len(self._recent) > RECENT:
+                    self._recent.popitem(last=False)  # the oldest; never the new one, moved to the end
+            self._recent.move_to_end(key)
+            self._key, self._current = key, seen
+        self._current[1] = self._last_index = index
+        return StepPosition(index, num_steps, new_generation=new_generation, resumed=resumed)

@@ -18,6 +18,8 @@ Invariants:
   serve again if the UNet comes back, and are dropped at the first call made anywhere else.
 - Calls the graphs cannot serve run the eager UNet for the rest of that generation, with one warning that
   names the argument; nothing is silently approximated outside the method.
+- One step at a time, whatever thread or CUDA stream calls (`concurrency.StepLock`); generations stepped in
+  turn are each correct, without reuse across the interleaving, and the first such resume warns once.
 - `forward` is opaque to dynamo (`torch.compiler.disable`): an outer `torch.compile` of this module runs
   the runtime as it is, never a trace of its host-side control flow.
 """
@@ -25,26 +27,33 @@ Invariants:
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
+import threading
 import time
-import warnings
 from typing import Any
 
 import torch
 
+from .concurrency import StreamOrder
 from .config import FRDiffConfig
 from .cudagraphs import Backend, SharedPool
 from .graph_cache import GraphEntry, GraphLRU, RuntimeStats
 from .module_state import describe_hooks, module_fingerprint, module_snapshot, tensor_addresses, tensor_placement
 from .passes import CallLayout, build_graphs, capture, plan_cache_points
-from .passes.capture import UnsupportedCall
+from .passes.capture import ArgumentBinder, UnsupportedCall
 from .policy import check_policy_fingerprint
 from .schedule import Schedule, StepKind, build_schedule
 from .steps import StepTracker
+from .warn import warn
 
 logger = logging.getLogger(__name__)
 
+_INTERLEAVED = (
+    "generations are interleaved on this UNet (requests stepped in turn through it, e.g. a server's threads "
+    "sharing one pipeline's UNet): each step of one follows another's and starts with a keyframe, so these "
+    "steps run the full UNet, correctly but without feature reuse; give each worker its own runtime, "
+    "`copy.copy(pipe.unet)`, made once"
+)
 _UNTRACKED = (
     "the step index cannot be told from this timestep (not a view into a schedule of two or more timesteps, "
     "such as scheduler.timesteps); a loop over plain timesteps calls unet.reset(num_inference_steps=N) first, "
@@ -92,11 +101,12 @@ class FRDiffUNet(torch.nn.Module):
         # Test seam: "emulate" runs the CUDA-graph buffer discipline on any device (see cudagraphs.py).
         self.graph_backend_override: Backend | None = None
         self._pool = SharedPool()
-        self._signature = inspect.signature(unet.forward)
-        parameters = self._signature.parameters
-        self._names = tuple(parameters)
-        self._required = frozenset(n for n, p in parameters.items() if p.default is inspect.Parameter.empty)
-        self._plain = all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in parameters.values())
+        # One call at a time through this runtime and its copies (shared by `__copy__`); see concurrency.py.
+        # Re-entrant: a call back into the runtime from inside its own step, on one thread, goes on.
+        self._lock = threading.RLock()
+        self._streams = StreamOrder()
+        self._warned_interleaved = False
+        self._bind = ArgumentBinder(unet.forward)
         self._graphs = GraphLRU(config.max_cached_shapes)
         self._tracker = StepTracker()
         self._generation = _Generation(number=0, schedule=None)
@@ -123,14 +133,21 @@ class FRDiffUNet(torch.nn.Module):
         # graphs, buffers and CUDA graphs are built over this UNet's parameters and are never shared or copied.
         return (type(self), (self.unet, self.frdiff_config))
 
+    def __copy__(self) -> FRDiffUNet:
+        # Over the same UNet: the step lock is shared, so no copy calls its modules while another captures.
+        copied = type(self)(self.unet, self.frdiff_config)
+        copied._lock = self._lock
+        return copied
+
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - torch's own signature
         # .to(), .half(), .cuda() may give parameters and buffers new storage. A call that moves nothing
         # (`pipe.to("cuda")` on a pipeline already there, accelerate's offload hook before every forward)
         # costs one walk of the addresses and keeps everything.
-        before = tensor_addresses(self.unet)
-        result = super()._apply(fn, recurse)
-        if tensor_addresses(self.unet) != before:
-            self._placement_changed()
+        with self._lock:  # never under a step another thread is running
+            before = tensor_addresses(self.unet)
+            result = super()._apply(fn, recurse)
+            if tensor_addresses(self.unet) != before:
+                self._placement_changed()
         return result
 
     def _placement_changed(self) -> None:
@@ -177,8 +194,9 @@ class FRDiffUNet(torch.nn.Module):
         Diffusers pipelines need no reset (each call's timesteps tensor starts a generation); hand-written
         loops that pass timesteps not taken from `scheduler.timesteps` call `reset(num_inference_steps=N)`.
         """
-        self._tracker.reset(num_inference_steps)
-        self._generation = _Generation(self._generation.number + 1, None)
+        with self._lock:
+            self._tracker.reset(num_inference_steps)
+            self._generation = _Generation(self._generation.number + 1, None)
 
     def reconfigure(self, config: FRDiffConfig) -> None:
         """Use `config` from the next generation on, keeping the built graphs where they still apply.
@@ -191,13 +209,14 @@ class FRDiffUNet(torch.nn.Module):
         if not isinstance(config, FRDiffConfig):
             raise ValueError(f"reconfigure() takes an FRDiffConfig, got {type(config).__name__}")
         check_policy_fingerprint(self.unet, config.policy_fingerprint)
-        if not config.same_graphs(self.frdiff_config):
-            logger.info("reconfigure: compile or CUDA-graph settings changed, dropping %d graph pairs",
-                        len(self._graphs))
-            self._graphs.clear()
-        self._graphs.resize(config.max_cached_shapes)
-        self.frdiff_config = config
-        self.reset()
+        with self._lock:
+            if not config.same_graphs(self.frdiff_config):
+                logger.info("reconfigure: compile or CUDA-graph settings changed, dropping %d graph pairs",
+                            len(self._graphs))
+                self._graphs.clear()
+            self._graphs.resize(config.max_cached_shapes)
+            self.frdiff_config = config
+            self.reset()
         logger.info("frdiff_compile.reconfigure: %s", config)
 
     def _start_generation(self, num_steps: int) -> None:
@@ -228,41 +247,17 @@ class FRDiffUNet(torch.nn.Module):
 
     def _fall_back(self, reason: str) -> None:
         if self._generation.eager_reason is None:
-            warnings.warn(
-                f"frdiff_compile: running the eager UNet for the rest of this generation: {reason}",
-                stacklevel=4,
-            )
-            logger.warning("eager fallback: %s", reason)
+            warn(logger, f"running the eager UNet for the rest of this generation: {reason}")
             self._generation.eager_reason = reason
 
     # --- graphs ---------------------------------------------------------------------------------------
-    def _graph_options(self, device: torch.device) -> tuple[bool, Backend | None]:
-        """Whether to compile, and which CUDA-graph backend, for graphs whose inputs live on `device`.
-
-        Resolved per signature from the inputs, not at `optimize` time: `pipe.to("cuda")` after `optimize`
-        is the common order.
-        """
-        config = self.frdiff_config
-        on_cuda = device.type == "cuda"
-        compile_graphs = config.compile if config.compile is not None else on_cuda
-        backend: Backend | None = None
-        if self.graph_backend_override is not None:
-            backend = self.graph_backend_override
-        elif config.cuda_graphs is None:
-            backend = "cuda" if on_cuda else None
-        elif config.cuda_graphs:
-            if not on_cuda:
-                raise ValueError(f"frdiff_compile: cuda_graphs=True but the UNet's inputs are on {device}; "
-                                 "move the pipeline to a CUDA device or leave cuda_graphs at None")
-            backend = "cuda"
-        return compile_graphs, backend
-
     def _entry(self, layout: CallLayout, tensors: list[torch.Tensor]) -> GraphEntry | str:
         found = self._graphs.get(layout.signature)
         if found is not None:
             return found
         device = tensors[0].device
-        compile_graphs, backend = self._graph_options(device)  # a config error raises here, not as a fallback
+        compile_graphs, cuda_graphs = self.frdiff_config.resolve(device.type)  # raises here, not as a fallback
+        backend = self.graph_backend_override or ("cuda" if cuda_graphs else None)
         start = time.perf_counter()
         try:
             captured = capture(self.unet, layout, tensors)
@@ -301,7 +296,8 @@ class FRDiffUNet(torch.nn.Module):
             layout, tensors = CallLayout.from_call(arguments)
         except UnsupportedCall as exc:
             raise RuntimeError(f"calls with argument {exc} run the eager UNet; there is no graph to prepare") from None
-        entry = self._entry(layout, tensors)
+        with self._lock:
+            entry = self._entry(layout, tensors)
         if isinstance(entry, str):
             raise RuntimeError(entry)
         return entry, tensors
@@ -311,23 +307,6 @@ class FRDiffUNet(torch.nn.Module):
         return self._graphs.entries()
 
     # --- the call -------------------------------------------------------------------------------------
-    def _bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """The call's arguments by name, as `inspect.Signature.bind` gives them (defaults not filled in).
-
-        Every step runs this on the host, so a signature of plain positional-or-keyword parameters (the
-        UNet's) is bound directly, several times faster than inspect; any other call (unknown or doubled
-        names, missing required ones) goes to inspect, which raises the TypeError it deserves.
-        """
-        if self._plain and len(args) <= len(self._names):
-            arguments = dict(zip(self._names, args))
-            if kwargs.keys().isdisjoint(arguments) and kwargs.keys() <= self._signature.parameters.keys():
-                arguments.update(kwargs)
-                if self._required <= arguments.keys():
-                    return arguments
-        arguments = dict(self._signature.bind(*args, **kwargs).arguments)
-        arguments.update(arguments.pop("kwargs", {}))
-        return arguments
-
     # Opaque to dynamo: users habitually wrap `pipe.unet` in torch.compile, and tracing this host-side
     # control flow (step tracking from storage metadata, graph lookup, CUDA-graph replay) only breaks the
     # graph a dozen times and compiles fragments of it (measured on CPU: 13 graphs, 51 s for 6 tiny steps
@@ -336,10 +315,11 @@ class FRDiffUNet(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         arguments = self._bind(args, kwargs)
         return_dict = arguments.pop("return_dict", True)
-        out = self._step(arguments)
-        if out is None:
-            self.stats.eager_calls += 1
-            return self.unet(*args, **kwargs)
+        with self._lock:  # the whole call, the eager UNet too (it may not run during a copy's capture)
+            out = self._step(arguments)
+            if out is None:
+                self.stats.eager_calls += 1
+                return self.unet(*args, **kwargs)
         if not return_dict:
             return (out,)
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
@@ -354,6 +334,8 @@ class FRDiffUNet(torch.nn.Module):
                 self._generation = _Generation(self._generation.number + 1, None)
                 self._fall_back(_UNTRACKED)
             return None
+        if position.resumed:
+            self._interleaved()
         if position.new_generation:
             self._start_generation(position.num_steps)
         if position.repeated:
@@ -379,7 +361,14 @@ class FRDiffUNet(torch.nn.Module):
             return None
         return self._run(entry, tensors, position.index)
 
+    def _interleaved(self) -> None:
+        self.stats.resumed_generations += 1
+        if not self._warned_interleaved:  # once per runtime: a server would otherwise warn at every step
+            self._warned_interleaved = True
+            warn(logger, _INTERLEAVED)
+
     def _run(self, entry: GraphEntry, tensors: list[torch.Tensor], index: int) -> torch.Tensor:
+        self._streams.follow(entry.device)
         generation = self._generation
         schedule: Schedule = generation.schedule  # type: ignore[assignment]  # set with the generation
         kind = schedule.kinds[index]

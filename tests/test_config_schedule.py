@@ -1,8 +1,10 @@
-"""FRDiffConfig validation and JSON, and the step schedule's exact counts and weights."""
+"""FRDiffConfig validation and JSON, the step schedule's exact counts and weights, and step tracking."""
 
 import pytest
+import torch
 
 from frdiff_compile import FRDiffConfig, StepKind, build_schedule, mix_weight
+from frdiff_compile.steps import RECENT, StepTracker
 
 
 @pytest.mark.parametrize(
@@ -59,3 +61,24 @@ def test_schedule_without_mixing_and_with_mask():
 
 def test_m1_is_all_full():
     assert build_schedule(7, FRDiffConfig(keyframe_interval=1)).counts() == {"full": 7, "reuse": 0, "skip": 0}
+
+
+def test_step_tracking_tells_interleaved_generations_from_new_ones():
+    tracker = StepTracker()
+    a, b = torch.arange(10, 0, -1), torch.arange(10, 0, -1)
+
+    def where(timesteps, i):
+        p = tracker.locate(timesteps[i])
+        return p.index, p.new_generation, p.resumed, p.repeated
+
+    assert where(a, 0) == (0, True, False, False)
+    assert where(a, 1) == (1, False, False, False)
+    assert where(a, 1) == (1, False, False, True)  # the same step again: a second call, not a generation
+    assert where(b, 0) == (0, True, False, False)
+    assert where(a, 2) == (2, True, True, False)  # a comes back past where it left off: resumed
+    assert where(b, 1) == (1, True, True, False)
+    assert where(a, 0) == (0, True, False, False)  # a from its start again: a new generation, not a resume
+    others = [torch.arange(10, 0, -1) for _ in range(RECENT)]
+    for other in others:  # enough schedules in between that a is forgotten
+        tracker.locate(other[0])
+    assert where(a, 1) == (1, True, False, False)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import generated_code, make_unet, max_rel_error, unet_inputs
+from test_concurrency import SEEDS, in_threads, keyframes_run, recorded_kinds
 from test_runtime import scheduler
 
 import frdiff_compile
@@ -261,6 +262,24 @@ def test_model_cpu_offload_after_optimize_keeps_the_graphs(sd_pipe):
         sd_pipe.remove_all_hooks()
         sd_pipe.unet = stock
         sd_pipe.to("cpu")
+
+
+@cuda_only
+def test_threads_on_their_own_streams_share_one_runtime(warm):
+    """A server's request threads, each on a CUDA stream of its own, step through one runtime: each thread's
+    trajectory is its own generation (the step lock), and no step's buffers are written by the next step's
+    stream before the last one's work on them is done (the stream order)."""
+    unet, cond, fr = warm(torch.float32)
+    use_schedule(fr)
+    before = copy.copy(fr.stats)
+    with recorded_kinds(fr.graph_entries()[-1]) as kinds:
+        got = in_threads([fr] * len(SEEDS), cond, own_streams=True)
+    for k, seed in enumerate(SEEDS):
+        mask = keyframes_run(kinds, k)
+        expected = trajectory(eager_graphs(unet, keyframes=mask), cond, steps=len(mask), seed=seed)
+        err = max_rel_error(got[k].float(), expected)
+        assert err < TOLERANCE[torch.float32], f"thread {k}, keyframes {mask}: relative error {err:.2e}"
+    assert_nothing_new(fr, before)
 
 
 @cuda_only

@@ -200,9 +200,13 @@ def test_interleaved_generations_run_full_compute_and_copies_follow_one_each():
     streams = [copy.copy(shared) for _ in range(2)]
     assert all(stream.unet is unet for stream in streams)
     full, one_each = interleaved([unet, unet]), interleaved(streams)
-    for got, expected in zip(interleaved([shared, shared]), full):
-        assert torch.equal(got, expected)
+    with pytest.warns(UserWarning, match="generations are interleaved") as record:
+        for got, expected in zip(interleaved([shared, shared]), full):
+            assert torch.equal(got, expected)
+    # Once per runtime, at the line that called the UNet (not inside torch or the runtime).
+    assert [w.filename for w in record if "frdiff_compile" in str(w.message)] == [__file__]
     assert shared.stats.generations == 2 * steps and shared.stats.reuse_calls + shared.stats.skip_steps == 0
+    assert shared.stats.resumed_generations == 2 * (steps - 1), shared.stats  # every step after the first
     alone = frdiff_compile.optimize(unet)  # the requests one after the other
     for seed, (stream, got) in enumerate(zip(streams, one_each)):
         expected = sample(optimized_fn(alone, cond), scheduler("sd15"), steps, seed=seed)

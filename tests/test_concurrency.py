@@ -1,0 +1,124 @@
+"""Threads calling one runtime at once (diffusers' server recipe shares the UNet between request threads),
+and one runtime per thread."""
+
+import contextlib
+import copy
+import sys
+import threading
+
+import pytest
+import torch
+from conftest import make_unet, unet_inputs
+from test_runtime import optimized_fn, sample, scheduler
+
+import frdiff_compile
+from frdiff_compile import FRDiffConfig
+
+STEPS = 8
+SEEDS = (0, 1, 2)
+
+
+@pytest.fixture
+def frequent_switches():
+    # Hand the interpreter to another thread as often as it can, so steps overlap wherever they can.
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(before)
+
+
+def in_threads(models, cond, own_streams=False):
+    """Thread k runs DDIM from seed SEEDS[k] through models[k], with a scheduler of its own (as a server's
+    request does) and, with `own_streams`, a CUDA stream of its own; all start together. Returns each
+    thread's final latents."""
+    device, dtype = cond["encoder_hidden_states"].device, cond["encoder_hidden_states"].dtype
+    start = threading.Barrier(len(models))
+    results, errors = {}, []
+
+    def request(k):
+        try:
+            sched = scheduler("sd15")
+            sched.set_timesteps(STEPS, device=device)
+            x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(SEEDS[k])).to(device, dtype)
+            start.wait()
+            stream = torch.cuda.stream(torch.cuda.Stream()) if own_streams else contextlib.nullcontext()
+            with stream, torch.no_grad():
+                for t in sched.timesteps:
+                    x = sched.step(models[k](x, t, **cond).sample, t, x).prev_sample
+            results[k] = x
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread below
+            errors.append(exc)
+            start.abort()
+
+    threads = [threading.Thread(target=request, args=(k,), name=f"request-{k}") for k in range(len(models))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    if own_streams:
+        torch.cuda.synchronize()
+    return [results[k] for k in range(len(models))]
+
+
+@contextlib.contextmanager
+def recorded_kinds(entry):
+    """Thread name -> the kind ("full", "reuse", "skip") of each of its steps through `entry`, recorded
+    inside the runtime's step lock."""
+    kinds = {}
+    for kind in ("full", "reuse", "skip"):
+        def recorded(*args, _run=getattr(entry, f"run_{kind}"), _kind=kind):
+            kinds.setdefault(threading.current_thread().name, []).append(_kind)
+            return _run(*args)
+
+        setattr(entry, f"run_{kind}", recorded)
+    try:
+        yield kinds
+    finally:
+        for kind in ("full", "reuse", "skip"):
+            delattr(entry, f"run_{kind}")  # the class's methods again
+
+
+def keyframes_run(kinds, k):
+    """Thread k's keyframe mask: the schedule's, plus one wherever another thread's step had come between
+    two of its own. Its trajectory must be exactly a lone generation with these keyframes."""
+    mask = tuple(kind == "full" for kind in kinds[f"request-{k}"])
+    assert len(mask) == STEPS, kinds
+    return mask
+
+
+@pytest.mark.filterwarnings("ignore:frdiff_compile. generations are interleaved")
+def test_threads_sharing_one_runtime_each_get_their_own_generation(frequent_switches):
+    # Without the runtime's step lock, one thread's step could start its generation, another's could start
+    # its own, and the first would then run under the second's (reading caches it never wrote); with CUDA
+    # graphs (emulated here) a replay could run over another thread's inputs or hand out its output.
+    unet = make_unet("sd15", layers_per_block=1)
+    cond = unet_inputs("sd15")
+    fr = frdiff_compile.optimize(unet)
+    fr.graph_backend_override = "emulate"
+    sample(optimized_fn(fr, cond), scheduler("sd15"), 2)  # a keyframe and a reuse step: both graphs captured
+    with recorded_kinds(fr.graph_entries()[0]) as kinds:
+        got = in_threads([fr] * len(SEEDS), cond)
+    for k in range(len(SEEDS)):
+        mask = keyframes_run(kinds, k)
+        alone = frdiff_compile.optimize(unet, FRDiffConfig(keyframes=mask))
+        expected = sample(optimized_fn(alone, cond), scheduler("sd15"), STEPS, seed=SEEDS[k])
+        diff = (got[k] - expected).abs().max()
+        assert torch.equal(got[k], expected), f"thread {k}, keyframes {mask}: max diff {diff}"
+    assert fr.stats.eager_calls == 0 and fr.stats.captures == 1, fr.stats
+
+
+def test_a_runtime_per_thread_runs_each_generation_as_alone(frequent_switches, recwarn):
+    unet = make_unet("sd15", layers_per_block=1)
+    cond = unet_inputs("sd15")
+    shared = frdiff_compile.optimize(unet)
+    copies = [copy.copy(shared) for _ in SEEDS]
+    got = in_threads(copies, cond)
+    alone = frdiff_compile.optimize(unet)
+    for k, runtime in enumerate(copies):
+        expected = sample(optimized_fn(alone, cond), scheduler("sd15"), STEPS, seed=SEEDS[k])
+        assert torch.equal(got[k], expected), f"thread {k}"
+        stats = runtime.stats
+        assert (stats.generations, stats.resumed_generations) == (1, 0) and stats.reuse_calls > 0, stats
+    assert not [w for w in recwarn if "frdiff_compile" in str(w.message)]
