@@ -18,8 +18,9 @@ Invariants:
   serve again if the UNet comes back, and are dropped at the first call made anywhere else.
 - Calls the graphs cannot serve run the eager UNet for the rest of that generation, with one warning that
   names the argument; nothing is silently approximated outside the method.
-- One step at a time, whatever thread or CUDA stream calls (`concurrency.StepLock`); generations stepped in
-  turn are each correct, without reuse across the interleaving, and the first such resume warns once.
+- One call at a time through a runtime and its copies, whatever thread or CUDA stream makes it (see
+  `concurrency.py`); generations stepped in turn are each correct, without reuse across the interleaving,
+  and the first such resume warns once.
 - `forward` is opaque to dynamo (`torch.compiler.disable`): an outer `torch.compile` of this module runs
   the runtime as it is, never a trace of its host-side control flow.
 """
