@@ -21,29 +21,32 @@ Invariants:
   the device can still run one copy's step while the next is queued (not measured). Runtimes made by
   separate `optimize` calls share nothing.
 - On CUDA, work on a runtime's buffers is queued in call order even when calls come from different
-  streams (`StreamOrder`): a step on another stream than the last one first makes its stream wait for
-  everything queued on the last one, since the host's lock alone does not order the device's work.
+  streams (`StreamOrder`): a step on another stream than the last step on that device first makes its
+  stream wait for everything queued on the last one's, since the host's lock alone does not order the
+  device's work.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 
 class StreamOrder:
-    """The CUDA stream a runtime's last step queued its work on."""
+    """The CUDA stream a runtime's last step on each device queued its work on."""
 
-    def __init__(self) -> None:
-        self._stream: torch.cuda.Stream | None = None
+    def __init__(self, current_stream: Callable[[torch.device], torch.cuda.Stream] | None = None) -> None:
+        self._current_stream = current_stream or torch.cuda.current_stream  # a seam for the CPU tests
+        self._last: dict[torch.device, torch.cuda.Stream] = {}
 
     def follow(self, device: torch.device) -> None:
-        """Before a step touches buffers on `device`: queue its work after the last step's, whatever stream
-        that ran on. Costs a current-stream query per CUDA step; nothing elsewhere."""
+        """Before a step touches buffers on `device`: queue its work after the last step's there, whatever
+        stream that ran on. Costs a current-stream query per CUDA step; nothing elsewhere."""
         if device.type != "cuda":
             return
-        stream = torch.cuda.current_stream(device)
-        last = self._stream
-        # Buffers on another device are another signature's: nothing of the last step's to wait for.
-        if last is not None and last != stream and last.device == stream.device:
+        stream = self._current_stream(device)
+        last = self._last.get(stream.device)
+        if last is not None and last != stream:
             stream.wait_stream(last)
-        self._stream = stream
+        self._last[stream.device] = stream

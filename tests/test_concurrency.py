@@ -13,6 +13,7 @@ from test_runtime import optimized_fn, sample, scheduler
 
 import frdiff_compile
 from frdiff_compile import FRDiffConfig
+from frdiff_compile.concurrency import StreamOrder
 
 STEPS = 8
 SEEDS = (0, 1, 2)
@@ -122,3 +123,27 @@ def test_a_runtime_per_thread_runs_each_generation_as_alone(frequent_switches, r
         stats = runtime.stats
         assert (stats.generations, stats.resumed_generations) == (1, 0) and stats.reuse_calls > 0, stats
     assert not [w for w in recwarn if "frdiff_compile" in str(w.message)]
+
+
+class _Stream:
+    def __init__(self, device, name):
+        self.device, self.name, self.waited_for = device, name, []
+
+    def wait_stream(self, other):
+        self.waited_for.append(other.name)
+
+
+def test_a_step_on_another_stream_waits_for_the_last_steps_stream():
+    # The logic of StreamOrder with stand-in streams; the GPU test above runs it on real ones.
+    cuda0, cuda1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    a, b, other_device = _Stream(cuda0, "a"), _Stream(cuda0, "b"), _Stream(cuda1, "c")
+    current = {"stream": a}
+    order = StreamOrder(current_stream=lambda device: current["stream"])
+    for stream in (a, a, b, b, a, other_device, b):
+        current["stream"] = stream
+        order.follow(stream.device)
+    order.follow(torch.device("cpu"))  # CPU steps are ordered by the host: no stream is asked for
+    # Each device's buffers follow that device's last stream (b's second turn waits for a, across the step
+    # on the other device); nothing waits on itself or on another device's stream.
+    waited = (a.waited_for, b.waited_for, other_device.waited_for)
+    assert waited == (["b"], ["a", "a"], []), waited
