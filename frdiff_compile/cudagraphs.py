@@ -8,9 +8,11 @@ Invariants:
 - What a call returns is a clone of the static output, never the static output itself: schedulers such as
   PNDM and multistep DPM keep earlier model outputs, and the next replay overwrites the static one.
 - Capture happens at the first call, after `warmup` eager runs on a side stream (they compile the graph
-  and let cuBLAS and Triton set themselves up outside the capture); the graphs of one runtime share one
-  memory pool. Those warm-up runs and the capture run are real calls on the same inputs, so the buffers
-  the keyframe graph writes hold this step's values afterwards either way.
+  and let cuBLAS and Triton set themselves up outside the capture), and the capture itself runs on that
+  private stream with thread-local capture errors, so other threads' CUDA work neither enters the graph
+  nor fails while it is captured; the graphs of one runtime share one memory pool. Those warm-up runs and
+  the capture run are real calls on the same inputs, so the buffers the keyframe graph writes hold this
+  step's values afterwards either way.
 - Two backends: "cuda" (`torch.cuda.CUDAGraph`) and "emulate", which keeps the same buffer discipline on
   any device by re-running the function and copying into the static output, so the CPU test suite can
   check the copying and aliasing rules that a real replay depends on.
@@ -88,7 +90,12 @@ class StaticGraph:
                     self.fn(*args)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool.handle() if self.pool else None):
+            pool = self.pool.handle() if self.pool else None
+            # On the private side stream, not torch's default capture stream (one per process, so runtimes
+            # capturing in two threads would record into one another's graphs); "thread_local" because in
+            # "global" mode another thread's unsafe call during the capture (a scheduler step's host sync in
+            # another request) would fail there, while no other thread can queue work on this stream.
+            with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
                 self._output = self.fn(*args)
             self._graph = graph
             if self.pool is not None:

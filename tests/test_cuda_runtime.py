@@ -12,12 +12,14 @@ case only `reconfigure`s it, and each test asserts that its steps compiled and c
 import copy
 import dataclasses
 import os
+import threading
 
 import numpy as np
 import pytest
 import torch
 from conftest import generated_code, make_unet, max_rel_error, unet_inputs
 from test_concurrency import SEEDS, in_threads, keyframes_run, recorded_kinds
+from test_concurrency import STEPS as STEPS_IN_THREADS
 from test_runtime import scheduler
 
 import frdiff_compile
@@ -280,6 +282,38 @@ def test_threads_on_their_own_streams_share_one_runtime(warm):
         err = max_rel_error(got[k].float(), expected)
         assert err < TOLERANCE[torch.float32], f"thread {k}, keyframes {mask}: relative error {err:.2e}"
     assert_nothing_new(fr, before)
+
+
+@cuda_only
+def test_two_runtimes_capture_at_once_beside_a_syncing_thread():
+    """Two runtimes over two UNets build and capture their graphs in two threads at once while a third thread
+    keeps syncing the device (as another request's scheduler step does): each capture records on a stream
+    of its own, not torch's one default capture stream, and forbids unsafe calls on its own thread only."""
+    unets = [device_unet(torch.float32) for _ in range(2)]
+    cond = device_inputs(torch.float32)
+    runtimes = [frdiff_compile.optimize(unet, FRDiffConfig(compile=False)) for unet in unets]  # eager graphs
+    stop, bystander_errors = threading.Event(), []
+
+    def bystander():
+        try:
+            while not stop.is_set():
+                torch.ones(1, device=DEVICE).item()
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            bystander_errors.append(exc)
+
+    syncing = threading.Thread(target=bystander)
+    syncing.start()
+    try:
+        got = in_threads(runtimes, cond)
+    finally:
+        stop.set()
+        syncing.join()
+    assert not bystander_errors, bystander_errors[0]
+    for k, (unet, fr) in enumerate(zip(unets, runtimes)):
+        expected = trajectory(eager_graphs(unet), cond, steps=STEPS_IN_THREADS, seed=SEEDS[k])
+        err = max_rel_error(got[k].float(), expected)
+        assert err < TOLERANCE[torch.float32], f"runtime {k}: relative error {err:.2e}"
+        assert fr.stats.cudagraph_captures == 2 and fr.stats.cudagraph_fallbacks == 0, fr.stats
 
 
 @cuda_only
