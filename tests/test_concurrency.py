@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from conftest import make_unet, unet_inputs
+from conftest import make_unet, max_rel_error, unet_inputs
 from test_runtime import optimized_fn, sample, scheduler
 
 import frdiff_compile
@@ -122,6 +122,24 @@ def test_a_runtime_per_thread_runs_each_generation_as_alone(frequent_switches, r
         assert torch.equal(got[k], expected), f"thread {k}"
         stats = runtime.stats
         assert (stats.generations, stats.resumed_generations) == (1, 0) and stats.reuse_calls > 0, stats
+    assert not [w for w in recwarn if "frdiff_compile" in str(w.message)]
+
+
+def test_runtimes_over_two_unets_capture_in_two_threads_at_once(frequent_switches, recwarn):
+    # torch.export is not thread-safe: without the capture's process-wide lock both exports failed here and
+    # both runtimes ran the eager UNet (and would have for every later generation at that shape).
+    unets = [make_unet("sd15", layers_per_block=1) for _ in range(2)]
+    cond = unet_inputs("sd15")
+    runtimes = [frdiff_compile.optimize(unet) for unet in unets]
+    got = in_threads(runtimes, cond)
+    for k, (unet, runtime) in enumerate(zip(unets, runtimes)):
+        expected = sample(optimized_fn(frdiff_compile.optimize(unet), cond), scheduler("sd15"), STEPS, seed=SEEDS[k])
+        # Not bit for bit: these two runtimes share no lock, so their ops really run at once, and CPU ops
+        # split their reductions by the intra-op threads they get (5e-7 relative seen here).
+        err = max_rel_error(got[k], expected)
+        assert err < 1e-5, f"runtime {k}: relative error {err:.2e}"
+        stats = runtime.stats
+        assert (stats.captures, stats.capture_failures, stats.eager_calls) == (1, 0, 0), stats
     assert not [w for w in recwarn if "frdiff_compile" in str(w.message)]
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import threading
 from typing import Any
 
 import torch
@@ -279,11 +280,19 @@ def normalize(gm: fx.GraphModule) -> dict[str, int]:
     return counts
 
 
+# torch.export's non-strict tracing is not thread-safe: it keeps process-wide state (the proxy dispatch mode's
+# slot, the constants it lifts), and two exports in two threads at once, even of two different UNets, both
+# failed in each of 5 trials on CPU. So exports take turns across every runtime in the process. This lock is
+# the package's one piece of module-level state; it configures nothing and holds nothing between exports.
+_EXPORT_LOCK = threading.Lock()
+
+
 def capture(unet: torch.nn.Module, layout: CallLayout, tensors: list[torch.Tensor]) -> Captured:
     """Export `unet` for calls of `layout` (example `tensors`) and normalize the graph."""
     adapter = _ExportAdapter(unet, layout)
-    program = torch.export.export(adapter, tuple(tensors), strict=False)
-    gm = program.module()
+    with _EXPORT_LOCK:
+        program = torch.export.export(adapter, tuple(tensors), strict=False)
+        gm = program.module()
     counts = normalize(gm)
     logger.debug("captured %s: %d nodes, normalized %s", layout.describe(), len(gm.graph.nodes), counts)
     return Captured(graph_module=gm, layout=layout)
