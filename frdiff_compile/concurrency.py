@@ -19,7 +19,8 @@ Invariants:
   the UNet's modules: no copy calls them while another captures. Their steps are serialized on the host.
   On a GPU a step only queues work (a CUDA-graph replay, or compiled kernels) while it holds the lock, so
   the device can still run one copy's step while the next is queued (not measured). Runtimes made by
-  separate `optimize` calls share nothing.
+  separate `optimize` calls share only the process-wide export lock (`passes/capture.py`): torch.export
+  is not thread-safe even across different modules.
 - On CUDA, work on a runtime's buffers is queued in call order even when calls come from different
   streams (`StreamOrder`): a step on another stream than the last step on that device first makes its
   stream wait for everything queued on the last one's, since the host's lock alone does not order the
