@@ -1,5 +1,6 @@
-"""Threads calling one runtime at once (diffusers' server recipe shares the UNet between request threads),
-and one runtime per thread."""
+"""Threads calling runtimes at once: one runtime shared by request threads (diffusers' server recipe shares
+the UNet), a copy per thread, runtimes over two UNets capturing at once; and the CUDA stream order's logic.
+The helpers serve the GPU versions in test_cuda_runtime.py too."""
 
 import contextlib
 import copy
