@@ -62,8 +62,7 @@ class StepTracker:
 
     def __init__(self) -> None:
         self._explicit: list[int] | None = None  # [num_steps, next_index] after reset(num_inference_steps)
-        self._key: tuple | None = None
-        self._last_index = -1
+        self._key: tuple | None = None  # the current schedule's
         # key -> [storage, last index reached], the current schedule last. A storage held here keeps its
         # address from being handed to a new schedule, which would then pass for this one.
         self._recent: collections.OrderedDict[tuple, list] = collections.OrderedDict()
@@ -75,7 +74,6 @@ class StepTracker:
             raise ValueError(f"num_inference_steps must be an int >= 1, got {num_steps!r}")
         self._explicit = None if num_steps is None else [num_steps, 0]
         self._key = None
-        self._last_index = -1
         self._recent.clear()
         self._current = None
 
@@ -92,9 +90,9 @@ class StepTracker:
             return None
         key, num_steps, index = view
         same_schedule = key == self._key
-        if same_schedule and index == self._last_index:
+        if same_schedule and index == self._current[1]:
             return StepPosition(index, num_steps, new_generation=False, repeated=True)
-        new_generation = not same_schedule or index < self._last_index
+        new_generation = not same_schedule or index < self._current[1]
         resumed = False
         if not same_schedule:
             seen = self._recent.get(key)
@@ -105,5 +103,5 @@ class StepTracker:
                     self._recent.popitem(last=False)  # the oldest; never the new one, moved to the end
             self._recent.move_to_end(key)
             self._key, self._current = key, seen
-        self._current[1] = self._last_index = index
+        self._current[1] = index
         return StepPosition(index, num_steps, new_generation=new_generation, resumed=resumed)

@@ -106,7 +106,6 @@ class FRDiffUNet(torch.nn.Module):
         # Re-entrant: a call back into the runtime from inside its own step, on one thread, goes on.
         self._lock = threading.RLock()
         self._streams = StreamOrder()
-        self._warned_interleaved = False
         self._bind = ArgumentBinder(unet.forward)
         self._graphs = GraphLRU(config.max_cached_shapes)
         self._tracker = StepTracker()
@@ -364,8 +363,7 @@ class FRDiffUNet(torch.nn.Module):
 
     def _interleaved(self) -> None:
         self.stats.resumed_generations += 1
-        if not self._warned_interleaved:  # once per runtime: a server would otherwise warn at every step
-            self._warned_interleaved = True
+        if self.stats.resumed_generations == 1:  # once per runtime: a server would otherwise warn every step
             warn(logger, _INTERLEAVED)
 
     def _run(self, entry: GraphEntry, tensors: list[torch.Tensor], index: int) -> torch.Tensor:
