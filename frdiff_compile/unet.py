@@ -55,6 +55,12 @@ _INTERLEAVED = (
     "steps run the full UNet, correctly but without feature reuse; give each worker its own runtime, "
     "`copy.copy(pipe.unet)`, made once"
 )
+_OPAQUE = (
+    "frdiff_compile's runtime is not traceable: it picks the step's graph on the host and runs graphs it has "
+    "compiled itself (FRDiffConfig(compile=..., compile_mode=...)). torch.compile(pipe.unet) after optimize() "
+    "runs it as it is, which fullgraph=True does not allow: drop fullgraph=True, or the torch.compile call, "
+    "which adds nothing here"
+)
 _UNTRACKED = (
     "the step index cannot be told from this timestep (not a view into a schedule of two or more timesteps, "
     "such as scheduler.timesteps); a loop over plain timesteps calls unet.reset(num_inference_steps=N) first, "
@@ -311,7 +317,8 @@ class FRDiffUNet(torch.nn.Module):
     # control flow (step tracking from storage metadata, graph lookup, CUDA-graph replay) only breaks the
     # graph a dozen times and compiles fragments of it (measured on CPU: 13 graphs, 51 s for 6 tiny steps
     # against 2 s). The graphs this method runs are compiled already, so an outer torch.compile adds nothing.
-    @torch.compiler.disable
+    # Under fullgraph=True dynamo raises at the first call instead of skipping, with this reason in its message.
+    @torch.compiler.disable(reason=_OPAQUE)
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         arguments = self._bind(args, kwargs)
         return_dict = arguments.pop("return_dict", True)

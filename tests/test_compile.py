@@ -114,3 +114,36 @@ def test_an_outer_torch_compile_leaves_the_runtime_alone():
     assert counters["stats"]["unique_graphs"] == 0 and all("disable" in k for k in breaks), breaks
     assert torch.equal(got, expected)
     assert fr.stats.reuse_calls > 0 and fr.stats.eager_calls == 0 and fr.stats.captures == 1, fr.stats
+
+
+def test_an_outer_fullgraph_compile_says_what_to_do():
+    """diffusers' docs compile the UNet with fullgraph=True, which cannot skip the runtime: the error says why."""
+    fr = frdiff_compile.optimize(make_unet("sd15"), FRDiffConfig(compile=False))
+    # Dynamo keys its frame cache on code objects: an earlier non-fullgraph compile of a runtime (another
+    # test) would serve this call from that cache, without the error.
+    torch._dynamo.reset()
+    wrapped = torch.compile(fr, fullgraph=True)
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=r"(?s)frdiff_compile.*drop fullgraph=True"):
+        sample(optimized_fn(wrapped, unet_inputs("sd15")), scheduler("sd15"), 2)
+    assert fr.stats.generations == 0, fr.stats
+
+
+def test_regional_compilation_of_the_unet_leaves_the_graphs_alone():
+    """`pipe.unet.compile_repeated_blocks(...)` (diffusers' regional compilation), before or after optimize().
+
+    After, the call reaches the wrapped UNet through attribute forwarding. Either way the export traces the
+    blocks' own forward, so the graphs are the plain ones and dynamo compiles nothing.
+    """
+    cond = unet_inputs("sd15")
+    expected = sample(optimized_fn(frdiff_compile.optimize(make_unet("sd15"), FRDiffConfig(compile=False)), cond),
+                      scheduler("sd15"), 6)
+    before = make_unet("sd15")
+    before.compile_repeated_blocks(fullgraph=True)
+    after = frdiff_compile.optimize(make_unet("sd15"), FRDiffConfig(compile=False))
+    after.compile_repeated_blocks(fullgraph=True)
+    for fr in (frdiff_compile.optimize(before, FRDiffConfig(compile=False)), after):
+        counters.clear()
+        got = sample(optimized_fn(fr, cond), scheduler("sd15"), 6)
+        assert counters["stats"]["unique_graphs"] == 0, dict(counters["stats"])
+        assert torch.equal(got, expected)
+        assert fr.stats.reuse_calls > 0 and fr.stats.eager_calls == 0, fr.stats
