@@ -23,7 +23,8 @@ Invariants:
     - FreeU's factors on the up blocks (`enable_freeu` / `disable_freeu`), read as Python values when
       the graph was captured.
     - Every PEFT adapter layer's state (LoRA scales, active, disabled and merged adapters), which
-      `set_adapters`, `disable_adapters`, `fuse_lora` and the like change without touching a tensor.
+      `set_adapters`, `disable_adapters`, `fuse_lora` and the like change without touching a tensor. A
+      scale that is a tensor (LoRA hotswap) counts by identity: the graphs read it live, as a parameter.
     - Forward hooks of other libraries on the UNet's modules (`Fingerprint.hooks`): accelerate's
       (sequential CPU offload, a `device_map`) move weights inside the forward, and diffusers' own
       (group offloading, layerwise casting, FasterCache, FirstBlockCache, ...) change what it computes
@@ -58,7 +59,12 @@ def _plain_values(obj: object) -> tuple:
 def _adapter_state(layer: torch.nn.Module) -> tuple:
     """What a PEFT adapter layer's forward reads as Python values (peft is not imported: duck-typed)."""
     scaling = layer.__dict__.get("scaling")
-    scales = tuple(sorted(scaling.items())) if isinstance(scaling, dict) else None
+    # A scaling is a float, or a tensor once LoRA hotswap is enabled: the graphs then read that tensor, so
+    # it counts by identity (held here, so its id stays taken). Compared as a value, a new tensor of equal
+    # value (PEFT sets one after each call scaled by cross_attention_kwargs) would pass for the old one,
+    # which the graphs still read.
+    scales = tuple(sorted((k, id(v), v) if isinstance(v, torch.Tensor) else (k, v) for k, v in scaling.items())
+                   ) if isinstance(scaling, dict) else None
     return scales, tuple(layer.active_adapters), bool(layer.disable_adapters), tuple(layer.merged_adapters)
 
 

@@ -275,6 +275,9 @@ class FRDiffUNet(torch.nn.Module):
                 self.frdiff_config.compile_mode, self.stats, backend, self._pool,
             )
             self.stats.captures += 1
+        except UnsupportedCall as exc:  # refused by a check, not a failure: the reason says it all
+            entry = f"the UNet could not be captured for {layout.describe()}: {exc}"
+            self.stats.capture_failures += 1
         except Exception as exc:  # noqa: BLE001 - any export failure must become a clear eager fallback
             logger.exception("capture failed for %s", layout.describe())
             entry = f"the UNet could not be captured for {layout.describe()} ({type(exc).__name__}: {exc})"

@@ -14,6 +14,7 @@ from test_runtime import optimized_fn, sample, scheduler
 
 import frdiff_compile
 from frdiff_compile import FRDiffConfig, UnsupportedModelError
+from frdiff_compile.module_state import module_fingerprint
 
 # One layer per block: these tests capture again and again (export is most of their time), and what they
 # check (module state the capture reads) does not depend on the depth.
@@ -117,6 +118,64 @@ def test_lora_adapter_changes_rebuild():
     assert fr.stats.captures == 3
     assert not torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[1], outputs[2])
     assert torch.equal(outputs[3], outputs[1]) and torch.equal(outputs[4], outputs[0])
+
+
+def _lora_state_dict(seed: int, targets: list[str]) -> dict[str, torch.Tensor]:
+    """A random rank-4 LoRA for the tiny UNet in PEFT's keys, as `load_lora_adapter` takes it."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    unet = make_unet("sd15", layers_per_block=1)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False), "x")
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    return get_peft_model_state_dict(unet, adapter_name="x")
+
+
+def test_lora_hotswap_keeps_the_graphs_and_a_scale_that_rewrites_scalings_is_refused():
+    """diffusers' LoRA hotswap (`enable_lora_hotswap`, then `load_lora_adapter(..., hotswap=True)`): the new
+    adapter's weights are copied into the old ones and its scale filled into PEFT's scaling tensors, both
+    read live by the graphs. A LoRA scale in cross_attention_kwargs rewrites those tensors at every call (in
+    place, then replaced by new ones), which a graph cannot repeat: those calls run the eager UNet, the export
+    leaves the scalings as it found them (it had halved them for good, and the graph halved them at every
+    step), and the graphs over the replaced tensors are not run again."""
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    unet = make_unet("sd15", layers_per_block=1)
+    cond = unet_inputs("sd15")
+    unet.enable_lora_hotswap(target_rank=8)
+    unet.load_lora_adapter(_lora_state_dict(1, targets), prefix=None, adapter_name="a",
+                           metadata={"r": 4, "lora_alpha": 4, "target_modules": targets})
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=1))  # M=1: exactly the UNet
+
+    def run(model, kwargs=None):
+        return sample(lambda i, n, x, t: model(x, t, **cond, cross_attention_kwargs=kwargs).sample,
+                      scheduler("sd15"), 4)
+
+    def scalings():
+        return [m.scaling["a"] for m in unet.modules() if isinstance(getattr(m, "scaling", None), dict)]
+
+    first = run(fr)
+    assert torch.equal(first, run(unet))
+    unet.load_lora_adapter(_lora_state_dict(2, targets), prefix=None, adapter_name="a", hotswap=True,
+                           metadata={"r": 4, "lora_alpha": 8, "target_modules": targets})
+    assert scalings() and all(isinstance(s, torch.Tensor) and s.item() == 2.0 for s in scalings())
+    swapped = run(fr)
+    assert torch.equal(swapped, run(unet)) and not torch.equal(swapped, first)
+    assert fr.stats.captures == 1 and fr.stats.eager_calls == 0, fr.stats
+    with pytest.warns(UserWarning, match="writes module state") as caught:
+        scaled = run(fr, {"scale": 0.5})
+    assert len([w for w in caught if "frdiff_compile" in str(w.message)]) == 1
+    assert {s.item() for s in scalings()} == {2.0}
+    assert torch.equal(scaled, run(unet, {"scale": 0.5})) and fr.stats.eager_calls == 4, fr.stats
+    # PEFT's scaled calls left new scaling tensors behind (and the old ones halved): new graphs read them.
+    assert torch.equal(run(fr), swapped) and fr.stats.captures == 2, fr.stats
+    # Tensor scalings count by identity: an equal-valued new tensor is one the graphs do not read.
+    layer = next(m for m in unet.modules() if isinstance(getattr(m, "scaling", None), dict))
+    before = module_fingerprint(unet)
+    layer.scaling["a"] = layer.scaling["a"].clone()
+    assert module_fingerprint(unet) != before
 
 
 def test_lora_scale_in_cross_attention_kwargs_is_served_by_the_graphs():

@@ -1,6 +1,5 @@
 """Capture -> plan -> build on tiny SD 1.5 / SD 2 / SDXL UNets, and the full SD 1.5 structure on meta."""
 
-import pytest
 import torch
 from conftest import make_unet, unet_inputs
 from diffusers import UNet2DConditionModel
