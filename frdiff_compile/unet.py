@@ -2,7 +2,8 @@
 
 Invariants:
 - Called exactly like the wrapped UNet, same return types; attribute reads it does not define itself
-  (`config`, `dtype`, `device`, `add_embedding`, ...) go to the wrapped UNet. Like any module holding a
+  (`config`, `dtype`, `device`, `add_embedding`, ...) go to the wrapped UNet, and so do assignments and
+  deletions of the UNet's public attributes (`encoder_hid_proj`). Like any module holding a
   submodule (and torch.compile's `_orig_mod`), its parameter names and state-dict keys carry the "unet."
   level; `load_state_dict` also takes a stock UNet's keys. A copy or a pickle is a new runtime with no graphs.
 - Every per-step decision (keyframe, reuse or skip; the blend weight) is made here on the host from the
@@ -129,6 +130,36 @@ class FRDiffUNet(torch.nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self._modules["unet"], name)
+
+    def _forwarded(self, name: str) -> bool:
+        """Whether an assignment to `name` belongs to the wrapped UNet, as torch.compile's wrapper decides.
+
+        diffusers' pipelines assign to `pipe.unet.<attr>` (`unload_ip_adapter` sets `encoder_hid_proj`, Kolors
+        `text_encoder_hid_proj`): kept on the wrapper, the value would shadow the UNet's own, which the UNet
+        goes on using (the unloaded projection stayed loaded, and a reloaded one read as None). So a public
+        name the UNet has and the wrapper does not is the UNet's; private names (accelerate's `_hf_hook` and
+        `_old_forward` on the module it wraps) and new names stay here.
+        """
+        modules = self.__dict__.get("_modules")
+        if name.startswith("_") or modules is None or "unet" not in modules or name in self.__dict__:
+            return False
+        if name in modules or name in self._parameters or name in self._buffers or hasattr(type(self), name):
+            return False
+        unet = modules["unet"]  # its own tables, not hasattr: ModelMixin's __getattr__ warns on config keys
+        return (name in vars(unet) or name in unet._modules or name in unet._parameters or name in unet._buffers
+                or hasattr(type(unet), name))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self._forwarded(name):
+            setattr(self._modules["unet"], name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if self._forwarded(name):
+            delattr(self._modules["unet"], name)
+        else:
+            super().__delattr__(name)
 
     def extra_repr(self) -> str:
         # `print(pipe.unet)` says at once that the UNet is optimized, how, and how many shapes are built.

@@ -10,10 +10,10 @@ import frdiff_compile
 from frdiff_compile import FRDiffConfig
 
 
-def generate(pipe, steps, size, seed=0):
+def generate(pipe, steps, size, seed=0, **kwargs):
     return pipe(
         ["a digit", "a cat"], num_inference_steps=steps, height=size, width=size, guidance_scale=3.0,
-        generator=torch.Generator().manual_seed(seed), output_type="np",
+        generator=torch.Generator().manual_seed(seed), output_type="np", **kwargs,
     ).images
 
 
@@ -65,3 +65,58 @@ def test_pag_and_plain_pipelines_sharing_the_unet_switch_graphs_without_rebuildi
         assert sd_pipe.unet.stats.captures == 2 and sd_pipe.unet.stats.eager_calls == 0, sd_pipe.unet.stats
     finally:
         sd_pipe.unet = stock
+
+
+def _ip_adapter_state(unet, clip_dim: int, seed: int) -> dict:
+    """A random IP-Adapter (plain image projection, 4 tokens) in the layout `load_ip_adapter` takes."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g) * 0.2
+
+    dim, widths = unet.config.cross_attention_dim, unet.config.block_out_channels
+    image_proj = {"proj.weight": rand(4 * dim, clip_dim), "proj.bias": rand(4 * dim), "norm.weight": 1 + rand(dim),
+                  "norm.bias": rand(dim)}
+    layers, key = {}, 1
+    for name in (n for n in unet.attn_processors if not n.endswith("attn1.processor")):  # cross-attention only
+        block = int(name.split(".")[1]) if not name.startswith("mid_block") else 0
+        hidden = {"down_blocks": widths[block], "up_blocks": widths[::-1][block], "mid_block": widths[-1]}[
+            name.split(".")[0]]
+        layers[f"{key}.to_k_ip.weight"], layers[f"{key}.to_v_ip.weight"] = rand(hidden, dim), rand(hidden, dim)
+        key += 2
+    return {"image_proj": image_proj, "ip_adapter": layers}
+
+
+def test_ip_adapter_loads_unloads_and_reloads_through_the_wrapper(sd_pipe):
+    """`unload_ip_adapter` assigns `pipe.unet.encoder_hid_proj = None`: the assignment must reach the UNet.
+
+    Kept on the wrapper, it shadowed the UNet's projection: the unloaded one stayed in the UNet, and after a
+    reload `pipe.unet.encoder_hid_proj` read None (the pipeline reads it to encode `ip_adapter_image`).
+    """
+    stock = sd_pipe.unet
+    embeds = [torch.randn(2, 1, 16, generator=torch.Generator().manual_seed(5))]  # (uncond, cond) x one image
+
+    def story(pipe):
+        pipe.load_ip_adapter(_ip_adapter_state(stock, 16, 1), subfolder=None, weight_name=None,
+                             image_encoder_folder=None)
+        images = [generate(pipe, 4, 16, ip_adapter_image_embeds=embeds)]
+        pipe.unload_ip_adapter()
+        assert stock.encoder_hid_proj is None and stock.config.encoder_hid_dim_type is None
+        images.append(generate(pipe, 4, 16))
+        pipe.load_ip_adapter(_ip_adapter_state(stock, 16, 2), subfolder=None, weight_name=None,
+                             image_encoder_folder=None)
+        assert pipe.unet.encoder_hid_proj is stock.encoder_hid_proj is not None
+        images.append(generate(pipe, 4, 16, ip_adapter_image_embeds=embeds))
+        pipe.unload_ip_adapter()
+        return images
+
+    expected = story(sd_pipe)
+    try:
+        sd_pipe.unet = frdiff_compile.optimize(stock, FRDiffConfig(keyframe_interval=1))  # M=1: exactly the UNet
+        got = story(sd_pipe)
+        assert "encoder_hid_proj" not in vars(sd_pipe.unet)
+        assert sd_pipe.unet.stats.eager_calls == 0, sd_pipe.unet.stats
+    finally:
+        sd_pipe.unet = stock
+    for want, have in zip(expected, got, strict=True):
+        assert np.array_equal(have, want)
