@@ -1,11 +1,8 @@
 """`FRDiffUNet`: the drop-in replacement for a diffusers `UNet2DConditionModel` (the two-phase runtime).
 
 Invariants:
-- Called exactly like the wrapped UNet, same return types; attribute reads it does not define itself
-  (`config`, `dtype`, `device`, `add_embedding`, ...) go to the wrapped UNet, and so do assignments and
-  deletions of the UNet's public attributes (`encoder_hid_proj`). Like any module holding a
-  submodule (and torch.compile's `_orig_mod`), its parameter names and state-dict keys carry the "unet."
-  level; `load_state_dict` also takes a stock UNet's keys. A copy or a pickle is a new runtime with no graphs.
+- Called exactly like the wrapped UNet, same return types; attributes and state-dict keys as
+  `wrapper.UNetWrapper` gives them. A copy or a pickle is a new runtime with no graphs.
 - Every per-step decision (keyframe, reuse or skip; the blend weight) is made here on the host from the
   step position (`steps.StepTracker`) and the generation's `Schedule`; graphs only ever see tensors.
 - A generation never reads a cache its own keyframe did not write (`GraphEntry.written_generation`); a new
@@ -47,6 +44,7 @@ from .policy import check_policy_fingerprint
 from .schedule import Schedule, StepKind, build_schedule
 from .steps import StepTracker
 from .warn import warn
+from .wrapper import UNetWrapper
 
 logger = logging.getLogger(__name__)
 
@@ -69,27 +67,6 @@ _UNTRACKED = (
 )
 
 
-def _accept_stock_keys(module: torch.nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
-    """Load-state-dict pre-hook: a stock UNet checkpoint ("conv_in.weight") loads as "unet.conv_in.weight".
-
-    Only loading is lenient. Names stay the wrapper's everywhere else (`state_dict`, `named_parameters`),
-    since tools pair the two: accelerate's offload hooks look up `state_dict()` entries by `named_children`
-    paths. The UNet has no submodule named `unet`, so the two spellings never collide.
-    """
-    inner = prefix + "unet."
-    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
-        state_dict[inner + key[len(prefix):]] = state_dict.pop(key)  # in order: popped and re-added in turn
-    metadata = getattr(state_dict, "_metadata", None)  # module versions; only the root call's dict has it
-    if metadata is not None:
-        for name in list(metadata):  # named by module prefix without the dot: the UNet itself is "unet"
-            if name == inner[:-1] or name.startswith(inner):
-                continue  # already the wrapper's spelling
-            if name == prefix[:-1]:
-                metadata.setdefault(inner[:-1], metadata[name])
-            elif name.startswith(prefix):
-                metadata.setdefault(inner + name[len(prefix):], metadata[name])
-
-
 @dataclasses.dataclass
 class _Generation:
     number: int
@@ -97,13 +74,11 @@ class _Generation:
     eager_reason: str | None = None
 
 
-class FRDiffUNet(torch.nn.Module):
+class FRDiffUNet(UNetWrapper):
     """A UNet2DConditionModel that runs FRDiff's keyframe and reuse graphs; build it with `optimize()`."""
 
     def __init__(self, unet: torch.nn.Module, config: FRDiffConfig) -> None:
-        super().__init__()
-        self.unet = unet
-        self.register_load_state_dict_pre_hook(_accept_stock_keys)
+        super().__init__(unet)
         self.frdiff_config = config
         self.stats = RuntimeStats()
         # Test seam: "emulate" runs the CUDA-graph buffer discipline on any device (see cudagraphs.py).
@@ -124,43 +99,7 @@ class FRDiffUNet(torch.nn.Module):
         self._placement = tensor_placement(self.unet)
         self._away = False
 
-    # --- attribute forwarding, copies -----------------------------------------------------------------
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["unet"], name)
-
-    def _forwarded(self, name: str) -> bool:
-        """Whether an assignment to `name` belongs to the wrapped UNet, as torch.compile's wrapper decides.
-
-        diffusers' pipelines assign to `pipe.unet.<attr>` (`unload_ip_adapter` sets `encoder_hid_proj`, Kolors
-        `text_encoder_hid_proj`): kept on the wrapper, the value would shadow the UNet's own, which the UNet
-        goes on using (the unloaded projection stayed loaded, and a reloaded one read as None). So a public
-        name the UNet has and the wrapper does not is the UNet's; private names (accelerate's `_hf_hook` and
-        `_old_forward` on the module it wraps) and new names stay here.
-        """
-        modules = self.__dict__.get("_modules")
-        if name.startswith("_") or modules is None or "unet" not in modules or name in self.__dict__:
-            return False
-        if name in modules or name in self._parameters or name in self._buffers or hasattr(type(self), name):
-            return False
-        unet = modules["unet"]  # its own tables, not hasattr: ModelMixin's __getattr__ warns on config keys
-        return (name in vars(unet) or name in unet._modules or name in unet._parameters or name in unet._buffers
-                or hasattr(type(unet), name))
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if self._forwarded(name):
-            setattr(self._modules["unet"], name, value)
-        else:
-            super().__setattr__(name, value)
-
-    def __delattr__(self, name: str) -> None:
-        if self._forwarded(name):
-            delattr(self._modules["unet"], name)
-        else:
-            super().__delattr__(name)
-
+    # --- copies ---------------------------------------------------------------------------------------
     def extra_repr(self) -> str:
         # `print(pipe.unet)` says at once that the UNet is optimized, how, and how many shapes are built.
         return f"{self.frdiff_config}, graph pairs built: {len(self._graphs.entries())}"

@@ -80,6 +80,27 @@ def test_accelerate_offload_hooks_attached_later_run_the_eager_unet():
     assert fr.stats.eager_calls == STEPS and any("forward hooks of accelerate" in str(w.message) for w in caught)
 
 
+def test_assignments_to_the_unets_public_attributes_reach_the_unet():
+    """As torch.compile's wrapper: pipelines assign to `pipe.unet.<attr>` (`unload_ip_adapter`); a value kept
+    on the wrapper would shadow the UNet's. Private names (accelerate's hook on the module it wraps) and names
+    new to both stay on the wrapper (the pipeline test covers an IP-Adapter unloaded and reloaded)."""
+    unet = make_unet("sd15", layers_per_block=1)
+    fr = frdiff_compile.optimize(unet)
+    projection = torch.nn.Identity()
+    fr.encoder_hid_proj = projection  # None on the UNet until an adapter loads
+    assert unet.encoder_hid_proj is projection and fr.encoder_hid_proj is projection
+    fr.encoder_hid_proj = None
+    assert unet.encoder_hid_proj is None
+    assert "encoder_hid_proj" not in vars(fr) and "encoder_hid_proj" not in fr._modules
+    fr._hf_hook, fr.note = "hook", "mine"
+    assert vars(fr)["_hf_hook"] == "hook" and vars(fr)["note"] == "mine"
+    assert "_hf_hook" not in vars(unet) and "note" not in vars(unet)
+    del fr._hf_hook
+    assert "_hf_hook" not in vars(fr)
+    fr.eval()  # nn.Module's own attribute, set on every module
+    assert not fr.training and not unet.training and "training" in vars(fr)
+
+
 def test_copies_and_pickles_are_new_runtimes_without_graphs():
     unet = make_unet("sd15", layers_per_block=1)
     cond = unet_inputs("sd15")
