@@ -1,11 +1,11 @@
-"""One input signature's graph pair, the buffers it reads and writes, and an LRU of such entries.
+"""One input signature's graph pair and the buffers it reads and writes (kept by `graph_lru.GraphLRU`).
 
 Invariants:
 - Cache buffers, the keyframe-output buffer and the 0-d blend weight are owned here, allocated per entry
   (outside inference mode, so a generation run under `torch.inference_mode()` and a later one run
   without it can both write them) and only ever written in place. They are freed (`release`) when the
   UNet's parameters move (`relink`) or leave the device, and when the module settings the pair was built
-  under stop being current, and made again, empty, at the pair's next use (`GraphLRU.get`), so no
+  under stop being current, and made again, empty, at the pair's next use (`graph_lru.GraphLRU.get`), so no
   released pair ever runs and device memory is held only by pairs of the current settings.
 - `written_generation` names the generation whose keyframe last filled the buffers (-1 after they are
   made); the runtime runs a reuse or skip step only when it is the current one: no stale cache is read.
@@ -22,7 +22,6 @@ Invariants:
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import time
@@ -70,6 +69,7 @@ class RuntimeStats:
     reuse_replays: int = 0  # reuse steps served by a CUDA-graph replay
     relinks: int = 0  # parameter moves the built graphs served (new buffers, CUDA graphs captured again)
     resumed_generations: int = 0  # generations resumed after another's steps (interleaved: no reuse there)
+    evicted_rebuilds: int = 0  # graph pairs built again after max_cached_shapes had dropped them
     background_compiles: int = 0  # reuse graphs a worker process compiled into the caches in time
     background_failures: int = 0  # workers that failed or timed out (the graph was compiled here)
 
@@ -315,86 +315,3 @@ class GraphEntry:
 
     def run_skip(self) -> torch.Tensor:
         return self.keyframe_out.clone()
-
-
-class GraphLRU:
-    """Entries by module settings and input signature, least recently used dropped past `capacity`.
-
-    Lookups are made under the current module settings (`use_settings`): pairs built under others (FreeU
-    on, another LoRA adapter, PAG's processors) stay until evicted, so switching back compiles nothing;
-    meanwhile their buffers and CUDA graphs are released. A settings tuple is hashed once, when it becomes
-    current, into the small token each step's lookup uses, and is kept while a pair uses it, so the
-    processor objects it names stay alive and their ids cannot be reused by new ones.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._entries: collections.OrderedDict[tuple, GraphEntry | str] = collections.OrderedDict()
-        self._tokens: dict[tuple, int] = {}  # module settings -> token, for the current and the cached ones
-        self._token = 0
-        self._next_token = 1
-
-    def use_settings(self, settings: tuple) -> None:
-        """Look up (and put) graphs built under `settings` from now on."""
-        token = self._tokens.get(settings)
-        if token is None:
-            token, self._next_token = self._next_token, self._next_token + 1
-            self._tokens[settings] = token
-        if token != self._token:
-            self._token = token
-            for key, entry in self._entries.items():
-                if key[0] != token and isinstance(entry, GraphEntry):
-                    entry.release()
-        self._forget_unused_settings()
-
-    def _forget_unused_settings(self) -> None:
-        used = {token for token, _ in self._entries} | {self._token}
-        self._tokens = {s: t for s, t in self._tokens.items() if t in used}
-
-    def get(self, signature: tuple) -> GraphEntry | str | None:
-        """The entry, the reason its capture failed, or None if the signature was never built."""
-        key = (self._token, signature)
-        found = self._entries.get(key)
-        if found is not None:
-            self._entries.move_to_end(key)
-            if isinstance(found, GraphEntry) and not found.allocated:
-                found.allocate()
-        return found
-
-    def put(self, signature: tuple, entry: GraphEntry | str) -> None:
-        key = (self._token, signature)
-        self._entries[key] = entry
-        self._entries.move_to_end(key)
-        self._evict()
-
-    def resize(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._evict()
-
-    def _evict(self) -> None:
-        while len(self._entries) > self.capacity:
-            dropped, _ = self._entries.popitem(last=False)
-            logger.debug("dropped least recently used graph pair %s", dropped)
-        self._forget_unused_settings()
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self._forget_unused_settings()
-
-    def relink(self) -> int:
-        """`GraphEntry.relink` every pair, dropping those that cannot; returns how many were kept."""
-        for key, entry in list(self._entries.items()):
-            if isinstance(entry, GraphEntry) and not entry.relink():
-                del self._entries[key]
-        return len(self.entries())
-
-    def release(self) -> None:
-        for entry in self.entries():
-            entry.release()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def entries(self) -> list[GraphEntry]:
-        return [e for e in self._entries.values() if isinstance(e, GraphEntry)]
-

@@ -36,7 +36,8 @@ import torch
 from .concurrency import StreamOrder
 from .config import FRDiffConfig
 from .cudagraphs import Backend, SharedPool
-from .graph_cache import GraphEntry, GraphLRU, RuntimeStats
+from .graph_cache import GraphEntry, RuntimeStats
+from .graph_lru import GraphLRU
 from .module_state import describe_hooks, module_fingerprint, module_snapshot, tensor_addresses, tensor_placement
 from .passes import CallLayout, build_graphs, capture, plan_cache_points
 from .passes.capture import ArgumentBinder, UnsupportedCall
@@ -260,8 +261,19 @@ class FRDiffUNet(UNetWrapper):
                         entry.report)
             if self.frdiff_config.background_compile:  # before the keyframe graph compiles, at its first run
                 entry.compile_reuse_in_background(tensors)
-        self._graphs.put(layout.signature, entry)
+        if self._graphs.put(layout.signature, entry) and isinstance(entry, GraphEntry):
+            self._evicted_rebuild(layout, entry)
         return entry
+
+    def _evicted_rebuild(self, layout: CallLayout, entry: GraphEntry) -> None:
+        self.stats.evicted_rebuilds += 1
+        if self.stats.evicted_rebuilds == 1:  # once per runtime: a thrashing server would warn at every call
+            n = self.frdiff_config.max_cached_shapes
+            warn(logger, f"built the graph pair for {layout.describe()} again after max_cached_shapes={n} had "
+                 "dropped it: these calls use more input signatures (batch, resolution, text length, module "
+                 "settings) than that, and each return to a dropped one exports and compiles again. Raise "
+                 "FRDiffConfig(max_cached_shapes=...); each pair of the current settings holds its feature "
+                 f"caches ({entry.plan.cache_bytes / 2**20:.0f} MiB for this one)")
 
     def prepare(self, *args: Any, **kwargs: Any) -> tuple[GraphEntry, list[torch.Tensor]]:
         """Build the graph pair for calls shaped like this one, without running a step.

@@ -239,7 +239,7 @@ def test_graphs_of_other_settings_stay_until_evicted_then_their_settings_are_let
     import gc
     import weakref
 
-    from frdiff_compile.graph_cache import GraphLRU
+    from frdiff_compile.graph_lru import GraphLRU
 
     class Processor:
         pass

@@ -1,6 +1,7 @@
 """FRDiffUNet over whole DDIM trajectories, against the UNet and an independent eager FRDiff."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -343,6 +344,23 @@ def test_graph_pairs_are_bounded_and_rebuilt_after_to():
     with torch.no_grad():
         assert torch.equal(fr(x, sched.timesteps[0], **cond).sample, unet(x, sched.timesteps[0], **cond).sample)
     assert fr.stats.captures == 4 and len(fr.graph_entries()) == 1 and fr.stats.relinks == 0
+
+
+def test_a_workload_past_max_cached_shapes_warns_once_when_it_rebuilds():
+    """Three sizes in turn through two slots: every return exports and compiles again, which was silent."""
+    unet = make_unet("sd15", layers_per_block=1)
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(max_cached_shapes=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # new sizes, even past capacity, are not rebuilds
+        for size in (8, 16, 24):
+            sample(optimized_fn(fr, unet_inputs("sd15")), scheduler("sd15"), 2, size=size)
+    assert fr.stats.evicted_rebuilds == 0
+    with pytest.warns(UserWarning, match=r"again after max_cached_shapes=2 had dropped it") as caught:
+        for size in (8, 16):
+            sample(optimized_fn(fr, unet_inputs("sd15")), scheduler("sd15"), 2, size=size)
+    ours = [w for w in caught if "frdiff_compile" in str(w.message)]
+    assert len(ours) == 1 and ours[0].filename == __file__  # at the line that called the UNet
+    assert fr.stats.evicted_rebuilds == 2 and fr.stats.captures == 5, fr.stats
 
 
 def test_reconfigure_keeps_graphs_for_a_new_schedule_only():
