@@ -178,6 +178,35 @@ def test_lora_hotswap_keeps_the_graphs_and_a_scale_that_rewrites_scalings_is_ref
     assert module_fingerprint(unet) != before
 
 
+def test_lora_hotswap_scalings_made_under_inference_mode_keep_the_graphs():
+    """An adapter loaded under `torch.inference_mode()` leaves inference tensors, which keep no version
+    counter: the capture's write check compares their bits instead (reading the counter raised, and every
+    capture would have failed)."""
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    unet = make_unet("sd15", layers_per_block=1)
+    cond = unet_inputs("sd15")
+    unet.enable_lora_hotswap(target_rank=8)
+    with torch.inference_mode():
+        unet.load_lora_adapter(_lora_state_dict(1, targets), prefix=None, adapter_name="a",
+                               metadata={"r": 4, "lora_alpha": 8, "target_modules": targets})
+    scalings = [m.scaling["a"] for m in unet.modules() if isinstance(getattr(m, "scaling", None), dict)]
+    assert scalings and all(s.is_inference() for s in scalings)
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=1))  # M=1: exactly the UNet
+
+    @torch.inference_mode()
+    def run(model, kwargs=None):
+        return sample(lambda i, n, x, t: model(x, t, **cond, cross_attention_kwargs=kwargs).sample,
+                      scheduler("sd15"), 4)
+
+    plain = run(fr)
+    assert torch.equal(plain, run(unet)) and fr.stats.captures == 1 and fr.stats.eager_calls == 0, fr.stats
+    with pytest.warns(UserWarning, match="writes module state"):
+        scaled = run(fr, {"scale": 0.5})
+    assert torch.equal(scaled, run(unet, {"scale": 0.5})) and fr.stats.eager_calls == 4, fr.stats
+    current = [m.scaling["a"] for m in unet.modules() if isinstance(getattr(m, "scaling", None), dict)]
+    assert {s.item() for s in current} == {2.0}
+
+
 def test_lora_scale_in_cross_attention_kwargs_is_served_by_the_graphs():
     """pipe(..., cross_attention_kwargs={"scale": s}): diffusers scales the LoRA layers by a Python float for
     the call, so each scale is captured as a graph pair of its own; a scale of 1 is diffusers' no-op.

@@ -312,6 +312,18 @@ def _plain_tensor_attributes(unet: torch.nn.Module) -> list[tuple[str, dict, obj
     return found
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def _written(t: torch.Tensor, version: int | None, value: torch.Tensor) -> bool:
+    """Whether `t` was written since `version` and `value` were taken from it."""
+    if version is not None:  # any in-place write, even one a later write undid
+        return t._version != version
+    # An inference tensor keeps no version counter: compare bits (NaN-safe), the best that is left.
+    return t.shape != value.shape or t.dtype != value.dtype or not torch.equal(_bits(t), _bits(value))
+
+
 @contextlib.contextmanager
 def _state_writes_refused(unet: torch.nn.Module) -> Iterator[None]:
     """Put back, then refuse, any write the traced call made to a tensor attribute of the UNet.
@@ -320,19 +332,19 @@ def _state_writes_refused(unet: torch.nn.Module) -> Iterator[None]:
     graph repeats an in-place write at every run. Seen with hotswap-ready LoRA scalings and a LoRA scale in
     cross_attention_kwargs: PEFT multiplies each scaling by it in place before the forward and sets a new
     tensor, divided by it, after; the export kept the halved tensor in the graph, whose every run halved it
-    again, so the LoRA faded step by step. Version counters tell an in-place write without reading values;
-    identities tell a replaced one.
+    again, so the LoRA faded step by step. Version counters tell an in-place write without reading values
+    (tensors made under inference mode have none; their bits are compared); identities tell a replaced one.
     """
-    saved = [(path, container, key, t, t._version, t.detach().clone())
+    saved = [(path, container, key, t, None if t.is_inference() else t._version, t.detach().clone())
              for path, container, key, t in _plain_tensor_attributes(unet)]
     try:
         yield
     finally:
         written = []
         for path, container, key, t, version, value in saved:
-            if container.get(key) is not t or t._version != version:
+            if container.get(key) is not t or _written(t, version, value):
                 container[key] = t
-                with torch.no_grad():
+                with torch.inference_mode():  # in place on an inference tensor too; no autograd either way
                     t.copy_(value)
                 written.append(path)
     if written:
@@ -340,8 +352,8 @@ def _state_writes_refused(unet: torch.nn.Module) -> Iterator[None]:
         raise UnsupportedCall(
             f"the call writes module state ({written[0]}{more}: a tensor attribute, neither parameter nor "
             "buffer, such as the LoRA scalings enable_lora_hotswap makes, which a LoRA scale in "
-            "cross_attention_kwargs rewrites at every call); a graph would repeat the write at every step. Set the "
-            "LoRA strength with set_adapters(names, weights) instead, or load adapters without hotswap"
+            "cross_attention_kwargs rewrites at every call); a graph would repeat the write at every step. Set "
+            "the LoRA strength with set_adapters(names, weights) instead, or load adapters without hotswap"
         )
 
 
