@@ -9,7 +9,7 @@ storage of the same dtype, device and layout keep the graphs (see `FRDiffUNet._p
 
 Invariants:
 - Host metadata only: identities and plain Python values (and, for `tensor_placement`, storage addresses
-  and layouts); no tensor value is read, so taking either never syncs a device.
+  and layouts); no device tensor's value is read (only CPU scalars'), so taking either never syncs a device.
 - Anything held by reference is either kept alive by the fingerprint itself (processor objects) or by the
   graphs (parameters), so an id can never be reused by a new object while it is compared against.
 - What it covers:
@@ -24,7 +24,8 @@ Invariants:
       the graph was captured.
     - Every PEFT adapter layer's state (LoRA scales, active, disabled and merged adapters), which
       `set_adapters`, `disable_adapters`, `fuse_lora` and the like change without touching a tensor. A
-      scale that is a tensor (LoRA hotswap) counts by identity: the graphs read it live, as a parameter.
+      scale that is a tensor (LoRA hotswap) counts by identity, since the graphs read it live, and by
+      value too where it is a CPU scalar beside device weights, which CUDA graphs bake in (`_scale_state`).
     - Forward hooks of other libraries on the UNet's modules (`Fingerprint.hooks`): accelerate's
       (sequential CPU offload, a `device_map`) move weights inside the forward, and diffusers' own
       (group offloading, layerwise casting, FasterCache, FirstBlockCache, ...) change what it computes
@@ -56,15 +57,29 @@ def _plain_values(obj: object) -> tuple:
     return tuple(sorted((k, _frozen(v)) for k, v in getattr(obj, "__dict__", {}).items() if _plain(v)))
 
 
+def _scale_state(layer: torch.nn.Module, name: str, scale: object) -> tuple:
+    """One LoRA scaling as the graphs depend on it: a float by value, a tensor (LoRA hotswap) by identity.
+
+    The graphs read a scaling tensor where it lives, so compared as a value, a new tensor of equal value
+    (PEFT sets one after each call scaled by cross_attention_kwargs) would pass for the old one, which the
+    graphs still read; the fingerprint holds it, so its id stays taken. Except a one-element tensor on
+    another device than the layer's weight (hotswap enabled before `pipe.to("cuda")` leaves the scalings on
+    the CPU): CUDA kernels take such a scalar's value at launch, so a CUDA graph keeps the value it was
+    captured with, and the value counts too (read on the host: it lives there).
+    """
+    if not isinstance(scale, torch.Tensor):
+        return (name, scale)
+    base = layer._modules.get("base_layer")
+    weight = base._parameters.get("weight") if base is not None else None
+    if weight is not None and scale.device != weight.device and scale.device.type == "cpu" and scale.numel() == 1:
+        return (name, id(scale), scale, scale.item())
+    return (name, id(scale), scale)
+
+
 def _adapter_state(layer: torch.nn.Module) -> tuple:
     """What a PEFT adapter layer's forward reads as Python values (peft is not imported: duck-typed)."""
     scaling = layer.__dict__.get("scaling")
-    # A scaling is a float, or a tensor once LoRA hotswap is enabled: the graphs then read that tensor, so
-    # it counts by identity (held here, so its id stays taken). Compared as a value, a new tensor of equal
-    # value (PEFT sets one after each call scaled by cross_attention_kwargs) would pass for the old one,
-    # which the graphs still read.
-    scales = tuple(sorted((k, id(v), v) if isinstance(v, torch.Tensor) else (k, v) for k, v in scaling.items())
-                   ) if isinstance(scaling, dict) else None
+    scales = tuple(sorted(_scale_state(layer, k, v) for k, v in scaling.items())) if isinstance(scaling, dict) else None
     return scales, tuple(layer.active_adapters), bool(layer.disable_adapters), tuple(layer.merged_adapters)
 
 

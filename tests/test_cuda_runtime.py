@@ -20,6 +20,7 @@ import torch
 from conftest import generated_code, make_unet, max_rel_error, unet_inputs
 from test_concurrency import SEEDS, in_threads, keyframes_run, recorded_kinds
 from test_concurrency import STEPS as STEPS_IN_THREADS
+from test_module_state import _lora_state_dict
 from test_runtime import scheduler
 
 import frdiff_compile
@@ -215,6 +216,41 @@ def test_channels_last_unet_under_compile_and_cuda_graphs():
     assert max_rel_error(got, expected) < TOLERANCE[torch.float16]
     s = fr.stats
     assert s.cudagraph_fallbacks == 0 and s.recompiles == 0 and s.reuse_replays == s.reuse_calls > 0, s
+
+
+@pytest.mark.parametrize("load", ["after_to", "before_to"])
+def test_lora_hotswap_under_captured_graphs(load):
+    """diffusers' LoRA hotswap copies the new adapter's weights into the old ones and fills PEFT's scaling
+    tensors in place. Loaded after `.to(device)`, the scalings live there and the CUDA graphs, which bake
+    their addresses in, read the new values with no new capture. Loaded before, the scalings stay on the
+    CPU, and CUDA kernels take a CPU scalar's value at launch: the new value must make new graphs (the
+    fingerprint counts it), never replay the old one. The graphs run uncompiled here: addresses are what
+    matter (inductor reads the scalings live too: checked on CPU)."""
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    unet = make_unet("sd15", layers_per_block=1)
+    unet.enable_lora_hotswap(target_rank=8)
+    if load == "after_to":
+        unet.to(DEVICE)
+    unet.load_lora_adapter(_lora_state_dict(1, targets), prefix=None, adapter_name="a",
+                           metadata={"r": 4, "lora_alpha": 4, "target_modules": targets})
+    unet.to(DEVICE)
+    cond = device_inputs(torch.float32)
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=1, compile=False))  # M=1: exactly the UNet
+    if EMULATED:
+        fr.graph_backend_override = "emulate"
+    first = trajectory(fr, cond)
+    assert max_rel_error(first, trajectory(unet, cond)) < TOLERANCE[torch.float32]
+    before = copy.copy(fr.stats)
+    unet.load_lora_adapter(_lora_state_dict(2, targets), prefix=None, adapter_name="a", hotswap=True,
+                           metadata={"r": 4, "lora_alpha": 8, "target_modules": targets})
+    swapped = trajectory(fr, cond)
+    assert max_rel_error(swapped, trajectory(unet, cond)) < TOLERANCE[torch.float32]
+    assert max_rel_error(swapped, first) > 1e-2  # the new adapter did change the result
+    new = fr.stats.since(before)
+    on_cpu = next(m for m in unet.modules() if isinstance(getattr(m, "scaling", None), dict)).scaling["a"].is_cpu
+    rebuilt = on_cpu and not EMULATED  # with CPU weights (emulation) the scalings are read live
+    assert (new.captures, new.cudagraph_captures) == ((1, 1) if rebuilt else (0, 0)), new
+    assert new.cudagraph_fallbacks == 0 and new.full_replays == new.full_calls == STEPS, new
 
 
 def test_cfg_pipeline_on_the_device(sd_pipe):

@@ -178,6 +178,27 @@ def test_lora_hotswap_keeps_the_graphs_and_a_scale_that_rewrites_scalings_is_ref
     assert module_fingerprint(unet) != before
 
 
+def test_a_cpu_scaling_beside_device_weights_counts_by_value():
+    """Hotswap enabled before `pipe.to("cuda")` leaves PEFT's scaling tensors on the CPU (`.to()` moves only
+    parameters and buffers). CUDA kernels take a CPU scalar's value at launch, so a CUDA graph keeps the
+    value it was captured with: a hotswap's `fill_` must change the fingerprint then, and only then. Weights
+    on the meta device stand in for the GPU."""
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    unet = make_unet("sd15", layers_per_block=1)
+    unet.enable_lora_hotswap(target_rank=8)
+    unet.load_lora_adapter(_lora_state_dict(1, targets), prefix=None, adapter_name="a",
+                           metadata={"r": 4, "lora_alpha": 4, "target_modules": targets})
+    layer = next(m for m in unet.modules() if isinstance(getattr(m, "scaling", None), dict))
+    before = module_fingerprint(unet)
+    layer.scaling["a"].fill_(3.0)  # beside CPU weights: read live wherever the graphs run
+    assert module_fingerprint(unet) == before
+    unet.to("meta")
+    assert layer.scaling["a"].device.type == "cpu" and layer.base_layer.weight.device.type == "meta"
+    before = module_fingerprint(unet)
+    layer.scaling["a"].fill_(4.0)
+    assert module_fingerprint(unet) != before
+
+
 def test_lora_hotswap_scalings_made_under_inference_mode_keep_the_graphs():
     """An adapter loaded under `torch.inference_mode()` leaves inference tensors, which keep no version
     counter: the capture's write check compares their bits instead (reading the counter raised, and every
