@@ -20,7 +20,7 @@ import torch
 from conftest import generated_code, make_unet, max_rel_error, unet_inputs
 from test_concurrency import SEEDS, in_threads, keyframes_run, recorded_kinds
 from test_concurrency import STEPS as STEPS_IN_THREADS
-from test_module_state import _lora_state_dict
+from test_module_state import load_lora
 from test_runtime import scheduler
 
 import frdiff_compile
@@ -226,13 +226,11 @@ def test_lora_hotswap_under_captured_graphs(load):
     CPU, and CUDA kernels take a CPU scalar's value at launch: the new value must make new graphs (the
     fingerprint counts it), never replay the old one. The graphs run uncompiled here: addresses are what
     matter (inductor reads the scalings live too: checked on CPU)."""
-    targets = ["to_q", "to_k", "to_v", "to_out.0"]
     unet = make_unet("sd15", layers_per_block=1)
     unet.enable_lora_hotswap(target_rank=8)
     if load == "after_to":
         unet.to(DEVICE)
-    unet.load_lora_adapter(_lora_state_dict(1, targets), prefix=None, adapter_name="a",
-                           metadata={"r": 4, "lora_alpha": 4, "target_modules": targets})
+    load_lora(unet, 1, 4)
     unet.to(DEVICE)
     cond = device_inputs(torch.float32)
     fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=1, compile=False))  # M=1: exactly the UNet
@@ -241,8 +239,7 @@ def test_lora_hotswap_under_captured_graphs(load):
     first = trajectory(fr, cond)
     assert max_rel_error(first, trajectory(unet, cond)) < TOLERANCE[torch.float32]
     before = copy.copy(fr.stats)
-    unet.load_lora_adapter(_lora_state_dict(2, targets), prefix=None, adapter_name="a", hotswap=True,
-                           metadata={"r": 4, "lora_alpha": 8, "target_modules": targets})
+    load_lora(unet, 2, 8, hotswap=True)
     swapped = trajectory(fr, cond)
     assert max_rel_error(swapped, trajectory(unet, cond)) < TOLERANCE[torch.float32]
     assert max_rel_error(swapped, first) > 1e-2  # the new adapter did change the result

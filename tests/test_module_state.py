@@ -120,18 +120,27 @@ def test_lora_adapter_changes_rebuild():
     assert torch.equal(outputs[3], outputs[1]) and torch.equal(outputs[4], outputs[0])
 
 
-def _lora_state_dict(seed: int, targets: list[str]) -> dict[str, torch.Tensor]:
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def _lora_state_dict(seed: int) -> dict[str, torch.Tensor]:
     """A random rank-4 LoRA for the tiny UNet in PEFT's keys, as `load_lora_adapter` takes it."""
     from peft import LoraConfig, get_peft_model_state_dict
 
     unet = make_unet("sd15", layers_per_block=1)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False), "x")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS, init_lora_weights=False), "x")
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in unet.named_parameters():
             if "lora" in name:
                 p.copy_(torch.randn_like(p) * 0.3)
     return get_peft_model_state_dict(unet, adapter_name="x")
+
+
+def load_lora(unet, seed: int, alpha: int, **kwargs) -> None:
+    """`load_lora_adapter` of a random rank-4 LoRA as adapter "a" (kwargs: hotswap=True)."""
+    unet.load_lora_adapter(_lora_state_dict(seed), prefix=None, adapter_name="a",
+                           metadata={"r": 4, "lora_alpha": alpha, "target_modules": LORA_TARGETS}, **kwargs)
 
 
 def test_lora_hotswap_keeps_the_graphs_and_a_scale_that_rewrites_scalings_is_refused():
@@ -141,12 +150,10 @@ def test_lora_hotswap_keeps_the_graphs_and_a_scale_that_rewrites_scalings_is_ref
     place, then replaced by new ones), which a graph cannot repeat: those calls run the eager UNet, the export
     leaves the scalings as it found them (it had halved them for good, and the graph halved them at every
     step), and the graphs over the replaced tensors are not run again."""
-    targets = ["to_q", "to_k", "to_v", "to_out.0"]
     unet = make_unet("sd15", layers_per_block=1)
     cond = unet_inputs("sd15")
     unet.enable_lora_hotswap(target_rank=8)
-    unet.load_lora_adapter(_lora_state_dict(1, targets), prefix=None, adapter_name="a",
-                           metadata={"r": 4, "lora_alpha": 4, "target_modules": targets})
+    load_lora(unet, 1, 4)
     fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=1))  # M=1: exactly the UNet
 
     def run(model, kwargs=None):
@@ -158,8 +165,7 @@ def test_lora_hotswap_keeps_the_graphs_and_a_scale_that_rewrites_scalings_is_ref
 
     first = run(fr)
     assert torch.equal(first, run(unet))
-    unet.load_lora_adapter(_lora_state_dict(2, targets), prefix=None, adapter_name="a", hotswap=True,
-                           metadata={"r": 4, "lora_alpha": 8, "target_modules": targets})
+    load_lora(unet, 2, 8, hotswap=True)
     assert scalings() and all(isinstance(s, torch.Tensor) and s.item() == 2.0 for s in scalings())
     swapped = run(fr)
     assert torch.equal(swapped, run(unet)) and not torch.equal(swapped, first)
@@ -183,11 +189,9 @@ def test_a_cpu_scaling_beside_device_weights_counts_by_value():
     parameters and buffers). CUDA kernels take a CPU scalar's value at launch, so a CUDA graph keeps the
     value it was captured with: a hotswap's `fill_` must change the fingerprint then, and only then. Weights
     on the meta device stand in for the GPU."""
-    targets = ["to_q", "to_k", "to_v", "to_out.0"]
     unet = make_unet("sd15", layers_per_block=1)
     unet.enable_lora_hotswap(target_rank=8)
-    unet.load_lora_adapter(_lora_state_dict(1, targets), prefix=None, adapter_name="a",
-                           metadata={"r": 4, "lora_alpha": 4, "target_modules": targets})
+    load_lora(unet, 1, 4)
     layer = next(m for m in unet.modules() if isinstance(getattr(m, "scaling", None), dict))
     before = module_fingerprint(unet)
     layer.scaling["a"].fill_(3.0)  # beside CPU weights: read live wherever the graphs run
@@ -203,13 +207,11 @@ def test_lora_hotswap_scalings_made_under_inference_mode_keep_the_graphs():
     """An adapter loaded under `torch.inference_mode()` leaves inference tensors, which keep no version
     counter: the capture's write check compares their bits instead (reading the counter raised, and every
     capture would have failed)."""
-    targets = ["to_q", "to_k", "to_v", "to_out.0"]
     unet = make_unet("sd15", layers_per_block=1)
     cond = unet_inputs("sd15")
     unet.enable_lora_hotswap(target_rank=8)
     with torch.inference_mode():
-        unet.load_lora_adapter(_lora_state_dict(1, targets), prefix=None, adapter_name="a",
-                               metadata={"r": 4, "lora_alpha": 8, "target_modules": targets})
+        load_lora(unet, 1, 8)
     scalings = [m.scaling["a"] for m in unet.modules() if isinstance(getattr(m, "scaling", None), dict)]
     assert scalings and all(s.is_inference() for s in scalings)
     fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=1))  # M=1: exactly the UNet
