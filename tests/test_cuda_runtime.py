@@ -20,7 +20,7 @@ import torch
 from conftest import generated_code, make_unet, max_rel_error, unet_inputs
 from test_concurrency import SEEDS, in_threads, keyframes_run, recorded_kinds
 from test_concurrency import STEPS as STEPS_IN_THREADS
-from test_module_state import load_lora
+from test_module_state import load_lora, lora_layers
 from test_runtime import scheduler
 
 import frdiff_compile
@@ -244,7 +244,7 @@ def test_lora_hotswap_under_captured_graphs(load):
     assert max_rel_error(swapped, trajectory(unet, cond)) < TOLERANCE[torch.float32]
     assert max_rel_error(swapped, first) > 1e-2  # the new adapter did change the result
     new = fr.stats.since(before)
-    on_cpu = next(m for m in unet.modules() if isinstance(getattr(m, "scaling", None), dict)).scaling["a"].is_cpu
+    on_cpu = lora_layers(unet)[0].scaling["a"].is_cpu
     rebuilt = on_cpu and not EMULATED  # with CPU weights (emulation) the scalings are read live
     assert (new.captures, new.cudagraph_captures) == ((1, 1) if rebuilt else (0, 0)), new
     assert new.cudagraph_fallbacks == 0 and new.full_replays == new.full_calls == STEPS, new

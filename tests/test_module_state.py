@@ -143,6 +143,11 @@ def load_lora(unet, seed: int, alpha: int, **kwargs) -> None:
                            metadata={"r": 4, "lora_alpha": alpha, "target_modules": LORA_TARGETS}, **kwargs)
 
 
+def lora_layers(unet) -> list[torch.nn.Module]:
+    """The PEFT LoRA layers of `unet` (those with a `scaling` dict)."""
+    return [m for m in unet.modules() if isinstance(getattr(m, "scaling", None), dict)]
+
+
 def test_lora_hotswap_keeps_the_graphs_and_a_scale_that_rewrites_scalings_is_refused():
     """diffusers' LoRA hotswap (`enable_lora_hotswap`, then `load_lora_adapter(..., hotswap=True)`): the new
     adapter's weights are copied into the old ones and its scale filled into PEFT's scaling tensors, both
@@ -161,7 +166,7 @@ def test_lora_hotswap_keeps_the_graphs_and_a_scale_that_rewrites_scalings_is_ref
                       scheduler("sd15"), 4)
 
     def scalings():
-        return [m.scaling["a"] for m in unet.modules() if isinstance(getattr(m, "scaling", None), dict)]
+        return [m.scaling["a"] for m in lora_layers(unet)]
 
     first = run(fr)
     assert torch.equal(first, run(unet))
@@ -178,7 +183,7 @@ def test_lora_hotswap_keeps_the_graphs_and_a_scale_that_rewrites_scalings_is_ref
     # PEFT's scaled calls left new scaling tensors behind (and the old ones halved): new graphs read them.
     assert torch.equal(run(fr), swapped) and fr.stats.captures == 2, fr.stats
     # Tensor scalings count by identity: an equal-valued new tensor is one the graphs do not read.
-    layer = next(m for m in unet.modules() if isinstance(getattr(m, "scaling", None), dict))
+    layer = lora_layers(unet)[0]
     before = module_fingerprint(unet)
     layer.scaling["a"] = layer.scaling["a"].clone()
     assert module_fingerprint(unet) != before
@@ -192,7 +197,7 @@ def test_a_cpu_scaling_beside_device_weights_counts_by_value():
     unet = make_unet("sd15", layers_per_block=1)
     unet.enable_lora_hotswap(target_rank=8)
     load_lora(unet, 1, 4)
-    layer = next(m for m in unet.modules() if isinstance(getattr(m, "scaling", None), dict))
+    layer = lora_layers(unet)[0]
     before = module_fingerprint(unet)
     layer.scaling["a"].fill_(3.0)  # beside CPU weights: read live wherever the graphs run
     assert module_fingerprint(unet) == before
@@ -212,7 +217,7 @@ def test_lora_hotswap_scalings_made_under_inference_mode_keep_the_graphs():
     unet.enable_lora_hotswap(target_rank=8)
     with torch.inference_mode():
         load_lora(unet, 1, 8)
-    scalings = [m.scaling["a"] for m in unet.modules() if isinstance(getattr(m, "scaling", None), dict)]
+    scalings = [m.scaling["a"] for m in lora_layers(unet)]
     assert scalings and all(s.is_inference() for s in scalings)
     fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=1))  # M=1: exactly the UNet
 
@@ -226,7 +231,7 @@ def test_lora_hotswap_scalings_made_under_inference_mode_keep_the_graphs():
     with pytest.warns(UserWarning, match="writes module state"):
         scaled = run(fr, {"scale": 0.5})
     assert torch.equal(scaled, run(unet, {"scale": 0.5})) and fr.stats.eager_calls == 4, fr.stats
-    current = [m.scaling["a"] for m in unet.modules() if isinstance(getattr(m, "scaling", None), dict)]
+    current = [m.scaling["a"] for m in lora_layers(unet)]
     assert {s.item() for s in current} == {2.0}
 
 

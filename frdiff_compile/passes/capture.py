@@ -307,7 +307,7 @@ def _plain_tensor_attributes(unet: torch.nn.Module) -> list[tuple[str, dict, obj
             container, items = (value, list(value.items())) if isinstance(value, dict) else (state, [(attr, value)])
             for key, t in items:
                 if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter):
-                    path = f"{name}.{attr}" + ("" if container is state else f"[{key!r}]")
+                    path = (f"{name}." if name else "") + attr + ("" if container is state else f"[{key!r}]")
                     found.append((path, container, key, t))
     return found
 
