@@ -49,12 +49,12 @@ TINY_CONFIGS = {
 
 def make_unet(
     kind: str, seed: int = 0, sample_size: int = 8, layers_per_block: int = 2, cross_attention_dim: int = TEXT_DIM,
-    **overrides,
+    in_channels: int = 4, **overrides,
 ) -> UNet2DConditionModel:
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=sample_size,
-        in_channels=4,
+        in_channels=in_channels,  # 9 for inpainting: latents, mask and masked-image latents
         out_channels=4,
         layers_per_block=layers_per_block,
         cross_attention_dim=cross_attention_dim,
