@@ -1,6 +1,6 @@
 """More unmodified diffusers pipelines on the optimized UNet, each a way of calling it the plain pipelines
-do not: img2img (starts mid-schedule), inpainting (a 9-channel UNet), LCM (`timestep_cond`), a T2I-Adapter
-(`down_intrablock_additional_residuals`), SDXL's base-to-refiner handoff (`denoising_end` then
+do not: img2img (starts mid-schedule), inpainting (a 9-channel UNet), LCM (`timestep_cond`), a ControlNet
+(`down_block_additional_residuals`), a T2I-Adapter (`down_intrablock_additional_residuals`), SDXL's base-to-refiner handoff (`denoising_end` then
 `denoising_start`) and dynamic classifier-free guidance (the batch halves mid-generation).
 
 Each runs at M=1, which must give the stock pipeline's images bit for bit, and at M=2, which must give the
@@ -33,8 +33,10 @@ def _run(pipe, **kwargs) -> np.ndarray:
 def _variant(sd_pipe, name: str):
     """The pipeline `name` over the SD fixture's text encoder, tokenizer and VAE, and its call's arguments."""
     from diffusers import (
+        ControlNetModel,
         LCMScheduler,
         StableDiffusionAdapterPipeline,
+        StableDiffusionControlNetPipeline,
         StableDiffusionImg2ImgPipeline,
         StableDiffusionInpaintPipeline,
         StableDiffusionPipeline,
@@ -54,6 +56,13 @@ def _variant(sd_pipe, name: str):
         parts["unet"] = make_unet("sd15", cross_attention_dim=HIDDEN, time_cond_proj_dim=16)
         parts["scheduler"] = LCMScheduler()
         pipe, kwargs = StableDiffusionPipeline(**parts), {"guidance_scale": 6.0, **size}
+    elif name == "controlnet":  # residuals for every skip connection and the mid block, off after half the steps
+        controlnet = ControlNetModel.from_unet(sd_pipe.unet, conditioning_embedding_out_channels=(8, 16)).eval()
+        with torch.no_grad():  # its zero convs start at zero: residuals of zero would test nothing
+            for p in controlnet.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+        pipe = StableDiffusionControlNetPipeline(**parts, controlnet=controlnet)
+        kwargs = {"image": _image(2), "control_guidance_end": 0.5, **size}
     else:
         torch.manual_seed(3)
         adapter = T2IAdapter(in_channels=3, channels=[32, 64], num_res_blocks=1, downscale_factor=2).eval()
@@ -90,7 +99,7 @@ def _assert_close(got, want, what: str) -> None:
     assert err < 1e-4, f"{what}: differs from the eager reference by {err}"
 
 
-@pytest.mark.parametrize("name", ["img2img", "inpaint", "lcm", "t2i_adapter"])
+@pytest.mark.parametrize("name", ["img2img", "inpaint", "lcm", "controlnet", "t2i_adapter"])
 def test_pipeline_variant_matches_stock_and_the_eager_reference(sd_pipe, name):
     pipe, kwargs = _variant(sd_pipe, name)
     run = lambda: _run(pipe, **kwargs)  # noqa: E731
