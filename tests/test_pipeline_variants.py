@@ -1,7 +1,8 @@
 """More unmodified diffusers pipelines on the optimized UNet, each a way of calling it the plain pipelines
 do not: img2img (starts mid-schedule), inpainting (a 9-channel UNet), LCM (`timestep_cond`), a ControlNet
-(`down_block_additional_residuals`), a T2I-Adapter (`down_intrablock_additional_residuals`), SDXL's base-to-refiner handoff (`denoising_end` then
-`denoising_start`) and dynamic classifier-free guidance (the batch halves mid-generation).
+(`down_block_additional_residuals`), a T2I-Adapter (`down_intrablock_additional_residuals`), SDXL's
+base-to-refiner handoff (`denoising_end` then `denoising_start`) and dynamic classifier-free guidance (the
+batch halves mid-generation).
 
 Each runs at M=1, which must give the stock pipeline's images bit for bit, and at M=2, which must give the
 images of the independent eager reference (`frdiff_reference.EagerFRDiff`) hooked into the same pipeline.
