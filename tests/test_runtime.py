@@ -146,7 +146,8 @@ def test_wrapper_keeps_the_unet_interface():
     x, cond = torch.randn(2, 4, 8, 8), unet_inputs("sdxl")
     out = fr(x, sched.timesteps[0], **cond)
     assert isinstance(out, UNet2DConditionOutput)
-    tup = fr(x, sched.timesteps[1], cond["encoder_hidden_states"], added_cond_kwargs=cond["added_cond_kwargs"], return_dict=False)
+    tup = fr(x, sched.timesteps[1], cond["encoder_hidden_states"], added_cond_kwargs=cond["added_cond_kwargs"],
+             return_dict=False)
     assert isinstance(tup, tuple) and len(tup) == 1 and tup[0].shape == x.shape
 
 
@@ -270,7 +271,8 @@ def test_controlnet_residuals_stay_fresh(interval):
     def residuals(t):
         g = torch.Generator().manual_seed(int(t))
         down = tuple(torch.randn(2, *s, generator=g) * 0.1 for s in shapes)
-        return {"down_block_additional_residuals": down, "mid_block_additional_residual": torch.randn(2, 64, 4, 4, generator=g) * 0.1}
+        mid = torch.randn(2, 64, 4, 4, generator=g) * 0.1
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
     ref = EagerFRDiff(unet, interval=interval)
     expected = sample(lambda i, n, x, t: ref.step(i, n, x, t, **cond, **residuals(t)), scheduler("sd15"), STEPS)
@@ -284,32 +286,50 @@ def test_controlnet_residuals_stay_fresh(interval):
         assert max_rel_error(got, expected) < 2e-6
 
 
-def test_deepfloyd_if_shaped_unet_matches_the_eager_reference():
-    """Past SD's blocks: DeepFloyd IF's UNet2DConditionModel has scale-shift resnets that resample inside
-    (ResnetDownsampleBlock2D), simple cross-attention blocks with no Transformer2DModel (so only resnets are
-    cached), projected text embeddings, a text add-embedding and timestep class labels."""
+# Past SD's blocks, both with scale-shift resnets that resample inside (ResnetDownsampleBlock2D) and simple
+# cross-attention blocks with no Transformer2DModel, so only resnets are cached; both predict noise and variance.
+NON_SD_UNETS = {
+    # DeepFloyd IF: projected text embeddings, a text add-embedding and timestep class labels.
+    "deepfloyd_if": (
+        dict(in_channels=3, out_channels=6, resnet_skip_time_act=True, encoder_hid_dim=24, addition_embed_type="text",
+             addition_embed_type_num_heads=2, class_embed_type="timestep", act_fn="gelu"),
+        lambda: {"encoder_hidden_states": torch.randn(2, 7, 24), "class_labels": torch.tensor([100, 100])},
+    ),
+    # Kandinsky 2.2's decoder: no text at all; image embeddings come in through added_cond_kwargs and are
+    # projected into the attention context, and the pipeline passes encoder_hidden_states=None.
+    "kandinsky22": (
+        dict(in_channels=4, out_channels=8, encoder_hid_dim=24, encoder_hid_dim_type="image_proj",
+             addition_embed_type="image"),
+        lambda: {"encoder_hidden_states": None, "added_cond_kwargs": {"image_embeds": torch.randn(2, 24)}},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NON_SD_UNETS))
+def test_non_sd_unets_match_the_eager_reference(name):
+    config, make_cond = NON_SD_UNETS[name]
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=3, out_channels=6, layers_per_block=1, block_out_channels=(32, 64),
+        sample_size=8, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
         mid_block_type="UNetMidBlock2DSimpleCrossAttn",
         up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
-        resnet_time_scale_shift="scale_shift", resnet_skip_time_act=True, norm_num_groups=8, attention_head_dim=8,
-        cross_attention_dim=32, encoder_hid_dim=24, addition_embed_type="text", addition_embed_type_num_heads=2,
-        class_embed_type="timestep", act_fn="gelu",
+        resnet_time_scale_shift="scale_shift", norm_num_groups=8, attention_head_dim=8, cross_attention_dim=32,
+        **config,
     ).eval()
     with torch.no_grad():
         for p in unet.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    cond = {"encoder_hidden_states": torch.randn(2, 7, 24), "class_labels": torch.tensor([100, 100])}
+    cond = make_cond()
+    channels = config["in_channels"]
 
     @torch.no_grad()
-    def run(step):  # IF predicts noise and variance: the first three channels go to the scheduler
+    def run(step):  # the noise half of the output goes to the scheduler
         sched = DDIMScheduler(clip_sample=False)
         sched.set_timesteps(8)
-        x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+        x = torch.randn(2, channels, 8, 8, generator=torch.Generator().manual_seed(0))
         for i, t in enumerate(sched.timesteps):
-            x = sched.step(step(i, 8, x, t)[:, :3], t, x).prev_sample
+            x = sched.step(step(i, 8, x, t)[:, :channels], t, x).prev_sample
         return x
 
     for interval in (1, 2, 3):

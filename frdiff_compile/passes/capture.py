@@ -230,7 +230,10 @@ class _ExportAdapter(torch.nn.Module):
         self.layout = layout
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        return self.unet(**self.layout.rebuild(list(tensors)), return_dict=False)[0]
+        # The layout leaves out arguments given as None, which every optional one defaults to, but
+        # `encoder_hidden_states` has no default: Kandinsky 2.2 and AudioLDM pass it as None (their
+        # conditioning comes through added_cond_kwargs or class_labels).
+        return self.unet(**{"encoder_hidden_states": None, **self.layout.rebuild(list(tensors))}, return_dict=False)[0]
 
 
 @dataclasses.dataclass
