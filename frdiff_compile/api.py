@@ -2,8 +2,8 @@
 
 Invariants:
 - Preconditions are checked here, at the API boundary, and only here: anything but a diffusers
-  `UNet2DConditionModel`, an already optimized UNet, a `torch.compile`d module, or a UNet with accelerate
-  or diffusers forward hooks (offload enabled before `optimize`) raises `UnsupportedModelError` saying
+  `UNet2DConditionModel`, an already optimized UNet, a `torch.compile`d module, or a UNet with forward
+  hooks on its modules (offload enabled before `optimize`, torch hooks) raises `UnsupportedModelError` saying
   what was found, what is supported, and what to do. (Hooks attached later are the runtime's to refuse.)
 - `optimize` captures nothing itself: graphs are built lazily per input signature on first use, so it is
   cheap, and nothing runs at import time.
@@ -51,12 +51,12 @@ def _check_model(unet: object) -> None:
     hooks = module_fingerprint(unet).hooks
     if hooks:
         raise UnsupportedModelError(
-            "optimize() was given a UNet whose modules carry forward hooks of accelerate or diffusers "
-            f"({describe_hooks(hooks)}); "
+            f"optimize() was given a UNet whose modules carry forward hooks ({describe_hooks(hooks)}); "
             "its compiled graphs cannot run them. For model CPU offload, optimize first and enable offload "
             "after: `pipe.remove_all_hooks()`, `pipe.unet = frdiff_compile.optimize(pipe.unet)`, "
             "`pipe.enable_model_cpu_offload()`. Sequential CPU offload, group offloading, a device_map, "
-            "layerwise casting and diffusers' caching hooks are not supported: load the UNet without them."
+            "layerwise casting and diffusers' caching hooks are not supported: load the UNet without them. "
+            "Remove torch hooks (`handle.remove()` on what register_forward_hook returned) before optimize."
         )
 
 

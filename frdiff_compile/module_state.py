@@ -26,11 +26,12 @@ Invariants:
       `set_adapters`, `disable_adapters`, `fuse_lora` and the like change without touching a tensor. A
       scale that is a tensor (LoRA hotswap) counts by identity, since the graphs read it live, and by
       value too where it is a CPU scalar beside device weights, which CUDA graphs bake in (`_scale_state`).
-    - Forward hooks of other libraries on the UNet's modules (`Fingerprint.hooks`): accelerate's
-      (sequential CPU offload, a `device_map`) move weights inside the forward, and diffusers' own
-      (group offloading, layerwise casting, FasterCache, FirstBlockCache, ...) change what it computes
-      from call to call. A captured graph would run neither, so the runtime serves no call while any is
-      attached.
+    - Forward hooks on the UNet's modules (`Fingerprint.hooks`): accelerate's (sequential CPU offload, a
+      `device_map`) move weights inside the forward, diffusers' own (group offloading, layerwise casting,
+      FasterCache, FirstBlockCache, ...) change what it computes from call to call, and torch's
+      (`register_forward_hook` / `register_forward_pre_hook`, on a module or for all modules) read or
+      replace a module's inputs and outputs: SAG's pipeline records the mid block's output size with one.
+      A captured graph runs none of them, so the runtime serves no call while any is attached.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class Fingerprint(NamedTuple):
     processors: tuple
     adapters: tuple
     freeu: tuple
-    hooks: tuple[str, ...]  # "<module class>: <hook>" for every module another library's hook wraps
+    hooks: tuple[str, ...]  # "<module class>: <hook>" for every forward hook on the UNet's modules
 
     @property
     def settings(self) -> tuple:
@@ -97,15 +98,32 @@ class Fingerprint(NamedTuple):
         return (self.processors, self.adapters, self.freeu, self.hooks)
 
 
+def _hook_name(hook: object) -> str:
+    return getattr(hook, "__qualname__", None) or type(hook).__name__  # a function, or a callable object
+
+
 def _hooks(module: torch.nn.Module) -> list[str]:
-    """The forward hooks accelerate (`_hf_hook`) and diffusers (`_diffusers_hook`) attached to `module`."""
+    """The forward hooks attached to `module`: accelerate's (`_hf_hook`), diffusers' (`_diffusers_hook`)
+    and torch's own forward and forward-pre hooks."""
+    state = module.__dict__
     found = []
-    accelerate_hook = module.__dict__.get("_hf_hook")
+    accelerate_hook = state.get("_hf_hook")
     if accelerate_hook is not None:
         found.append(type(accelerate_hook).__name__)
-    registry = module.__dict__.get("_diffusers_hook")
+    registry = state.get("_diffusers_hook")
     found.extend(getattr(registry, "hooks", {}))  # an empty registry is what removing every hook leaves
+    found.extend(f"forward pre-hook {_hook_name(h)}" for h in state.get("_forward_pre_hooks", {}).values())
+    found.extend(f"forward hook {_hook_name(h)}" for h in state.get("_forward_hooks", {}).values())
     return [f"{type(module).__name__}: {name}" for name in found]
+
+
+def _global_hooks() -> list[str]:
+    """Hooks registered for every module (`torch.nn.modules.module.register_module_forward_hook`)."""
+    from torch.nn.modules import module as nn_module  # their tables have no public accessor
+
+    found = [f"forward pre-hook {_hook_name(h)}" for h in nn_module._global_forward_pre_hooks.values()]
+    found += [f"forward hook {_hook_name(h)}" for h in nn_module._global_forward_hooks.values()]
+    return [f"every module: {name}" for name in found]
 
 
 def describe_hooks(hooks: tuple[str, ...]) -> str:
@@ -160,10 +178,11 @@ def module_snapshot(unet: torch.nn.Module) -> tuple[Fingerprint, tuple[int, ...]
         if is_adapter:
             adapters.append(_adapter_state(module))
         state = module.__dict__
-        if "_hf_hook" in state or "_diffusers_hook" in state:
+        if state["_forward_hooks"] or state["_forward_pre_hooks"] or "_hf_hook" in state or "_diffusers_hook" in state:
             hooks.extend(_hooks(module))
     freeu = tuple(getattr(block, k, None) for block in getattr(unet, "up_blocks", ())
                   for k in ("s1", "s2", "b1", "b2"))
+    hooks += _global_hooks()
     return Fingerprint(tuple(params), tuple(processors), tuple(adapters), freeu, tuple(hooks)), tuple(addresses)
 
 

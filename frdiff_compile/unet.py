@@ -218,9 +218,10 @@ class FRDiffUNet(UNetWrapper):
         self.stats.generations += 1
         logger.debug("generation %d: %s", number, schedule)
         if fingerprint.hooks:
-            self._fall_back(f"forward hooks of accelerate or diffusers are attached to the UNet's modules "
-                            f"({describe_hooks(fingerprint.hooks)}), which its graphs cannot run (sequential or "
-                            "group offload, layerwise casting, caching hooks)")
+            self._fall_back(f"forward hooks are attached to the UNet's modules ({describe_hooks(fingerprint.hooks)}),"
+                            " which its graphs cannot run (sequential or group offload, layerwise casting, caching "
+                            "hooks, torch's register_forward_hook); the graphs serve calls again once they are "
+                            "removed")
 
     def _fall_back(self, reason: str) -> None:
         if self._generation.eager_reason is None:

@@ -2,7 +2,7 @@
 
 What `frdiff_compile/module_state.py` fingerprints, each through the public path users take: parameters
 replaced or moved to new storage, FreeU, attention processors and their Python values, PEFT LoRA adapters,
-and forward hooks of accelerate and diffusers.
+forward hooks of accelerate, diffusers and torch, and attention processors that record state.
 """
 
 import copy
@@ -278,7 +278,7 @@ def test_forward_hooks_of_other_libraries_are_refused_at_optimize_and_run_eagerl
     stock = lambda: sample(lambda i, n, x, t: unet(x, t, **cond).sample, scheduler("sd15"), 4)  # noqa: E731
     run()
     unet.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
-    with pytest.warns(UserWarning, match=r"forward hooks of accelerate or diffusers .*layerwise_casting"):
+    with pytest.warns(UserWarning, match=r"forward hooks are attached .*layerwise_casting"):
         got = run()
     assert torch.equal(got, stock()) and fr.stats.eager_calls == 4 and fr.stats.captures == 1, fr.stats
     with pytest.raises(UnsupportedModelError, match=r"layerwise_casting and \d+ more.*optimize first"):
@@ -288,6 +288,64 @@ def test_forward_hooks_of_other_libraries_are_refused_at_optimize_and_run_eagerl
     cpu_offload_with_hook(other, "cpu")
     with pytest.raises(UnsupportedModelError, match=r"UNet2DConditionModel: CpuOffload\).*enable_model_cpu_offload"):
         frdiff_compile.optimize(other)
+
+
+def test_torch_hooks_run_the_eager_unet_while_attached():
+    """A torch forward hook on a UNet module (SAG's pipeline records the mid block's output size with one)
+    runs only in the eager UNet: while one is attached no call uses graphs, and one there at optimize is
+    refused. Before, the graphs served such calls and the hook never ran."""
+    unet = make_unet("sd15", layers_per_block=1)
+    cond = unet_inputs("sd15")
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=1))
+    run = lambda: sample(optimized_fn(fr, cond), scheduler("sd15"), 4)  # noqa: E731
+    run()
+    seen = []
+    handle = unet.mid_block.attentions[0].register_forward_hook(lambda m, args, out: seen.append(out[0].shape))
+    with pytest.warns(UserWarning, match=r"forward hooks .*Transformer2DModel: forward hook .*<lambda>"):
+        run()
+    assert len(seen) == 4 and fr.stats.eager_calls == 4, fr.stats
+    handle.remove()
+    run()
+    assert fr.stats.eager_calls == 4 and fr.stats.full_calls == 8 and fr.stats.captures == 1, fr.stats
+    handle = unet.conv_in.register_forward_pre_hook(lambda m, args: None)
+    with pytest.raises(UnsupportedModelError, match=r"Conv2d: forward pre-hook .*<lambda>.*handle.remove"):
+        frdiff_compile.optimize(unet)
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: None)  # global
+    try:
+        (hook,) = module_fingerprint(unet).hooks
+        assert hook.startswith("every module: forward hook ") and hook.endswith("<lambda>"), hook
+    finally:
+        handle.remove()
+
+
+def test_a_processor_that_records_attention_maps_is_refused_and_left_as_it_was():
+    """SAG's store processor sets `attention_probs` at every call for its pipeline to read. A capture ran it
+    once, with fake tensors, and the graphs never again: the capture is refused, and what it set put back."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    class Recording(AttnProcessor):
+        def __init__(self):
+            self.attention_probs, self.maps = None, []
+
+        def __call__(self, attn, hidden_states, *args, **kwargs):
+            self.attention_probs = hidden_states.mean()
+            self.maps.append(self.attention_probs)
+            return super().__call__(attn, hidden_states, *args, **kwargs)
+
+    unet = make_unet("sd15", layers_per_block=1)
+    cond = unet_inputs("sd15")
+    recording = Recording()
+    unet.mid_block.attentions[0].transformer_blocks[0].attn1.processor = recording
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=1))
+    with pytest.warns(UserWarning, match=r"attn1.processor.attention_probs \(Recording\) and 1 more.*SAG"):
+        got = sample(optimized_fn(fr, cond), scheduler("sd15"), 4)
+    assert fr.stats.capture_failures == 1 and fr.stats.eager_calls == 4, fr.stats
+    # The eager calls recorded real tensors, and nothing of the export's was left behind.
+    assert len(recording.maps) == 4 and all(type(t) is torch.Tensor for t in recording.maps)
+    assert recording.attention_probs is recording.maps[-1]
+    recording.maps.clear()
+    assert torch.equal(got, sample(lambda i, n, x, t: unet(x, t, **cond).sample, scheduler("sd15"), 4))
 
 
 def test_graphs_of_other_settings_stay_until_evicted_then_their_settings_are_let_go():

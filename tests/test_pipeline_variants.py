@@ -2,7 +2,7 @@
 do not: img2img (starts mid-schedule), inpainting (a 9-channel UNet), LCM (`timestep_cond`), a ControlNet
 (`down_block_additional_residuals`), a T2I-Adapter (`down_intrablock_additional_residuals`), SDXL's
 base-to-refiner handoff (`denoising_end` then `denoising_start`) and dynamic classifier-free guidance (the
-batch halves mid-generation).
+batch halves mid-generation); and one the graphs must not serve, self-attention guidance.
 
 Each runs at M=1, which must give the stock pipeline's images bit for bit, and at M=2, which must give the
 images of the independent eager reference (`frdiff_reference.EagerFRDiff`) hooked into the same pipeline.
@@ -158,3 +158,19 @@ def test_dynamic_cfg_halving_the_batch_mid_generation_forces_one_keyframe(sd_pip
     got, stats = _optimized([sd_pipe], 2, run)
     _assert_close(got, reference, "dynamic CFG at M=2")
     assert stats.forced_keyframes == 1 and stats.eager_calls == 0, stats
+
+
+def test_sag_pipeline_runs_the_eager_unet_and_equals_stock(sd_pipe):
+    """Self-attention guidance reads the UNet's internals after each call: its store processor's attention
+    maps and, through a torch forward hook, the mid block's output size. Graphs run neither, so every call
+    runs the eager UNet (before, the first step ran the graphs and the image differed from stock by 0.16)."""
+    from diffusers import StableDiffusionSAGPipeline
+
+    pipe = StableDiffusionSAGPipeline(**{k: v for k, v in sd_pipe.components.items() if k != "image_encoder"})
+    pipe.set_progress_bar_config(disable=True)
+    run = lambda: _run(pipe, num_inference_steps=4, height=SIZE, width=SIZE, sag_scale=0.75)  # noqa: E731
+    stock = run()
+    with pytest.warns(UserWarning, match="forward hook StableDiffusionSAGPipeline"):
+        got, stats = _optimized([pipe], 1, run)
+    assert np.array_equal(got, stock), "SAG image differs from stock"
+    assert stats.full_calls == 0 and stats.eager_calls > 0, stats

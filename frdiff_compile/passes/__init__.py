@@ -4,6 +4,8 @@ Invariants every stage keeps:
 - Capture exports the stock UNet once per input signature with `torch.export(strict=False)` and normalizes
   the result into a plain-codegen ATen `GraphModule` whose `get_attr` nodes point at the UNet's own
   `Parameter` objects: no weight is copied, and an in-place weight change is seen by every graph.
+- Capture leaves the UNet as it found it: whatever the traced call changed outside the graph (a module's
+  tensor attribute, an attention processor's state) is put back, and the capture refused (`side_effects`).
 - Plan is read-only: it names cache points by module path and graph node, and never edits the graph.
 - Build never edits the captured graph either: it copies it twice. The keyframe graph computes exactly what
   the UNet computes (bit-identical in fp32 eager) and additionally writes every cache point and its own

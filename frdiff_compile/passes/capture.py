@@ -16,16 +16,16 @@ Invariants:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import logging
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import fx
+
+from .side_effects import changes_undone, describe_changes
 
 logger = logging.getLogger(__name__)
 
@@ -292,83 +292,18 @@ def normalize(gm: fx.GraphModule) -> dict[str, int]:
 _EXPORT_LOCK = threading.Lock()
 
 
-# nn.Module's own tables: parameters and buffers are fakified by the export, never written for real.
-_MODULE_TABLES = frozenset({"_parameters", "_buffers", "_modules"})
-
-
-def _plain_tensor_attributes(unet: torch.nn.Module) -> list[tuple[str, dict, object, torch.Tensor]]:
-    """Tensors the UNet's modules keep outside their parameters and buffers: (path, container, key, tensor).
-
-    PEFT keeps LoRA scalings this way once `enable_lora_hotswap` has made them tensors (a dict per layer).
-    """
-    found = []
-    for name, module in unet.named_modules():
-        state = vars(module)
-        for attr, value in list(state.items()):
-            if attr in _MODULE_TABLES:
-                continue
-            container, items = (value, list(value.items())) if isinstance(value, dict) else (state, [(attr, value)])
-            for key, t in items:
-                if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter):
-                    path = (f"{name}." if name else "") + attr + ("" if container is state else f"[{key!r}]")
-                    found.append((path, container, key, t))
-    return found
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
-def _written(t: torch.Tensor, version: int | None, value: torch.Tensor) -> bool:
-    """Whether `t` was written since `version` and `value` were taken from it."""
-    if version is not None:  # any in-place write, even one a later write undid
-        return t._version != version
-    # An inference tensor keeps no version counter: compare bits (NaN-safe), the best that is left.
-    return t.shape != value.shape or t.dtype != value.dtype or not torch.equal(_bits(t), _bits(value))
-
-
-@contextlib.contextmanager
-def _state_writes_refused(unet: torch.nn.Module) -> Iterator[None]:
-    """Put back, then refuse, any write the traced call made to a tensor attribute of the UNet.
-
-    Export runs the call on those tensors for real (they are lifted as constants, not fakified), and the
-    graph repeats an in-place write at every run. Seen with hotswap-ready LoRA scalings and a LoRA scale in
-    cross_attention_kwargs: PEFT multiplies each scaling by it in place before the forward and sets a new
-    tensor, divided by it, after; the export kept the halved tensor in the graph, whose every run halved it
-    again, so the LoRA faded step by step. Version counters tell an in-place write without reading values
-    (tensors made under inference mode have none; their bits are compared); identities tell a replaced one.
-    """
-    saved = [(path, container, key, t, None if t.is_inference() else t._version, t.detach().clone())
-             for path, container, key, t in _plain_tensor_attributes(unet)]
-    try:
-        yield
-    finally:
-        written = []
-        for path, container, key, t, version, value in saved:
-            if container.get(key) is not t or _written(t, version, value):
-                container[key] = t
-                with torch.inference_mode():  # in place on an inference tensor too; no autograd either way
-                    t.copy_(value)
-                written.append(path)
-    if written:
-        more = f" and {len(written) - 1} more" if len(written) > 1 else ""
-        raise UnsupportedCall(
-            f"the call writes module state ({written[0]}{more}: a tensor attribute, neither parameter nor "
-            "buffer, such as the LoRA scalings enable_lora_hotswap makes, which a LoRA scale in "
-            "cross_attention_kwargs rewrites at every call); a graph would repeat the write at every step. Set "
-            "the LoRA strength with set_adapters(names, weights) instead, or load adapters without hotswap"
-        )
-
-
 def capture(unet: torch.nn.Module, layout: CallLayout, tensors: list[torch.Tensor]) -> Captured:
     """Export `unet` for calls of `layout` (example `tensors`) and normalize the graph.
 
-    Raises `UnsupportedCall` for a call that writes module state in place (the state is restored first).
+    Raises `UnsupportedCall` for a call with side effects a graph would not repeat, or would repeat at every
+    step (`side_effects.changes_undone`; the state is restored first).
     """
     adapter = _ExportAdapter(unet, layout)
-    with _EXPORT_LOCK, _state_writes_refused(unet):
+    with _EXPORT_LOCK, changes_undone(unet) as changed:
         program = torch.export.export(adapter, tuple(tensors), strict=False)
         gm = program.module()
+    if changed:
+        raise UnsupportedCall(describe_changes(changed))
     counts = normalize(gm)
     logger.debug("captured %s: %d nodes, normalized %s", layout.describe(), len(gm.graph.nodes), counts)
     return Captured(graph_module=gm, layout=layout)
