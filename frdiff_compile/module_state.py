@@ -31,7 +31,8 @@ Invariants:
       FasterCache, FirstBlockCache, ...) change what it computes from call to call, and torch's
       (`register_forward_hook` / `register_forward_pre_hook`, on a module or for all modules) read or
       replace a module's inputs and outputs: SAG's pipeline records the mid block's output size with one.
-      A captured graph runs none of them, so the runtime serves no call while any is attached.
+      A `forward` set on a module instance by anything else (DeepCache's helper) counts too. A captured
+      graph runs none of them, so the runtime serves no call while any is attached.
 """
 
 from __future__ import annotations
@@ -102,9 +103,16 @@ def _hook_name(hook: object) -> str:
     return getattr(hook, "__qualname__", None) or type(hook).__name__  # a function, or a callable object
 
 
+def _own_forward(module: torch.nn.Module, forward: object) -> bool:
+    """Whether an instance's `forward` is its class's, bound to it: what accelerate and diffusers put back
+    when they remove their hooks."""
+    return getattr(forward, "__self__", None) is module and getattr(forward, "__func__", None) is type(module).forward
+
+
 def _hooks(module: torch.nn.Module) -> list[str]:
-    """The forward hooks attached to `module`: accelerate's (`_hf_hook`), diffusers' (`_diffusers_hook`)
-    and torch's own forward and forward-pre hooks."""
+    """The forward hooks attached to `module`: accelerate's (`_hf_hook`), diffusers' (`_diffusers_hook`),
+    torch's own forward and forward-pre hooks, and any other `forward` set on the instance (DeepCache wraps
+    the blocks' forwards so)."""
     state = module.__dict__
     found = []
     accelerate_hook = state.get("_hf_hook")
@@ -112,6 +120,9 @@ def _hooks(module: torch.nn.Module) -> list[str]:
         found.append(type(accelerate_hook).__name__)
     registry = state.get("_diffusers_hook")
     found.extend(getattr(registry, "hooks", {}))  # an empty registry is what removing every hook leaves
+    forward = state.get("forward")
+    if forward is not None and accelerate_hook is None and registry is None and not _own_forward(module, forward):
+        found.append(f"forward replaced by {_hook_name(forward)}")
     found.extend(f"forward pre-hook {_hook_name(h)}" for h in state.get("_forward_pre_hooks", {}).values())
     found.extend(f"forward hook {_hook_name(h)}" for h in state.get("_forward_hooks", {}).values())
     return [f"{type(module).__name__}: {name}" for name in found]
@@ -178,7 +189,8 @@ def module_snapshot(unet: torch.nn.Module) -> tuple[Fingerprint, tuple[int, ...]
         if is_adapter:
             adapters.append(_adapter_state(module))
         state = module.__dict__
-        if state["_forward_hooks"] or state["_forward_pre_hooks"] or "_hf_hook" in state or "_diffusers_hook" in state:
+        if state["_forward_hooks"] or state["_forward_pre_hooks"] or "forward" in state or "_hf_hook" in state \
+                or "_diffusers_hook" in state:
             hooks.extend(_hooks(module))
     freeu = tuple(getattr(block, k, None) for block in getattr(unet, "up_blocks", ())
                   for k in ("s1", "s2", "b1", "b2"))

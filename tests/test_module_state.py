@@ -291,9 +291,9 @@ def test_forward_hooks_of_other_libraries_are_refused_at_optimize_and_run_eagerl
 
 
 def test_torch_hooks_run_the_eager_unet_while_attached():
-    """A torch forward hook on a UNet module (SAG's pipeline records the mid block's output size with one)
-    runs only in the eager UNet: while one is attached no call uses graphs, and one there at optimize is
-    refused. Before, the graphs served such calls and the hook never ran."""
+    """A torch forward hook on a UNet module (SAG's pipeline records the mid block's output size with one),
+    or a replaced forward, runs only in the eager UNet: while one is attached no call uses graphs, and one
+    there at optimize is refused. Before, the graphs served such calls and the hook never ran."""
     unet = make_unet("sd15", layers_per_block=1)
     cond = unet_inputs("sd15")
     fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=1))
@@ -307,6 +307,21 @@ def test_torch_hooks_run_the_eager_unet_while_attached():
     handle.remove()
     run()
     assert fr.stats.eager_calls == 4 and fr.stats.full_calls == 8 and fr.stats.captures == 1, fr.stats
+    # A forward set on a module instance (DeepCache's helper wraps the blocks so) is a hook too; the bound
+    # original, which accelerate and diffusers set back when they remove their hooks, is not.
+    original = unet.mid_block.forward
+    unet.mid_block.forward = lambda *args, **kwargs: original(*args, **kwargs)
+    with pytest.warns(UserWarning, match=r"UNetMidBlock2DCrossAttn: forward replaced by .*<lambda>"):
+        run()
+    unet.mid_block.forward = original
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    add_hook_to_module(unet.conv_in, ModelHook())
+    assert module_fingerprint(unet).hooks == ("Conv2d: ModelHook",)
+    remove_hook_from_module(unet.conv_in)
+    assert "forward" in vars(unet.conv_in) and module_fingerprint(unet).hooks == ()
+    run()
+    assert fr.stats.eager_calls == 8 and fr.stats.full_calls == 12 and fr.stats.captures == 1, fr.stats
     handle = unet.conv_in.register_forward_pre_hook(lambda m, args: None)
     with pytest.raises(UnsupportedModelError, match=r"Conv2d: forward pre-hook .*<lambda>.*handle.remove"):
         frdiff_compile.optimize(unet)
