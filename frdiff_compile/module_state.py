@@ -20,6 +20,10 @@ Invariants:
     - The attention processor objects themselves (held here, so a new one can never reuse an old one's
       id) and the plain Python values they keep: `set_attn_processor`, attention slicing and IP-Adapter
       swap them, `set_ip_adapter_scale` changes their `scale`, and capture traced through the old ones.
+      So are the plain values of the `Attention` modules that hold them, which processors read
+      (`attn.scale`, `attn.heads`, the training flag).
+    - Every module's class: patches that swap it (tomesd's token merging sets `module.__class__`) change
+      what the module computes with no parameter, processor or hook changed.
     - FreeU's factors on the up blocks (`enable_freeu` / `disable_freeu`), read as Python values when
       the graph was captured.
     - Every PEFT adapter layer's state (LoRA scales, active, disabled and merged adapters), which
@@ -91,12 +95,13 @@ class Fingerprint(NamedTuple):
     adapters: tuple
     freeu: tuple
     hooks: tuple[str, ...]  # "<module class>: <hook>" for every forward hook on the UNet's modules
+    classes: tuple[type, ...]  # every module's class, in the walk's order
 
     @property
     def settings(self) -> tuple:
         """All but the parameters' identities: state that can change and change back (FreeU off and on,
         adapters switched, processors restored) with graphs built under each setting valid again."""
-        return (self.processors, self.adapters, self.freeu, self.hooks)
+        return (self.processors, self.adapters, self.freeu, self.hooks, self.classes)
 
 
 def _hook_name(hook: object) -> str:
@@ -166,7 +171,7 @@ def module_snapshot(unet: torch.nn.Module) -> tuple[Fingerprint, tuple[int, ...]
     the host works). On one CPU core, three runs: SD 1.5 1.0-1.1 ms and SDXL 2.9-4.5 ms, against 2.8-5.5
     and 10.7-12.7 ms for the two walks this replaced.
     """
-    params, processors, adapters, hooks, addresses = [], [], [], [], []
+    params, processors, adapters, hooks, addresses, classes = [], [], [], [], [], []
     # What each module is, asked of its class (hasattr on an instance falls into nn.Module.__getattr__,
     # slow when it misses) and once per class: a missing class attribute still costs a walk of the MRO and
     # a caught AttributeError, which ~700 modules would pay again at every generation.
@@ -180,12 +185,13 @@ def module_snapshot(unet: torch.nn.Module) -> tuple[Fingerprint, tuple[int, ...]
             if buffer is not None:
                 addresses.append(buffer.data_ptr())
         kind = type(module)
+        classes.append(kind)
         has_processor, is_adapter = kinds.get(kind) or kinds.setdefault(kind, (
             getattr(kind, "set_processor", None) is not None,
             getattr(kind, "adapter_layer_names", None) is not None,  # peft's BaseTunerLayer, duck-typed
         ))
-        if has_processor:
-            processors.append((module.processor, _plain_values(module.processor)))
+        if has_processor:  # the processor, and the values it reads from both (`attn.scale`, `attn.heads`)
+            processors.append((module.processor, _plain_values(module.processor), _plain_values(module)))
         if is_adapter:
             adapters.append(_adapter_state(module))
         state = module.__dict__
@@ -195,7 +201,8 @@ def module_snapshot(unet: torch.nn.Module) -> tuple[Fingerprint, tuple[int, ...]
     freeu = tuple(getattr(block, k, None) for block in getattr(unet, "up_blocks", ())
                   for k in ("s1", "s2", "b1", "b2"))
     hooks += _global_hooks()
-    return Fingerprint(tuple(params), tuple(processors), tuple(adapters), freeu, tuple(hooks)), tuple(addresses)
+    fingerprint = Fingerprint(tuple(params), tuple(processors), tuple(adapters), freeu, tuple(hooks), tuple(classes))
+    return fingerprint, tuple(addresses)
 
 
 def module_fingerprint(unet: torch.nn.Module) -> Fingerprint:

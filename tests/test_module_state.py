@@ -94,6 +94,31 @@ def test_freeu_and_attention_processor_changes_rebuild():
     assert torch.equal(run(), stock()) and fr.stats.captures == 5
 
 
+def test_attention_module_values_and_swapped_module_classes_rebuild():
+    """Python the capture traced outside processors: values an `Attention` module keeps for its processor
+    (`rescale_output_factor`), and a module's class, which patches such as tomesd's token merging swap."""
+    unet = make_unet("sd15", layers_per_block=1)
+    cond = unet_inputs("sd15")
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=1))
+    stock = lambda: sample(lambda i, n, x, t: unet(x, t, **cond).sample, scheduler("sd15"), 4)  # noqa: E731
+    run = lambda: sample(optimized_fn(fr, cond), scheduler("sd15"), 4)  # noqa: E731
+    before = run()
+    unet.mid_block.attentions[0].transformer_blocks[0].attn1.rescale_output_factor = 2.0  # SDPA reads it
+    assert torch.equal(run(), stock()) and not torch.equal(before, stock()) and fr.stats.captures == 2
+
+    block = unet.mid_block.attentions[0].transformer_blocks[0]
+    original = type(block)
+
+    class Patched(original):  # as tomesd does: the instance's class swapped for a subclass
+        def forward(self, hidden_states, *args, **kwargs):
+            return super().forward(hidden_states * 0.5, *args, **kwargs)
+
+    block.__class__ = Patched
+    assert torch.equal(run(), stock()) and fr.stats.captures == 3
+    block.__class__ = original
+    assert torch.equal(run(), stock()) and fr.stats.captures == 3, "back to the earlier settings: their graphs"
+
+
 def test_lora_adapter_changes_rebuild():
     """PEFT LoRA (diffusers' add_adapter / set_adapters): scales and switches are Python state the capture read;
     a state seen before is served by the graphs built under it."""
