@@ -136,24 +136,30 @@ def changes_undone(unet: torch.nn.Module) -> Iterator[list[Change]]:
                 now.update(state)
 
 
+def _named(changed: list[Change], kind: str) -> str | None:
+    """The first path of `kind` and how many more, or None when there is none."""
+    paths = [c.path for c in changed if c.kind == kind]
+    if not paths:
+        return None
+    return paths[0] + (f" and {len(paths) - 1} more" if len(paths) > 1 else "")
+
+
 def describe_changes(changed: list[Change]) -> str:
     """Why a capture that made `changed` is refused, and what to do instead."""
     parts = []
-    tensors = [c.path for c in changed if c.kind == "tensor"]
+    tensors = _named(changed, "tensor")
     if tensors:
-        more = f" and {len(tensors) - 1} more" if len(tensors) > 1 else ""
         parts.append(
-            f"the call writes module state ({tensors[0]}{more}: a tensor attribute, neither parameter nor "
-            "buffer, such as the LoRA scalings enable_lora_hotswap makes, which a LoRA scale in "
-            "cross_attention_kwargs rewrites at every call); a graph would repeat the write at every step. Set "
-            "the LoRA strength with set_adapters(names, weights) instead, or load adapters without hotswap"
+            f"the call writes module state ({tensors}: a tensor attribute, neither parameter nor buffer, such "
+            "as the LoRA scalings enable_lora_hotswap makes, which a LoRA scale in cross_attention_kwargs "
+            "rewrites at every call); a graph would repeat the write at every step. Set the LoRA strength with "
+            "set_adapters(names, weights) instead, or load adapters without hotswap"
         )
-    processors = [c.path for c in changed if c.kind == "processor"]
+    processors = _named(changed, "processor")
     if processors:
-        more = f" and {len(processors) - 1} more" if len(processors) > 1 else ""
         parts.append(
-            f"the call changes the state of an attention processor ({processors[0]}{more}), as processors that "
-            "record attention maps do (SAG's); a graph replay never runs the processor's Python, so that state "
-            "would never be updated. Calls with such processors run the eager UNet"
+            f"the call changes the state of an attention processor ({processors}), as processors that record "
+            "attention maps do (SAG's); a graph replay never runs the processor's Python, so that state would "
+            "never be updated. Calls with such processors run the eager UNet"
         )
     return "; and ".join(parts)
