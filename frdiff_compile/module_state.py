@@ -21,7 +21,7 @@ Invariants:
       id) and the plain Python values they keep: `set_attn_processor`, attention slicing and IP-Adapter
       swap them, `set_ip_adapter_scale` changes their `scale`, and capture traced through the old ones.
       So are the plain values of the `Attention` modules that hold them, which processors read
-      (`attn.scale`, `attn.heads`, the training flag).
+      (`attn.rescale_output_factor`, `attn.heads`, the training flag).
     - Every module's class: patches that swap it (tomesd's token merging sets `module.__class__`) change
       what the module computes with no parameter, processor or hook changed.
     - FreeU's factors on the up blocks (`enable_freeu` / `disable_freeu`), read as Python values when
@@ -202,7 +202,7 @@ def module_snapshot(unet: torch.nn.Module) -> tuple[Fingerprint, tuple[int, ...]
             getattr(kind, "set_processor", None) is not None,
             getattr(kind, "adapter_layer_names", None) is not None,  # peft's BaseTunerLayer, duck-typed
         ))
-        if has_processor:  # the processor, and the values it reads from both (`attn.scale`, `attn.heads`)
+        if has_processor:  # the processor, and the values it reads from both (`rescale_output_factor`, `heads`)
             processors.append((module.processor, _plain_values(module.processor), _scalar_values(module)))
         if is_adapter:
             adapters.append(_adapter_state(module))
