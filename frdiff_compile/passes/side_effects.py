@@ -111,7 +111,11 @@ def changes_undone(unet: torch.nn.Module) -> Iterator[list[Change]]:
     processors = []
     for path, processor in _processors(unet):
         state = dict(vars(processor))
-        contents = {k: (_items(v), v.copy()) for k, v in state.items() if _items(v) is not None}
+        contents = {}  # the containers it holds: their items' identities, and a copy to restore them from
+        for k, v in state.items():
+            items = _items(v)
+            if items is not None:
+                contents[k] = (items, v.copy())
         processors.append((path, processor, state, contents))
     changed: list[Change] = []
     try:
