@@ -20,12 +20,15 @@ Invariants:
     - The attention processor objects themselves (held here, so a new one can never reuse an old one's
       id) and the plain Python values they keep: `set_attn_processor`, attention slicing and IP-Adapter
       swap them, `set_ip_adapter_scale` changes their `scale`, and capture traced through the old ones.
-      So are the plain values of the `Attention` modules that hold them, which processors read
-      (`attn.rescale_output_factor`, `attn.heads`, the training flag).
+    - Every module's plain values (numbers, strings and flags), which its forward reads as Python values
+      when it is traced: `padding_mode = "circular"` set on the convolutions (seamless tiling), an Attention
+      module's `rescale_output_factor`, FreeU's factors on the up blocks (`enable_freeu` / `disable_freeu`),
+      the training flags, a chunked feed-forward's `_chunk_size`.
     - Every module's class: patches that swap it (tomesd's token merging sets `module.__class__`) change
-      what the module computes with no parameter, processor or hook changed.
-    - FreeU's factors on the up blocks (`enable_freeu` / `disable_freeu`), read as Python values when
-      the graph was captured.
+      what the module computes with no parameter, processor or hook changed. And the classes' code: the
+      functions, properties and class methods each class of a module or processor defines (or inherits,
+      up to but not including `torch.nn.Module`), so that a patched class (`BasicTransformerBlock.forward
+      = ...`, `Conv2d._conv_forward = ...`) counts as a change too.
     - Every PEFT adapter layer's state (LoRA scales, active, disabled and merged adapters), which
       `set_adapters`, `disable_adapters`, `fuse_lora` and the like change without touching a tensor. A
       scale that is a tensor (LoRA hotswap) counts by identity, since the graphs read it live, and by
@@ -42,6 +45,8 @@ Invariants:
 from __future__ import annotations
 
 import dataclasses
+import operator
+import types
 from typing import NamedTuple
 
 import torch
@@ -58,14 +63,64 @@ def _frozen(value: object) -> object:
     return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-_SCALAR_TYPES = frozenset({bool, int, float, str, type(None)})
+_SCALAR_TYPES = frozenset({bool, int, float, str})
 
 
 def _scalar_values(module: torch.nn.Module) -> tuple:
-    """The numbers, strings and flags a module keeps, in the order it set them (an `Attention` module's
-    processor reads some: `rescale_output_factor`, `heads`). Exact types and no lists, unlike
-    `_plain_values`: SDXL has 140 such modules, read at every generation (0.4 against 2.0 ms for them)."""
+    """The numbers, strings and flags a module keeps, as (name, value) in the order it set them. Exact
+    types and no lists, unlike `_plain_values` (a list is unhashable, an int subclass may compare in ways
+    of its own); and no None: `disable_freeu()` leaves `s1 = None` where `getattr(block, "s1", None)` is
+    read, which is the same as never having set it."""
     return tuple([(k, v) for k, v in module.__dict__.items() if type(v) in _SCALAR_TYPES])
+
+
+class _ValueReader(NamedTuple):
+    """`_scalar_values` of one class's modules, read faster from the keys and types its first module had.
+
+    Modules of one class mostly keep the same attributes: an itemgetter over the first one's keys reads the
+    others' in C, and their values alone stand for them. A module with another number of attributes, a
+    missing key or a value of another type is read the slow way (20 of SD 1.5's 709 modules, ResnetBlock2Ds
+    with and without a shortcut), and stands for itself by its values alone only if its keys are the same.
+    """
+
+    keys: tuple[str, ...]
+    get: operator.itemgetter
+    value_types: tuple[type, ...]
+    length: int
+
+    @classmethod
+    def of(cls, state: dict) -> _ValueReader:
+        keys = tuple([k for k, v in state.items() if type(v) in _SCALAR_TYPES])
+        # An itemgetter of one key returns the bare value, not a tuple of it ("training" may be the only one)
+        get = operator.itemgetter(*keys) if len(keys) > 1 else lambda state: tuple([state[k] for k in keys])
+        return cls(keys, get, tuple([type(state[k]) for k in keys]), len(state))
+
+    def read(self, module: torch.nn.Module) -> tuple:
+        state = module.__dict__
+        if len(state) == self.length:
+            try:
+                values = self.get(state)
+            except KeyError:
+                pass
+            else:
+                if tuple(map(type, values)) == self.value_types:
+                    return values
+        pairs = _scalar_values(module)
+        if tuple([k for k, _ in pairs]) == self.keys:
+            return tuple([v for _, v in pairs])
+        return pairs
+
+
+_CODE_TYPES = (types.FunctionType, property, classmethod, staticmethod)
+
+
+def _add_code(kind: type, seen: set[type], code: list) -> None:
+    """Appends the functions (and properties, class and static methods) of each class in `kind`'s MRO not
+    `seen` yet, by identity: a class patched after capture keeps its identity and changes these."""
+    for klass in kind.__mro__:
+        if klass not in seen:
+            seen.add(klass)
+            code.append((klass, tuple([v for v in vars(klass).values() if isinstance(v, _CODE_TYPES)])))
 
 
 def _plain_values(obj: object) -> tuple:
@@ -103,15 +158,16 @@ class Fingerprint(NamedTuple):
     parameters: tuple
     processors: tuple
     adapters: tuple
-    freeu: tuple
+    values: tuple  # every module's plain values, in the walk's order
     hooks: tuple[str, ...]  # "<module class>: <hook>" for every forward hook on the UNet's modules
     classes: tuple[type, ...]  # every module's class, in the walk's order
+    code: tuple  # (class, its functions) for the classes of the modules and processors, and their bases
 
     @property
     def settings(self) -> tuple:
         """All but the parameters' identities: state that can change and change back (FreeU off and on,
         adapters switched, processors restored) with graphs built under each setting valid again."""
-        return (self.processors, self.adapters, self.freeu, self.hooks, self.classes)
+        return (self.processors, self.adapters, self.values, self.hooks, self.classes, self.code)
 
 
 def _hook_name(hook: object) -> str:
@@ -181,13 +237,16 @@ def module_snapshot(unet: torch.nn.Module) -> tuple[Fingerprint, tuple[int, ...]
     the host works). On one CPU core, three runs: SD 1.5 1.0-1.1 ms and SDXL 2.9-4.5 ms, against 2.8-5.5
     and 10.7-12.7 ms for the two walks this replaced. Reading the Attention modules' values and every
     module's class too took it from 0.56 to 0.74 ms (SD 1.5) and from 1.5 to 2.5 ms (SDXL; medians of
-    9 x 10 calls on a meta-device UNet, 2026-11-27).
+    9 x 10 calls on a meta-device UNet, 2026-11-27). Every module's values and the classes' code then took
+    it from 0.74-0.84 to 1.35-1.75 ms (SD 1.5) and from 2.6-4.5 to 3.3-5.2 ms (SDXL; three runs each, the
+    same way), once per generation, for seamless tiling and patched classes.
     """
-    params, processors, adapters, hooks, addresses, classes = [], [], [], [], [], []
+    params, processors, adapters, values, hooks, addresses, classes, code = [], [], [], [], [], [], [], []
     # What each module is, asked of its class (hasattr on an instance falls into nn.Module.__getattr__,
     # slow when it misses) and once per class: a missing class attribute still costs a walk of the MRO and
     # a caught AttributeError, which ~700 modules would pay again at every generation.
-    kinds: dict[type, tuple[bool, bool]] = {}
+    kinds: dict[type, tuple[bool, bool, _ValueReader]] = {}
+    seen: set[type] = {object, torch.nn.Module}  # code read; never these two: patching them is global
     for module in _walk(unet):
         for parameter in module._parameters.values():
             if parameter is not None:
@@ -198,22 +257,30 @@ def module_snapshot(unet: torch.nn.Module) -> tuple[Fingerprint, tuple[int, ...]
                 addresses.append(buffer.data_ptr())
         kind = type(module)
         classes.append(kind)
-        has_processor, is_adapter = kinds.get(kind) or kinds.setdefault(kind, (
-            getattr(kind, "set_processor", None) is not None,
-            getattr(kind, "adapter_layer_names", None) is not None,  # peft's BaseTunerLayer, duck-typed
-        ))
-        if has_processor:  # the processor, and the values it reads from both (`rescale_output_factor`, `heads`)
-            processors.append((module.processor, _plain_values(module.processor), _scalar_values(module)))
+        state = module.__dict__
+        known = kinds.get(kind)
+        if known is None:
+            _add_code(kind, seen, code)
+            known = kinds[kind] = (
+                getattr(kind, "set_processor", None) is not None,
+                getattr(kind, "adapter_layer_names", None) is not None,  # peft's BaseTunerLayer, duck-typed
+                _ValueReader.of(state),
+            )
+        has_processor, is_adapter, reader = known
+        values.append(reader.read(module))
+        if has_processor:  # the processor object, and the values it keeps (an IP-Adapter's `scale`)
+            processor = module.processor
+            processors.append((processor, _plain_values(processor)))
+            if type(processor) not in seen:
+                _add_code(type(processor), seen, code)
         if is_adapter:
             adapters.append(_adapter_state(module))
-        state = module.__dict__
         if state["_forward_hooks"] or state["_forward_pre_hooks"] or "forward" in state or "_hf_hook" in state \
                 or "_diffusers_hook" in state:
             hooks.extend(_hooks(module))
-    freeu = tuple(getattr(block, k, None) for block in getattr(unet, "up_blocks", ())
-                  for k in ("s1", "s2", "b1", "b2"))
     hooks += _global_hooks()
-    fingerprint = Fingerprint(tuple(params), tuple(processors), tuple(adapters), freeu, tuple(hooks), tuple(classes))
+    fingerprint = Fingerprint(tuple(params), tuple(processors), tuple(adapters), tuple(values), tuple(hooks),
+                              tuple(classes), tuple(code))
     return fingerprint, tuple(addresses)
 
 

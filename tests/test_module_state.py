@@ -94,9 +94,12 @@ def test_freeu_and_attention_processor_changes_rebuild():
     assert torch.equal(run(), stock()) and fr.stats.captures == 5
 
 
-def test_attention_module_values_and_swapped_module_classes_rebuild():
+def test_module_values_and_swapped_or_patched_classes_rebuild(monkeypatch):
     """Python the capture traced outside processors: values an `Attention` module keeps for its processor
-    (`rescale_output_factor`), and a module's class, which patches such as tomesd's token merging swap."""
+    (`rescale_output_factor`), a convolution's `padding_mode` (seamless tiling sets "circular" on them all),
+    a module's class, which patches such as tomesd's token merging swap, and a class's own code, patched."""
+    from diffusers.models.attention import BasicTransformerBlock
+
     unet = make_unet("sd15", layers_per_block=1)
     cond = unet_inputs("sd15")
     fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=1))
@@ -106,6 +109,14 @@ def test_attention_module_values_and_swapped_module_classes_rebuild():
     unet.mid_block.attentions[0].transformer_blocks[0].attn1.rescale_output_factor = 2.0  # SDPA reads it
     assert torch.equal(run(), stock()) and not torch.equal(before, stock()) and fr.stats.captures == 2
 
+    convolutions = [m for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    for conv in convolutions:
+        conv.padding_mode = "circular"
+    assert torch.equal(run(), stock()) and fr.stats.captures == 3
+    for conv in convolutions:
+        conv.padding_mode = "zeros"
+    assert torch.equal(run(), stock()) and fr.stats.captures == 3, "back to the earlier settings: their graphs"
+
     block = unet.mid_block.attentions[0].transformer_blocks[0]
     original = type(block)
 
@@ -114,9 +125,15 @@ def test_attention_module_values_and_swapped_module_classes_rebuild():
             return super().forward(hidden_states * 0.5, *args, **kwargs)
 
     block.__class__ = Patched
-    assert torch.equal(run(), stock()) and fr.stats.captures == 3
+    assert torch.equal(run(), stock()) and fr.stats.captures == 4
     block.__class__ = original
-    assert torch.equal(run(), stock()) and fr.stats.captures == 3, "back to the earlier settings: their graphs"
+    assert torch.equal(run(), stock()) and fr.stats.captures == 4, "back to the earlier settings: their graphs"
+
+    forward = BasicTransformerBlock.forward  # the class itself patched, for every instance: identity kept
+    monkeypatch.setattr(BasicTransformerBlock, "forward", lambda self, x, *a, **k: forward(self, x * 0.5, *a, **k))
+    assert torch.equal(run(), stock()) and fr.stats.captures == 5
+    monkeypatch.undo()
+    assert torch.equal(run(), stock()) and fr.stats.captures == 5
 
 
 def test_lora_adapter_changes_rebuild():
