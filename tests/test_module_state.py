@@ -1,8 +1,9 @@
 """Module state the captured graphs bake in: changing it after a capture must rebuild, never replay stale graphs.
 
 What `frdiff_compile/module_state.py` fingerprints, each through the public path users take: parameters
-replaced or moved to new storage, FreeU, attention processors and their Python values, PEFT LoRA adapters,
-forward hooks of accelerate, diffusers and torch, and attention processors that record state.
+replaced or moved to new storage, FreeU, attention processors and their Python values, other modules' values
+(seamless tiling's `padding_mode`), swapped or patched classes, PEFT LoRA adapters, forward hooks of
+accelerate, diffusers and torch, and attention processors that record state.
 """
 
 import copy
