@@ -68,3 +68,26 @@ def test_scheduler_trajectory_matches_eager_reference(name):
     assert stats.generations == 1 and stats.eager_calls == 0 and stats.forced_keyframes == 0, stats
     assert stats.full_calls + stats.reuse_calls + stats.skip_steps == len(sched.timesteps), stats
     assert stats.reuse_calls > 0 and stats.skip_steps > 0, stats
+
+
+def test_every_scheduler_keeps_timesteps_as_long_as_their_storage():
+    """The step count is the timesteps storage's length (`steps.schedule_view`): a scheduler whose timesteps
+    are a view shorter than their storage would shift every score-mixing weight, with nothing to tell. Every
+    scheduler diffusers exports that builds with its defaults is checked on the CPU, so a new one that does
+    so fails here. IPNDM is the one known (documented in the README): on the CPU its view is one entry short."""
+    import diffusers
+
+    checked, short = 0, {}
+    for name in sorted(n for n in dir(diffusers) if n.endswith("Scheduler")):
+        try:
+            scheduler = getattr(diffusers, name)()
+            scheduler.set_timesteps(10)
+        except Exception:  # needs arguments (a mask token, a vocabulary size) or an optional package (torchsde)
+            continue
+        timesteps = scheduler.timesteps
+        storage = timesteps.untyped_storage().nbytes() // timesteps.element_size()
+        checked += 1
+        if (storage, timesteps.storage_offset()) != (len(timesteps), 0):
+            short[name] = (len(timesteps), storage, timesteps.storage_offset())
+    assert checked >= 30, f"only {checked} schedulers built with their defaults"
+    assert short == {"IPNDMScheduler": (10, 11, 0)}, short
