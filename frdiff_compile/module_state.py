@@ -29,6 +29,9 @@ Invariants:
       functions, properties and class methods each class of a module or processor defines (or inherits,
       up to but not including `torch.nn.Module`), so that a patched class (`BasicTransformerBlock.forward
       = ...`, `Conv2d._conv_forward = ...`) counts as a change too.
+    - What that code finds under the module globals it looks up (`code_reads.py`): a rebound
+      `F.scaled_dot_product_attention` or diffusers function. One level deep: a function such a global
+      names is tracked by identity, but the globals it reads in turn are not.
     - Every PEFT adapter layer's state (LoRA scales, active, disabled and merged adapters), which
       `set_adapters`, `disable_adapters`, `fuse_lora` and the like change without touching a tensor. A
       scale that is a tensor (LoRA hotswap) counts by identity, since the graphs read it live, and by
@@ -50,6 +53,8 @@ import types
 from typing import NamedTuple
 
 import torch
+
+from .code_reads import CodeReads, GlobalValues
 
 
 def _plain(value: object) -> bool:
@@ -162,12 +167,13 @@ class Fingerprint(NamedTuple):
     hooks: tuple[str, ...]  # "<module class>: <hook>" for every forward hook on the UNet's modules
     classes: tuple[type, ...]  # every module's class, in the walk's order
     code: tuple  # (class, its functions) for the classes of the modules and processors, and their bases
+    globals: GlobalValues  # what those functions find under the module globals they look up (code_reads.py)
 
     @property
     def settings(self) -> tuple:
         """All but the parameters' identities: state that can change and change back (FreeU off and on,
         adapters switched, processors restored) with graphs built under each setting valid again."""
-        return (self.processors, self.adapters, self.values, self.hooks, self.classes, self.code)
+        return (self.processors, self.adapters, self.values, self.hooks, self.classes, self.code, self.globals)
 
 
 def _hook_name(hook: object) -> str:
@@ -229,8 +235,10 @@ def _walk(unet: torch.nn.Module) -> list[torch.nn.Module]:
     return found
 
 
-def module_snapshot(unet: torch.nn.Module) -> tuple[Fingerprint, tuple[int, ...]]:
+def module_snapshot(unet: torch.nn.Module, reads: CodeReads | None = None) -> tuple[Fingerprint, tuple[int, ...]]:
     """`unet`'s fingerprint (compare two with `==`) and its tensors' addresses (`tensor_addresses`).
+
+    `reads` remembers which globals each class's code looks up; a runtime keeps one for its snapshots.
 
     One walk of the module tree for both: every generation's start takes both, on the host's critical path
     (diffusers' DDIM step reads a device value, `prev_timestep >= 0`, so the GPU has nothing queued while
@@ -280,13 +288,13 @@ def module_snapshot(unet: torch.nn.Module) -> tuple[Fingerprint, tuple[int, ...]
             hooks.extend(_hooks(module))
     hooks += _global_hooks()
     fingerprint = Fingerprint(tuple(params), tuple(processors), tuple(adapters), tuple(values), tuple(hooks),
-                              tuple(classes), tuple(code))
+                              tuple(classes), tuple(code), (reads if reads is not None else CodeReads()).read(code))
     return fingerprint, tuple(addresses)
 
 
-def module_fingerprint(unet: torch.nn.Module) -> Fingerprint:
+def module_fingerprint(unet: torch.nn.Module, reads: CodeReads | None = None) -> Fingerprint:
     """The fingerprint of `unet`'s graph-relevant state; compare two with `==`."""
-    return module_snapshot(unet)[0]
+    return module_snapshot(unet, reads)[0]
 
 
 @dataclasses.dataclass(frozen=True)

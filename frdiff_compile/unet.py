@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from .code_reads import CodeReads
 from .concurrency import StreamOrder
 from .config import FRDiffConfig
 from .cudagraphs import Backend, SharedPool
@@ -93,7 +94,8 @@ class FRDiffUNet(UNetWrapper):
         self._graphs = GraphLRU(config.max_cached_shapes)
         self._tracker = StepTracker()
         self._generation = _Generation(number=0, schedule=None)
-        self._fingerprint = module_fingerprint(self.unet)
+        self._code_reads = CodeReads()  # a memo of which globals each class's code looks up
+        self._fingerprint = module_fingerprint(self.unet, self._code_reads)
         self._graphs.use_settings(self._fingerprint.settings)
         # Where the UNet's tensors were when the live graphs were built or last relinked, and whether they
         # have since left that layout (dtype, device, shape, stride).
@@ -197,15 +199,16 @@ class FRDiffUNet(UNetWrapper):
         logger.info("frdiff_compile.reconfigure: %s", config)
 
     def _start_generation(self, num_steps: int) -> None:
-        fingerprint, addresses = module_snapshot(self.unet)
+        fingerprint, addresses = module_snapshot(self.unet, self._code_reads)
         if fingerprint != self._fingerprint:
             if fingerprint.parameters != self._fingerprint.parameters:
                 # Graphs over replaced Parameters would keep them (and their memory) alive, and serve no one.
                 logger.info("the UNet's parameters were replaced: rebuilding graphs")
                 self._drop_graphs()
             else:
-                logger.info("module settings changed (attention processors, adapters, module values, classes "
-                            "or hooks): using graphs built under these settings, keeping the others for a switch back")
+                logger.info("module settings changed (attention processors, adapters, module values, classes, "
+                            "their code, the globals it reads or hooks): using graphs built under these settings, "
+                            "keeping the others for a switch back")
             self._graphs.use_settings(fingerprint.settings)
             self._fingerprint = fingerprint
         self._check_placement(addresses)
