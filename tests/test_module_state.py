@@ -97,8 +97,9 @@ def test_freeu_and_attention_processor_changes_rebuild():
 
 def test_module_values_and_swapped_or_patched_classes_rebuild(monkeypatch):
     """Python the capture traced outside processors: values an `Attention` module keeps for its processor
-    (`rescale_output_factor`), a convolution's `padding_mode` (seamless tiling sets "circular" on them all),
-    a module's class, which patches such as tomesd's token merging swap, and a class's own code, patched."""
+    (`rescale_output_factor`), a convolution's `padding_mode` (seamless tiling sets "circular" on them all)
+    and its dilation and padding tuples, a module's class, which patches such as tomesd's token merging swap,
+    and a class's own code, patched."""
     from diffusers.models.attention import BasicTransformerBlock
 
     unet = make_unet("sd15", layers_per_block=1)
@@ -117,6 +118,12 @@ def test_module_values_and_swapped_or_patched_classes_rebuild(monkeypatch):
     for conv in convolutions:
         conv.padding_mode = "zeros"
     assert torch.equal(run(), stock()) and fr.stats.captures == 3, "back to the earlier settings: their graphs"
+    dilated = [conv for conv in convolutions if conv.kernel_size == (3, 3) and conv.stride == (1, 1)][2:6]
+    for conv in dilated:  # tuples: ScaleCrafter re-dilates convolutions so, with no other change
+        conv.dilation, conv.padding = (2, 2), (2, 2)
+    assert torch.equal(run(), stock()) and fr.stats.captures == 4
+    for conv in dilated:
+        conv.dilation, conv.padding = (1, 1), (1, 1)
 
     block = unet.mid_block.attentions[0].transformer_blocks[0]
     original = type(block)
@@ -126,15 +133,15 @@ def test_module_values_and_swapped_or_patched_classes_rebuild(monkeypatch):
             return super().forward(hidden_states * 0.5, *args, **kwargs)
 
     block.__class__ = Patched
-    assert torch.equal(run(), stock()) and fr.stats.captures == 4
+    assert torch.equal(run(), stock()) and fr.stats.captures == 5
     block.__class__ = original
-    assert torch.equal(run(), stock()) and fr.stats.captures == 4, "back to the earlier settings: their graphs"
+    assert torch.equal(run(), stock()) and fr.stats.captures == 5, "back to the earlier settings: their graphs"
 
     forward = BasicTransformerBlock.forward  # the class itself patched, for every instance: identity kept
     monkeypatch.setattr(BasicTransformerBlock, "forward", lambda self, x, *a, **k: forward(self, x * 0.5, *a, **k))
-    assert torch.equal(run(), stock()) and fr.stats.captures == 5
+    assert torch.equal(run(), stock()) and fr.stats.captures == 6
     monkeypatch.undo()
-    assert torch.equal(run(), stock()) and fr.stats.captures == 5
+    assert torch.equal(run(), stock()) and fr.stats.captures == 6
 
 
 def test_lora_adapter_changes_rebuild():
