@@ -8,12 +8,12 @@ so the graphs would go on serving the old code. dynamo guards on such globals; t
 
 Invariants:
 - Read, per class in `Fingerprint.code`, from its functions' code objects (and the code nested in them:
-  closures, comprehensions): every name they load that is a global of their module, and, where that global
-  is a module, every further name of theirs that is one of its attributes, through submodules
-  (`torch.nn.functional.silu` reads `torch`, then `nn`, `functional` and `silu`). One level deep: functions
-  those globals name are tracked by identity, not followed, because library internals they reach (`re`,
-  `tempfile`, `typing`) rebind module globals as caches while they run, which would rebuild graphs for
-  nothing.
+  closures, comprehensions; and the functions decorators wrapped, by `__wrapped__`): every name they load that
+  is a global of their module, and, where that global is a module, every further name of theirs that is one of
+  its attributes, through submodules (`torch.nn.functional.silu` reads `torch`, then `nn`, `functional` and
+  `silu`). One level deep: functions those globals name are tracked by identity, not followed, because library
+  internals they reach (`re`, `tempfile`, `typing`) rebind module globals as caches while they run, which
+  would rebuild graphs for nothing.
 - Host metadata only: dictionary reads, no attribute access that could run code or import a module (a lazy
   module's attribute not loaded yet is simply absent, at every read alike).
 - Compared by identity, except plain numbers, strings and flags, which compare by value (`scale = 0.5` set
@@ -32,16 +32,22 @@ _MISSING = object()
 
 
 def _functions(code: tuple) -> list[types.FunctionType]:
-    """The plain functions behind a class's functions, properties, class and static methods."""
-    found = []
+    """The plain functions behind a class's functions, properties, class and static methods, and the
+    functions decorators wrapped (`__wrapped__`: diffusers wraps `UNet2DConditionModel.forward` so)."""
+    members = []
     for member in code:
         if isinstance(member, property):
-            found += [f for f in (member.fget, member.fset, member.fdel) if f is not None]
+            members += [member.fget, member.fset, member.fdel]
         elif isinstance(member, (classmethod, staticmethod)):
-            found.append(member.__func__)
+            members.append(member.__func__)
         else:
-            found.append(member)
-    return [f for f in found if isinstance(f, types.FunctionType)]
+            members.append(member)
+    found: dict[types.FunctionType, None] = {}  # ordered, and each function once
+    for function in members:
+        while isinstance(function, types.FunctionType) and function not in found:
+            found[function] = None
+            function = vars(function).get("__wrapped__")
+    return list(found)
 
 
 def _names(code: types.CodeType) -> set[str]:

@@ -22,10 +22,21 @@ def _module(name: str, source: str) -> types.ModuleType:
 
 
 SOURCE = """
+import functools
 import torch
 scale = 2.0
 
+def decorate(function):
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        return function(*args, **kwargs)
+    return wrapper
+
 class Block:
+    @decorate  # as diffusers decorates UNet2DConditionModel.forward: the wrapper's own code reads no global
+    def call(self):
+        return inner()
+
     def forward(self, x):
         return [torch.nn.functional.silu(v) * scale for v in x]  # nested code: a comprehension
 
@@ -34,6 +45,9 @@ class Block:
         return helper()
 
 def helper():
+    return 1
+
+def inner():
     return 1
 """
 
@@ -64,7 +78,10 @@ def test_reads_follow_globals_into_modules_and_compare_scalars_by_value(monkeypa
     assert reads.read(code) == before
 
     module.helper = lambda: 2  # read by a property
-    assert reads.read(code) != before
+    changed = reads.read(code)
+    assert changed != before
+    module.inner = lambda: 2  # read by the function a decorator wrapped
+    assert reads.read(code) != changed
 
 
 def test_a_class_patched_to_read_other_globals_is_read_anew_and_lazy_modules_stay_unloaded(monkeypatch):
