@@ -18,8 +18,12 @@ Invariants:
       `.data` (a "safe" LoRA fuse, `.to()`) keeps the identity: the graphs read the Parameter's current
       tensor at every call, and only its address is baked into CUDA graphs (`tensor_placement`).
     - The attention processor objects themselves (held here, so a new one can never reuse an old one's
-      id) and the plain Python values they keep: `set_attn_processor`, attention slicing and IP-Adapter
-      swap them, `set_ip_adapter_scale` changes their `scale`, and capture traced through the old ones.
+      id) and the plain Python values and tensors they keep: `set_attn_processor`, attention slicing and
+      IP-Adapter swap them, `set_ip_adapter_scale` changes their `scale`, a custom processor gets new mask
+      tensors, and capture traced through the old ones.
+    - Tensors kept outside parameters and buffers (by a processor or a module), which the export lifted as
+      constants the graphs hold: by identity, as the graphs read them live, and a one-element CPU tensor by
+      value too (`_tensor_state`). The graphs hold them, so their ids stay taken.
     - Every module's plain values (numbers, strings and flags, and tuples of them), which its
       forward reads as Python values when it is traced: `padding_mode = "circular"` set on the convolutions
       (seamless tiling), their `dilation` and `padding` (ScaleCrafter re-dilates them), an Attention
@@ -59,16 +63,31 @@ import torch
 
 from .code_reads import CodeReads, GlobalValues
 
+_MODULE_KEYS = frozenset(vars(torch.nn.Module()))  # every module's tables, hooks and flags
 
-def _plain(value: object) -> bool:
+
+def _tensor_state(tensor: torch.Tensor) -> tuple:
+    """A tensor kept outside the parameters and buffers, which the export lifted as a constant: by identity,
+    since the graphs hold that object and read it where it lives (an in-place change is seen, a new tensor
+    is not); and a one-element CPU tensor by value too, which a CUDA graph bakes in at capture."""
+    if tensor.device.type == "cpu" and tensor.numel() == 1:
+        return (id(tensor), tensor.item())
+    return (id(tensor),)
+
+
+def _state(value: object, depth: int = 2) -> object:
+    """What graphs traced through a value a processor keeps depend on: numbers, strings and flags by value,
+    tensors by `_tensor_state`, lists, tuples and dicts of them item by item (a snapshot: a list kept by
+    reference would change along with the processor's, `scale[0] = 0.5`), and `...` for anything else."""
     if value is None or isinstance(value, (bool, int, float, str)):
-        return True
-    return isinstance(value, (list, tuple)) and all(_plain(v) for v in value)
-
-
-def _frozen(value: object) -> object:
-    # A snapshot: a list kept by reference would change along with the processor's (scale[0] = 0.5).
-    return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
+        return value
+    if isinstance(value, torch.Tensor):
+        return _tensor_state(value)
+    if depth and isinstance(value, (list, tuple)):
+        return tuple([_state(v, depth - 1) for v in value])
+    if depth and isinstance(value, dict):
+        return tuple([(k, _state(v, depth - 1)) for k, v in value.items()])
+    return ...
 
 
 _SCALAR_TYPES = frozenset({bool, int, float, str})
@@ -79,12 +98,19 @@ def _scalars(items: Iterable) -> bool:
 
 
 def _scalar_values(state: dict) -> tuple:
-    """The numbers, strings and flags in a module's `__dict__`, and its tuples of them (a convolution's
-    padding and dilation, which ScaleCrafter-style high-resolution sampling re-dilates), as (name, value) in
-    the order it set them. Exact types and no lists, unlike `_plain_values` (a list is unhashable and would
-    need a copy, an int subclass may compare in ways of its own); and no None: `disable_freeu()` leaves
-    `s1 = None` where `getattr(block, "s1", None)` is read, which is the same as never having set it."""
-    return tuple([(k, v) for k, v in state.items() if type(v) in _SCALAR_TYPES or type(v) is tuple and _scalars(v)])
+    """The numbers, strings and flags in a module's `__dict__`, its tuples of them (a convolution's padding
+    and dilation, which ScaleCrafter-style high-resolution sampling re-dilates) and its tensors that are no
+    parameter or buffer (by `_tensor_state`), as (name, value) in the order it set them. Exact types and no
+    lists, unlike `_state` (a list would need a copy, an int subclass may compare in ways of its own); and
+    no None: `disable_freeu()` leaves `s1 = None` where `getattr(block, "s1", None)` is read, which is the
+    same as never having set it."""
+    pairs = []
+    for k, v in state.items():
+        if type(v) in _SCALAR_TYPES or type(v) is tuple and _scalars(v):
+            pairs.append((k, v))
+        elif isinstance(v, torch.Tensor):
+            pairs.append((k, _tensor_state(v)))
+    return tuple(pairs)
 
 
 class _ValueReader(NamedTuple):
@@ -102,6 +128,7 @@ class _ValueReader(NamedTuple):
     value_types: tuple[type, ...]
     length: int
     tuples: operator.itemgetter | None  # the tuples among the values, whose items are checked at every read
+    tensors: tuple[int, ...]  # where the values are tensors, read by `_tensor_state`
 
     @classmethod
     def of(cls, state: dict) -> _ValueReader:
@@ -112,7 +139,8 @@ class _ValueReader(NamedTuple):
         positions = [i for i, kind in enumerate(value_types) if kind is tuple]
         # As a tuple of tuples, even of one: chained, they are checked in one pass.
         tuples = operator.itemgetter(*positions, *positions[:1]) if positions else None
-        return cls(keys, get, value_types, len(state), tuples)
+        tensors = tuple([i for i, k in enumerate(keys) if isinstance(state[k], torch.Tensor)])
+        return cls(keys, get, value_types, len(state), tuples, tensors)
 
     def read(self, module: torch.nn.Module) -> tuple:
         state = module.__dict__
@@ -124,7 +152,12 @@ class _ValueReader(NamedTuple):
             else:
                 if tuple(map(type, values)) == self.value_types and (
                         self.tuples is None or _scalars(itertools.chain.from_iterable(self.tuples(values)))):
-                    return values
+                    if not self.tensors:
+                        return values
+                    values = list(values)
+                    for i in self.tensors:
+                        values[i] = _tensor_state(values[i])
+                    return tuple(values)
         pairs = _scalar_values(state)
         if tuple([k for k, _ in pairs]) == self.keys:
             return tuple([v for _, v in pairs])
@@ -143,9 +176,18 @@ def _add_code(kind: type, seen: set[type], code: list) -> None:
             code.append((klass, tuple([v for v in vars(klass).values() if isinstance(v, _CODE_TYPES)])))
 
 
-def _plain_values(obj: object) -> tuple:
-    """The numbers, strings and flags (and lists of them) an object keeps, e.g. an IP-Adapter's `scale`."""
-    return tuple(sorted((k, _frozen(v)) for k, v in getattr(obj, "__dict__", {}).items() if _plain(v)))
+def _processor_state(processor: object) -> tuple:
+    """The values an attention processor keeps, by `_state`: an IP-Adapter's `scale`, a custom processor's
+    mask tensors (a new one set between generations was served the old graphs, silently). A processor that
+    is a module is walked as one too: its parameters, hooks and flags are not read again here."""
+    module = isinstance(processor, torch.nn.Module)
+    found = []
+    for key, value in getattr(processor, "__dict__", {}).items():
+        if not (module and key in _MODULE_KEYS):
+            state = _state(value)
+            if state is not ...:
+                found.append((key, state))
+    return tuple(found)
 
 
 def _scale_state(layer: torch.nn.Module, name: str, scale: object) -> tuple:
@@ -295,7 +337,7 @@ def module_snapshot(unet: torch.nn.Module, reads: CodeReads | None = None) -> tu
         values.append(reader.read(module))
         if has_processor:  # the processor object, and the values it keeps (an IP-Adapter's `scale`)
             processor = module.processor
-            processors.append((processor, _plain_values(processor)))
+            processors.append((processor, _processor_state(processor)))
             if type(processor) not in seen:
                 _add_code(type(processor), seen, code)
         if is_adapter:

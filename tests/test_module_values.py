@@ -1,0 +1,112 @@
+"""Module state the capture read as Python values outside parameters and adapters (`module_state.py`): a
+module's numbers, strings, flags and tuples of them, its class and the class's code, and tensors a processor
+or module keeps outside its parameters and buffers. Changing any after a capture must rebuild (and changing
+it back reuse the graphs built before); changing a tensor in place must be read live, never rebuilt.
+"""
+
+import torch
+from conftest import make_unet, unet_inputs
+from test_runtime import optimized_fn, sample, scheduler
+
+import frdiff_compile
+from frdiff_compile import FRDiffConfig
+
+
+def _fixture(**config):
+    unet = make_unet("sd15", layers_per_block=1)  # one layer per block: these tests capture again and again
+    cond = unet_inputs("sd15")
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=1, **config))  # M=1: exactly the UNet
+    stock = lambda: sample(lambda i, n, x, t: unet(x, t, **cond).sample, scheduler("sd15"), 4)  # noqa: E731
+    run = lambda: sample(optimized_fn(fr, cond), scheduler("sd15"), 4)  # noqa: E731
+    return unet, fr, stock, run
+
+
+def test_module_values_and_swapped_or_patched_classes_rebuild(monkeypatch):
+    """Python the capture traced outside processors: values an `Attention` module keeps for its processor
+    (`rescale_output_factor`), a convolution's `padding_mode` (seamless tiling sets "circular" on them all)
+    and its dilation and padding tuples, a module's class, which patches such as tomesd's token merging swap,
+    and a class's own code, patched."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    unet, fr, stock, run = _fixture()
+    before = run()
+    unet.mid_block.attentions[0].transformer_blocks[0].attn1.rescale_output_factor = 2.0  # SDPA reads it
+    assert torch.equal(run(), stock()) and not torch.equal(before, stock()) and fr.stats.captures == 2
+
+    convolutions = [m for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    for conv in convolutions:
+        conv.padding_mode = "circular"
+    assert torch.equal(run(), stock()) and fr.stats.captures == 3
+    for conv in convolutions:
+        conv.padding_mode = "zeros"
+    assert torch.equal(run(), stock()) and fr.stats.captures == 3, "back to the earlier settings: their graphs"
+    dilated = [conv for conv in convolutions if conv.kernel_size == (3, 3) and conv.stride == (1, 1)][2:6]
+    for conv in dilated:  # tuples: ScaleCrafter re-dilates convolutions so, with no other change
+        conv.dilation, conv.padding = (2, 2), (2, 2)
+    assert torch.equal(run(), stock()) and fr.stats.captures == 4
+    for conv in dilated:
+        conv.dilation, conv.padding = (1, 1), (1, 1)
+
+    block = unet.mid_block.attentions[0].transformer_blocks[0]
+    original = type(block)
+
+    class Patched(original):  # as tomesd does: the instance's class swapped for a subclass
+        def forward(self, hidden_states, *args, **kwargs):
+            return super().forward(hidden_states * 0.5, *args, **kwargs)
+
+    block.__class__ = Patched
+    assert torch.equal(run(), stock()) and fr.stats.captures == 5
+    block.__class__ = original
+    assert torch.equal(run(), stock()) and fr.stats.captures == 5, "back to the earlier settings: their graphs"
+
+    forward = BasicTransformerBlock.forward  # the class itself patched, for every instance: identity kept
+    monkeypatch.setattr(BasicTransformerBlock, "forward", lambda self, x, *a, **k: forward(self, x * 0.5, *a, **k))
+    assert torch.equal(run(), stock()) and fr.stats.captures == 6
+    monkeypatch.undo()
+    assert torch.equal(run(), stock()) and fr.stats.captures == 6
+
+
+def test_tensors_kept_outside_parameters_rebuild_when_replaced_and_are_read_live_in_place(monkeypatch):
+    """A custom processor's tensor (regional masks, per-token weights) and a module's (what a patched forward
+    reads): the export lifted them as constants that the graphs hold. A new tensor set between generations
+    was served the old one, silently (1.73 off stock on these 4 steps); a tensor changed in place is read
+    where it lives. A one-element CPU tensor counts by value too: a CUDA graph bakes that value in."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    class Gain(AttnProcessor2_0):
+        def __init__(self, gain):
+            super().__init__()
+            self.gain = gain
+
+        def __call__(self, *args, **kwargs):
+            return super().__call__(*args, **kwargs) * self.gain
+
+    unet, fr, stock, run = _fixture()
+    unet.set_attn_processor({name: Gain(torch.ones(2, 1, 1)) for name in unet.attn_processors})
+    before = run()
+    assert torch.equal(before, stock()) and fr.stats.captures == 1
+    processors = list(unet.attn_processors.values())
+    for processor in processors:
+        processor.gain.mul_(0.5)  # in place, several elements: read live, nothing to build
+    assert torch.equal(run(), stock()) and not torch.equal(before, stock()) and fr.stats.captures == 1
+    for processor in processors:
+        processor.gain = torch.full((2, 1, 1), 2.0)
+    assert torch.equal(run(), stock()) and fr.stats.captures == 2
+    for processor in processors:
+        processor.gain = torch.full((1,), 2.0)  # one element on the CPU: its value counts
+    assert torch.equal(run(), stock()) and fr.stats.captures == 3
+    for processor in processors:
+        processor.gain.fill_(0.25)
+    assert torch.equal(run(), stock()) and fr.stats.captures == 4
+
+    forward = BasicTransformerBlock.forward  # a patched forward reading a tensor the block keeps
+    monkeypatch.setattr(BasicTransformerBlock, "forward", 
+                        lambda self, x, *a, **k: forward(self, x * self.mask, *a, **k))
+    blocks = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
+    for block in blocks:
+        block.mask = torch.ones(2, 1, 1)
+    assert torch.equal(run(), stock()) and fr.stats.captures == 5
+    for block in blocks:
+        block.mask = torch.full((2, 1, 1), 0.5)
+    assert torch.equal(run(), stock()) and fr.stats.captures == 6
