@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import types
 
-_SCALAR_TYPES = frozenset({bool, int, float, str})
+SCALAR_TYPES = frozenset({bool, int, float, str})  # compared by value, here and in module_state.py
 _MISSING = object()
 
 
@@ -90,7 +90,7 @@ class GlobalValues:
 
     def __init__(self, values: list) -> None:
         self.values = values
-        self.key = tuple([v if type(v) in _SCALAR_TYPES else id(v) for v in values])
+        self.key = tuple([v if type(v) in SCALAR_TYPES else id(v) for v in values])
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, GlobalValues) and self.key == other.key

@@ -61,7 +61,7 @@ from typing import NamedTuple
 
 import torch
 
-from .code_reads import CodeReads, GlobalValues
+from .code_reads import SCALAR_TYPES, CodeReads, GlobalValues
 
 _MODULE_KEYS = frozenset(vars(torch.nn.Module()))  # every module's tables, hooks and flags
 
@@ -90,11 +90,9 @@ def _state(value: object, depth: int = 2) -> object:
     return ...
 
 
-_SCALAR_TYPES = frozenset({bool, int, float, str})
-
 
 def _scalars(items: Iterable) -> bool:
-    return all(map(_SCALAR_TYPES.__contains__, map(type, items)))
+    return all(map(SCALAR_TYPES.__contains__, map(type, items)))
 
 
 def _scalar_values(state: dict) -> tuple:
@@ -106,7 +104,7 @@ def _scalar_values(state: dict) -> tuple:
     same as never having set it."""
     pairs = []
     for k, v in state.items():
-        if type(v) in _SCALAR_TYPES or type(v) is tuple and _scalars(v):
+        if type(v) in SCALAR_TYPES or type(v) is tuple and _scalars(v):
             pairs.append((k, v))
         elif isinstance(v, torch.Tensor):
             pairs.append((k, _tensor_state(v)))
