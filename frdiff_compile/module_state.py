@@ -12,7 +12,7 @@ Invariants:
   and layouts); no device tensor's value is read (only CPU scalars'), so taking either never syncs a device.
 - Anything held by reference is either kept alive by the fingerprint itself (processor objects) or by the
   graphs (parameters), so an id can never be reused by a new object while it is compared against.
-- What it covers:
+- What it covers (the values are read by `module_values.py`):
     - The identity of every parameter: a replaced Parameter (adapters loaded, load_state_dict(assign=True))
       would leave the graphs reading the old one, which they hold (so its id stays taken). A swapped
       `.data` (a "safe" LoRA fuse, `.to()`) keeps the identity: the graphs read the Parameter's current
@@ -23,8 +23,8 @@ Invariants:
       tensors, and capture traced through the old ones.
     - Tensors kept outside parameters and buffers (by a processor or a module), which the export lifted as
       constants the graphs hold: by identity, as the graphs read them live, and a one-element CPU tensor by
-      value too (`_tensor_state`). The graphs hold them, so their ids stay taken.
-    - Every module's plain values (numbers, strings and flags, and tuples of them), which its
+      value too. The graphs hold them, so their ids stay taken.
+    - Every module's plain values (numbers, strings and flags, tuples of them, and functions), which its
       forward reads as Python values when it is traced: `padding_mode = "circular"` set on the convolutions
       (seamless tiling), their `dilation` and `padding` (ScaleCrafter re-dilates them), an Attention
       module's `rescale_output_factor`, FreeU's factors on the up blocks (`enable_freeu` / `disable_freeu`),
@@ -40,7 +40,7 @@ Invariants:
     - Every PEFT adapter layer's state (LoRA scales, active, disabled and merged adapters), which
       `set_adapters`, `disable_adapters`, `fuse_lora` and the like change without touching a tensor. A
       scale that is a tensor (LoRA hotswap) counts by identity, since the graphs read it live, and by
-      value too where it is a CPU scalar beside device weights, which CUDA graphs bake in (`_scale_state`).
+      value too where it is a CPU scalar beside device weights, which CUDA graphs bake in.
     - Forward hooks on the UNet's modules (`Fingerprint.hooks`): accelerate's (sequential CPU offload, a
       `device_map`) move weights inside the forward, diffusers' own (group offloading, layerwise casting,
       FasterCache, FirstBlockCache, ...) change what it computes from call to call, and torch's
@@ -53,114 +53,13 @@ Invariants:
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import operator
 import types
-from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
 
-from .code_reads import SCALAR_TYPES, CodeReads, GlobalValues
-
-_MODULE_KEYS = frozenset(vars(torch.nn.Module()))  # every module's tables, hooks and flags
-
-
-def _tensor_state(tensor: torch.Tensor) -> tuple:
-    """A tensor kept outside the parameters and buffers, which the export lifted as a constant: by identity,
-    since the graphs hold that object and read it where it lives (an in-place change is seen, a new tensor
-    is not); and a one-element CPU tensor by value too, which a CUDA graph bakes in at capture."""
-    if tensor.device.type == "cpu" and tensor.numel() == 1:
-        return (id(tensor), tensor.item())
-    return (id(tensor),)
-
-
-def _state(value: object, depth: int = 2) -> object:
-    """What graphs traced through a value a processor keeps depend on: numbers, strings and flags by value,
-    tensors by `_tensor_state`, lists, tuples and dicts of them item by item (a snapshot: a list kept by
-    reference would change along with the processor's, `scale[0] = 0.5`), and `...` for anything else."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, torch.Tensor):
-        return _tensor_state(value)
-    if depth and isinstance(value, (list, tuple)):
-        return tuple([_state(v, depth - 1) for v in value])
-    if depth and isinstance(value, dict):
-        return tuple([(k, _state(v, depth - 1)) for k, v in value.items()])
-    return ...
-
-
-
-def _scalars(items: Iterable) -> bool:
-    return all(map(SCALAR_TYPES.__contains__, map(type, items)))
-
-
-def _scalar_values(state: dict) -> tuple:
-    """The numbers, strings and flags in a module's `__dict__`, its tuples of them (a convolution's padding
-    and dilation, which ScaleCrafter-style high-resolution sampling re-dilates) and its tensors that are no
-    parameter or buffer (by `_tensor_state`), as (name, value) in the order it set them. Exact types and no
-    lists, unlike `_state` (a list would need a copy, an int subclass may compare in ways of its own); and
-    no None: `disable_freeu()` leaves `s1 = None` where `getattr(block, "s1", None)` is read, which is the
-    same as never having set it."""
-    pairs = []
-    for k, v in state.items():
-        if type(v) in SCALAR_TYPES or type(v) is tuple and _scalars(v):
-            pairs.append((k, v))
-        elif isinstance(v, torch.Tensor):
-            pairs.append((k, _tensor_state(v)))
-    return tuple(pairs)
-
-
-class _ValueReader(NamedTuple):
-    """`_scalar_values` of one class's modules, read faster from the keys and types its first module had.
-
-    Modules of one class mostly keep the same attributes: an itemgetter over the first one's keys reads the
-    others' in C, and their values alone stand for them. A module with another number of attributes, a
-    missing key, a value of another type or a tuple that holds anything but scalars is read the slow way
-    (20 of SD 1.5's 709 modules, ResnetBlock2Ds with and without a shortcut), and stands for itself by its
-    values alone only if its keys are the same.
-    """
-
-    keys: tuple[str, ...]
-    get: operator.itemgetter
-    value_types: tuple[type, ...]
-    length: int
-    tuples: operator.itemgetter | None  # the tuples among the values, whose items are checked at every read
-    tensors: tuple[int, ...]  # where the values are tensors, read by `_tensor_state`
-
-    @classmethod
-    def of(cls, state: dict) -> _ValueReader:
-        keys = tuple([k for k, _ in _scalar_values(state)])
-        # An itemgetter of one key returns the bare value, not a tuple of it ("training" may be the only one)
-        get = operator.itemgetter(*keys) if len(keys) > 1 else lambda state: tuple([state[k] for k in keys])
-        value_types = tuple([type(state[k]) for k in keys])
-        positions = [i for i, kind in enumerate(value_types) if kind is tuple]
-        # As a tuple of tuples, even of one: chained, they are checked in one pass.
-        tuples = operator.itemgetter(*positions, *positions[:1]) if positions else None
-        tensors = tuple([i for i, k in enumerate(keys) if isinstance(state[k], torch.Tensor)])
-        return cls(keys, get, value_types, len(state), tuples, tensors)
-
-    def read(self, module: torch.nn.Module) -> tuple:
-        state = module.__dict__
-        if len(state) == self.length:
-            try:
-                values = self.get(state)
-            except KeyError:
-                pass
-            else:
-                if tuple(map(type, values)) == self.value_types and (
-                        self.tuples is None or _scalars(itertools.chain.from_iterable(self.tuples(values)))):
-                    if not self.tensors:
-                        return values
-                    values = list(values)
-                    for i in self.tensors:
-                        values[i] = _tensor_state(values[i])
-                    return tuple(values)
-        pairs = _scalar_values(state)
-        if tuple([k for k, _ in pairs]) == self.keys:
-            return tuple([v for _, v in pairs])
-        return pairs
-
+from .code_reads import CodeReads, GlobalValues
+from .module_values import ValueReader, adapter_state, processor_state
 
 _CODE_TYPES = (types.FunctionType, property, classmethod, staticmethod)
 
@@ -172,47 +71,6 @@ def _add_code(kind: type, seen: set[type], code: list) -> None:
         if klass not in seen:
             seen.add(klass)
             code.append((klass, tuple([v for v in vars(klass).values() if isinstance(v, _CODE_TYPES)])))
-
-
-def _processor_state(processor: object) -> tuple:
-    """The values an attention processor keeps, by `_state`: an IP-Adapter's `scale`, a custom processor's
-    mask tensors (a new one set between generations was served the old graphs, silently). A processor that
-    is a module is walked as one too: its parameters, hooks and flags are not read again here."""
-    module = isinstance(processor, torch.nn.Module)
-    found = []
-    for key, value in getattr(processor, "__dict__", {}).items():
-        if not (module and key in _MODULE_KEYS):
-            state = _state(value)
-            if state is not ...:
-                found.append((key, state))
-    return tuple(found)
-
-
-def _scale_state(layer: torch.nn.Module, name: str, scale: object) -> tuple:
-    """One LoRA scaling as the graphs depend on it: a float by value, a tensor (LoRA hotswap) by identity.
-
-    The graphs read a scaling tensor where it lives, so compared as a value, a new tensor of equal value
-    (PEFT sets one after each call scaled by cross_attention_kwargs) would pass for the old one, which the
-    graphs still read; the fingerprint holds it, so its id stays taken. Except a one-element tensor on
-    another device than the layer's weight (hotswap enabled before `pipe.to("cuda")` leaves the scalings on
-    the CPU): CUDA kernels take such a scalar's value at launch, so a CUDA graph keeps the value it was
-    captured with, and the value counts too (read on the host: it lives there).
-    """
-    if not isinstance(scale, torch.Tensor):
-        return (name, scale)
-    base = layer._modules.get("base_layer")
-    weight = base._parameters.get("weight") if base is not None else None
-    if weight is not None and scale.device != weight.device and scale.device.type == "cpu" and scale.numel() == 1:
-        return (name, id(scale), scale, scale.item())
-    return (name, id(scale), scale)
-
-
-def _adapter_state(layer: torch.nn.Module) -> tuple:
-    """What a PEFT adapter layer's forward reads as Python values (peft is not imported: duck-typed)."""
-    scaling = layer.__dict__.get("scaling")
-    scales = tuple(sorted(_scale_state(layer, k, v) for k, v in scaling.items())) if isinstance(scaling, dict) else None
-    return scales, tuple(layer.active_adapters), bool(layer.disable_adapters), tuple(layer.merged_adapters)
-
 
 class Fingerprint(NamedTuple):
     parameters: tuple
@@ -310,7 +168,7 @@ def module_snapshot(unet: torch.nn.Module, reads: CodeReads | None = None) -> tu
     # What each module is, asked of its class (hasattr on an instance falls into nn.Module.__getattr__,
     # slow when it misses) and once per class: a missing class attribute still costs a walk of the MRO and
     # a caught AttributeError, which ~700 modules would pay again at every generation.
-    kinds: dict[type, tuple[bool, bool, _ValueReader]] = {}
+    kinds: dict[type, tuple[bool, bool, ValueReader]] = {}
     seen: set[type] = {object, torch.nn.Module}  # code read; never these two: patching them is global
     for module in _walk(unet):
         for parameter in module._parameters.values():
@@ -329,17 +187,17 @@ def module_snapshot(unet: torch.nn.Module, reads: CodeReads | None = None) -> tu
             known = kinds[kind] = (
                 getattr(kind, "set_processor", None) is not None,
                 getattr(kind, "adapter_layer_names", None) is not None,  # peft's BaseTunerLayer, duck-typed
-                _ValueReader.of(state),
+                ValueReader.of(state),
             )
         has_processor, is_adapter, reader = known
         values.append(reader.read(module))
         if has_processor:  # the processor object, and the values it keeps (an IP-Adapter's `scale`)
             processor = module.processor
-            processors.append((processor, _processor_state(processor)))
+            processors.append((processor, processor_state(processor)))
             if type(processor) not in seen:
                 _add_code(type(processor), seen, code)
         if is_adapter:
-            adapters.append(_adapter_state(module))
+            adapters.append(adapter_state(module))
         if state["_forward_hooks"] or state["_forward_pre_hooks"] or "forward" in state or "_hf_hook" in state \
                 or "_diffusers_hook" in state:
             hooks.extend(_hooks(module))

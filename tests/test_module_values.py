@@ -1,7 +1,7 @@
-"""Module state the capture read as Python values outside parameters and adapters (`module_state.py`): a
-module's numbers, strings, flags and tuples of them, its class and the class's code, and tensors a processor
-or module keeps outside its parameters and buffers. Changing any after a capture must rebuild (and changing
-it back reuse the graphs built before); changing a tensor in place must be read live, never rebuilt.
+"""Module state the capture read as Python values outside parameters and adapters (`module_state.py`): a module's
+numbers, strings, flags and tuples of them, its class and the class's code, functions it keeps, and tensors a
+processor or module keeps outside its parameters and buffers. Changing any after a capture must rebuild (and
+changing it back reuse the graphs built before); changing a tensor in place must be read live, never rebuilt.
 """
 
 import torch
@@ -66,11 +66,12 @@ def test_module_values_and_swapped_or_patched_classes_rebuild(monkeypatch):
     assert torch.equal(run(), stock()) and fr.stats.captures == 6
 
 
-def test_tensors_kept_outside_parameters_rebuild_when_replaced_and_are_read_live_in_place(monkeypatch):
+def test_tensors_and_functions_kept_as_attributes_rebuild_when_replaced(monkeypatch):
     """A custom processor's tensor (regional masks, per-token weights) and a module's (what a patched forward
     reads): the export lifted them as constants that the graphs hold. A new tensor set between generations
     was served the old one, silently (1.73 off stock on these 4 steps); a tensor changed in place is read
-    where it lives. A one-element CPU tensor counts by value too: a CUDA graph bakes that value in."""
+    where it lives. A one-element CPU tensor counts by value too: a CUDA graph bakes that value in. Then a
+    function a module keeps, replaced."""
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -110,3 +111,11 @@ def test_tensors_kept_outside_parameters_rebuild_when_replaced_and_are_read_live
     for block in blocks:
         block.mask = torch.full((2, 1, 1), 0.5)
     assert torch.equal(run(), stock()) and fr.stats.captures == 6
+    for block in blocks:  # a function kept as an attribute, as a resnet keeps its `upsample` lambda
+        block.mask = lambda: 0.5
+    monkeypatch.setattr(BasicTransformerBlock, "forward",
+                        lambda self, x, *a, **k: forward(self, x * self.mask(), *a, **k))
+    assert torch.equal(run(), stock()) and fr.stats.captures == 7
+    for block in blocks:
+        block.mask = lambda: 0.25
+    assert torch.equal(run(), stock()) and fr.stats.captures == 8
