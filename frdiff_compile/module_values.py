@@ -81,18 +81,20 @@ def _scalar_values(state: dict) -> tuple:
 
 
 class ValueReader(NamedTuple):
-    """`_scalar_values` of one class's modules, read faster from the keys and types its first module had.
+    """`_scalar_values` of one class's modules, read faster from the attributes its first module had.
 
-    Modules of one class mostly keep the same attributes: an itemgetter over the first one's keys reads the
-    others' in C, and their values alone stand for them. A module with another number of attributes, a
-    missing key, a value of another type or a tuple that holds anything but scalars is read the slow way
-    (20 of SD 1.5's 709 modules, ResnetBlock2Ds with and without a shortcut), and stands for itself by its
-    values alone only if its keys are the same.
+    Modules of one class mostly keep the same attributes, of the same types: where a module has as many
+    attributes as the first one, and the first one's tracked keys and its other keys (but nn.Module's own)
+    hold values of the same types, one itemgetter reads them in C and the tracked values alone stand for the
+    module. The other keys' types are checked too: an attribute that was None in the first module and is a
+    number, tuple, tensor or function in another (`_chunk_size` set on one block) must not go unread. Any
+    other module is read the slow way (20 of SD 1.5's 709 modules, ResnetBlock2Ds with and without a
+    shortcut), and stands for itself by its values alone only if its tracked keys are the same.
     """
 
-    keys: tuple[str, ...]
-    get: operator.itemgetter
-    value_types: tuple[type, ...]
+    keys: tuple[str, ...]  # the tracked attributes
+    get: operator.itemgetter  # the tracked attributes, then the others
+    types: tuple[type, ...]  # the types of what `get` reads
     length: int
     tuples: operator.itemgetter | None  # the tuples among the values, whose items are checked at every read
     tensors: tuple[int, ...]  # where the values are tensors, read by `_tensor_state`
@@ -100,14 +102,14 @@ class ValueReader(NamedTuple):
     @classmethod
     def of(cls, state: dict) -> ValueReader:
         keys = tuple([k for k, _ in _scalar_values(state)])
+        read = keys + tuple([k for k in state if k not in _MODULE_KEYS and k not in keys])
         # An itemgetter of one key returns the bare value, not a tuple of it ("training" may be the only one)
-        get = operator.itemgetter(*keys) if len(keys) > 1 else lambda state: tuple([state[k] for k in keys])
-        value_types = tuple([type(state[k]) for k in keys])
-        positions = [i for i, kind in enumerate(value_types) if kind is tuple]
+        get = operator.itemgetter(*read) if len(read) > 1 else lambda state: tuple([state[k] for k in read])
+        positions = [i for i, k in enumerate(keys) if type(state[k]) is tuple]
         # As a tuple of tuples, even of one: chained, they are checked in one pass.
         tuples = operator.itemgetter(*positions, *positions[:1]) if positions else None
         tensors = tuple([i for i, k in enumerate(keys) if isinstance(state[k], torch.Tensor)])
-        return cls(keys, get, value_types, len(state), tuples, tensors)
+        return cls(keys, get, tuple([type(state[k]) for k in read]), len(state), tuples, tensors)
 
     def read(self, module: torch.nn.Module) -> tuple:
         state = module.__dict__
@@ -117,14 +119,16 @@ class ValueReader(NamedTuple):
             except KeyError:
                 pass
             else:
-                if tuple(map(type, values)) == self.value_types and (
-                        self.tuples is None or _scalars(itertools.chain.from_iterable(self.tuples(values)))):
-                    if not self.tensors:
-                        return values
-                    values = list(values)
-                    for i in self.tensors:
-                        values[i] = _tensor_state(values[i])
-                    return tuple(values)
+                if tuple(map(type, values)) == self.types:
+                    if len(values) != len(self.keys):
+                        values = values[:len(self.keys)]
+                    if self.tuples is None or _scalars(itertools.chain.from_iterable(self.tuples(values))):
+                        if not self.tensors:
+                            return values
+                        values = list(values)
+                        for i in self.tensors:
+                            values[i] = _tensor_state(values[i])
+                        return tuple(values)
         pairs = _scalar_values(state)
         if tuple([k for k, _ in pairs]) == self.keys:
             return tuple([v for _, v in pairs])
