@@ -56,19 +56,17 @@ def _state(value: object, depth: int = 2) -> object:
     return ...
 
 
-
 def _scalars(items: Iterable) -> bool:
     return all(map(SCALAR_TYPES.__contains__, map(type, items)))
 
 
 def _scalar_values(state: dict) -> tuple:
-    """The numbers, strings and flags in a module's `__dict__`, its tuples of them (a convolution's padding
-    and dilation, which ScaleCrafter-style high-resolution sampling re-dilates), its functions (by identity:
-    a resnet's `upsample` lambda) and its tensors that are no parameter or buffer (by `_tensor_state`), as
-    (name, value) in the order it set them. Exact types and no
-    lists, unlike `_state` (a list would need a copy, an int subclass may compare in ways of its own); and
-    no None: `disable_freeu()` leaves `s1 = None` where `getattr(block, "s1", None)` is read, which is the
-    same as never having set it."""
+    """The numbers, strings and flags in a module's `__dict__`, its tuples of them (a convolution's padding and
+    dilation, which ScaleCrafter-style high-resolution sampling re-dilates), its functions (by identity: a
+    resnet's `upsample` lambda) and its tensors that are no parameter or buffer (by `_tensor_state`), as (name,
+    value) in the order it set them. Exact types and no lists, unlike `_state` (a list would need a copy, an int
+    subclass may compare in ways of its own); and no None: `disable_freeu()` leaves `s1 = None` where
+    `getattr(block, "s1", None)` is read, which is the same as never having set it."""
     pairs = []
     for k, v in state.items():
         if type(v) in SCALAR_TYPES or type(v) is tuple and _scalars(v):
