@@ -118,8 +118,7 @@ class ValueReader(NamedTuple):
                 pass
             else:
                 if tuple(map(type, values)) == self.types:
-                    if len(values) != len(self.keys):
-                        values = values[:len(self.keys)]
+                    values = values[:len(self.keys)]  # the tracked ones (the whole tuple, uncopied, if all are)
                     if self.tuples is None or _scalars(itertools.chain.from_iterable(self.tuples(values))):
                         if not self.tensors:
                             return values

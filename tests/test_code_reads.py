@@ -7,11 +7,8 @@ import types
 
 import torch
 import torch.nn.functional as F
-from conftest import make_unet, unet_inputs
-from test_runtime import optimized_fn, sample, scheduler
+from test_module_values import tiny_runtime
 
-import frdiff_compile
-from frdiff_compile import FRDiffConfig
 from frdiff_compile.code_reads import CodeReads
 
 
@@ -110,11 +107,7 @@ def test_rebinding_a_global_the_unet_calls_rebuilds_and_rebinding_it_back_reuses
     test's 4 steps, silently). A scaled SDPA stands in for it; then a diffusers module function, patched."""
     import diffusers.models.embeddings as embeddings
 
-    unet = make_unet("sd15", layers_per_block=1)
-    cond = unet_inputs("sd15")
-    fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=1))
-    stock = lambda: sample(lambda i, n, x, t: unet(x, t, **cond).sample, scheduler("sd15"), 4)  # noqa: E731
-    run = lambda: sample(optimized_fn(fr, cond), scheduler("sd15"), 4)  # noqa: E731
+    _, fr, stock, run = tiny_runtime()
     before = run()
     assert run().equal(before) and fr.stats.captures == 1, "nothing the runtime or diffusers does rebinds them"
 

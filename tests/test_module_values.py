@@ -12,10 +12,11 @@ import frdiff_compile
 from frdiff_compile import FRDiffConfig
 
 
-def _fixture(**config):
+def tiny_runtime():
+    """A one-layer SD 1.5 UNet, its runtime at M=1, and 4-step trajectories of the stock UNet and the runtime."""
     unet = make_unet("sd15", layers_per_block=1)  # one layer per block: these tests capture again and again
     cond = unet_inputs("sd15")
-    fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=1, **config))  # M=1: exactly the UNet
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=1))  # M=1: exactly the UNet
     stock = lambda: sample(lambda i, n, x, t: unet(x, t, **cond).sample, scheduler("sd15"), 4)  # noqa: E731
     run = lambda: sample(optimized_fn(fr, cond), scheduler("sd15"), 4)  # noqa: E731
     return unet, fr, stock, run
@@ -28,7 +29,7 @@ def test_module_values_and_swapped_or_patched_classes_rebuild(monkeypatch):
     and a class's own code, patched."""
     from diffusers.models.attention import BasicTransformerBlock
 
-    unet, fr, stock, run = _fixture()
+    unet, fr, stock, run = tiny_runtime()
     before = run()
     unet.mid_block.attentions[0].transformer_blocks[0].attn1.rescale_output_factor = 2.0  # SDPA reads it
     assert torch.equal(run(), stock()) and not torch.equal(before, stock()) and fr.stats.captures == 2
@@ -83,7 +84,7 @@ def test_tensors_and_functions_kept_as_attributes_rebuild_when_replaced(monkeypa
         def __call__(self, *args, **kwargs):
             return super().__call__(*args, **kwargs) * self.gain
 
-    unet, fr, stock, run = _fixture()
+    unet, fr, stock, run = tiny_runtime()
     unet.set_attn_processor({name: Gain(torch.ones(2, 1, 1)) for name in unet.attn_processors})
     before = run()
     assert torch.equal(before, stock()) and fr.stats.captures == 1
