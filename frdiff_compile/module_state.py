@@ -29,6 +29,8 @@ Invariants:
       (seamless tiling), their `dilation` and `padding` (ScaleCrafter re-dilates them), an Attention
       module's `rescale_output_factor`, FreeU's factors on the up blocks (`enable_freeu` / `disable_freeu`),
       the training flags, a chunked feed-forward's `_chunk_size`.
+    - Every diffusers module's config (`config_state`): the UNet's forward reads `self.config.X` as Python
+      values (`center_input_sample`), which `register_to_config` or an attribute set on the config changes.
     - Every module's class: patches that swap it (tomesd's token merging sets `module.__class__`) change
       what the module computes with no parameter, processor or hook changed. And the classes' code: the
       functions, properties and class methods each class of a module or processor defines (or inherits,
@@ -59,7 +61,7 @@ from typing import NamedTuple
 import torch
 
 from .code_reads import CodeReads, GlobalValues
-from .module_values import ValueReader, adapter_state, processor_state
+from .module_values import ValueReader, adapter_state, config_state, processor_state
 
 _CODE_TYPES = (types.FunctionType, property, classmethod, staticmethod)
 
@@ -77,6 +79,7 @@ class Fingerprint(NamedTuple):
     processors: tuple
     adapters: tuple
     values: tuple  # every module's plain values, in the walk's order
+    configs: tuple  # the configs of the modules that keep one (diffusers' ConfigMixin), in the walk's order
     hooks: tuple[str, ...]  # "<module class>: <hook>" for every forward hook on the UNet's modules
     classes: tuple[type, ...]  # every module's class, in the walk's order
     code: tuple  # (class, its functions) for the classes of the modules and processors, and their bases
@@ -86,7 +89,8 @@ class Fingerprint(NamedTuple):
     def settings(self) -> tuple:
         """All but the parameters' identities: state that can change and change back (FreeU off and on,
         adapters switched, processors restored) with graphs built under each setting valid again."""
-        return (self.processors, self.adapters, self.values, self.hooks, self.classes, self.code, self.globals)
+        return (self.processors, self.adapters, self.values, self.configs, self.hooks, self.classes, self.code,
+                self.globals)
 
 
 def _hook_name(hook: object) -> str:
@@ -165,9 +169,11 @@ def module_snapshot(unet: torch.nn.Module, reads: CodeReads | None = None) -> tu
     took the median of five runs from 1.47 to 1.81 ms (SD 1.5) and from 4.3 to 5.0 ms (SDXL), 2026-11-27.
     Checking the types of the attributes a class's first module leaves untracked (so that its None cannot
     hide another module's value) took it from 1.84 to 1.95 ms (SD 1.5) and 3.9 to 4.0 ms (SDXL; three runs
-    each, alternated).
+    each, alternated). Reading the configs of the UNet and its Transformer2DModels (17 in SD 1.5, 465
+    values) took it from 1.92-1.93 to 2.07-2.15 ms (SD 1.5; medians of five runs, two runs alternated).
     """
-    params, processors, adapters, values, hooks, addresses, classes, code = [], [], [], [], [], [], [], []
+    params, processors, adapters, values, configs, hooks, addresses, classes = [], [], [], [], [], [], [], []
+    code: list = []
     # What each module is, asked of its class (hasattr on an instance falls into nn.Module.__getattr__,
     # slow when it misses) and once per class: a missing class attribute still costs a walk of the MRO and
     # a caught AttributeError, which ~700 modules would pay again at every generation.
@@ -194,6 +200,9 @@ def module_snapshot(unet: torch.nn.Module, reads: CodeReads | None = None) -> tu
             )
         has_processor, is_adapter, reader = known
         values.append(reader.read(module))
+        config = state.get("_internal_dict")
+        if config is not None:
+            configs.append(config_state(config))
         if has_processor:  # the processor object, and the values it keeps (an IP-Adapter's `scale`)
             processor = module.processor
             processors.append((processor, processor_state(processor)))
@@ -205,8 +214,9 @@ def module_snapshot(unet: torch.nn.Module, reads: CodeReads | None = None) -> tu
                 or "_diffusers_hook" in state:
             hooks.extend(_hooks(module))
     hooks += _global_hooks()
-    fingerprint = Fingerprint(tuple(params), tuple(processors), tuple(adapters), tuple(values), tuple(hooks),
-                              tuple(classes), tuple(code), (reads if reads is not None else CodeReads()).read(code))
+    fingerprint = Fingerprint(tuple(params), tuple(processors), tuple(adapters), tuple(values), tuple(configs),
+                              tuple(hooks), tuple(classes), tuple(code),
+                              (reads if reads is not None else CodeReads()).read(code))
     return fingerprint, tuple(addresses)
 
 

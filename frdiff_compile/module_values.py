@@ -132,6 +132,20 @@ class ValueReader(NamedTuple):
         return pairs
 
 
+def config_state(config: dict) -> tuple:
+    """A diffusers module's config (`ConfigMixin._internal_dict`, a `FrozenDict`) by `_state`, three levels deep
+    (`transformer_layers_per_block` may be a tuple of tuples). The forward reads some of it as Python values
+    (`self.config.center_input_sample`, `addition_embed_type`), so a changed value must rebuild, and a value
+    set back finds the graphs built under it.
+
+    Its attributes, not its items: the forward reads `config.name`, an attribute, and FrozenDict's freeze
+    never engages (it asks `hasattr(self, "__frozen")` of a mangled name), so `unet.config.name = value`
+    sets the attribute alone. Diffusers' IP-Adapter loader does so (`encoder_hid_dim_type`), and so would a
+    user; `register_to_config` makes a new dict, whose attributes mirror its items.
+    """
+    return _state(vars(config), 3)
+
+
 def processor_state(processor: object) -> tuple:
     """The values an attention processor keeps, by `_state`: an IP-Adapter's `scale`, a custom processor's
     mask tensors (a new one set between generations was served the old graphs, silently). A processor that

@@ -122,3 +122,19 @@ def test_tensors_and_functions_kept_as_attributes_rebuild_when_replaced(monkeypa
         assert torch.equal(run(), stock())
         block.mask = None
     assert fr.stats.captures == 9
+
+
+def test_config_values_the_forward_reads_rebuild():
+    """`UNet2DConditionModel.forward` reads `self.config.center_input_sample` as a Python value: a config
+    changed by `register_to_config` (a new dict; through the runtime too) or by an attribute set on it (as
+    diffusers' IP-Adapter loader sets `encoder_hid_dim_type`) was served the old graphs, 21 off stock."""
+    unet, fr, stock, run = tiny_runtime()
+    plain = run()
+    fr.register_to_config(center_input_sample=True)  # the runtime passes it to the UNet
+    assert unet.config.center_input_sample
+    centered = stock()
+    assert torch.equal(run(), centered) and not torch.equal(centered, plain) and fr.stats.captures == 2
+    unet.register_to_config(center_input_sample=False)
+    assert torch.equal(run(), plain) and fr.stats.captures == 2, "back to the first config: its graphs"
+    unet.config.center_input_sample = True  # an attribute of the config dict alone, which the forward reads
+    assert torch.equal(run(), centered) and fr.stats.captures == 2, "the same values as the second config"
