@@ -36,30 +36,19 @@ from pathlib import Path
 import torch
 from torch import fx
 
+from .module_state import fp32_precision_owner, numerics_settings
+
 logger = logging.getLogger(__name__)
 
-JOB_VERSION = 1
+JOB_VERSION = 2
 # The worker's command line (`python -c`, so the module is imported once, by its own name).
 _WORKER = "import sys; from frdiff_compile.background_compile import worker_main; worker_main(sys.argv[1])"
-
-
-def _numerics_settings() -> dict:
-    """Process-wide flags that inductor's cache keys include and that a user may have set."""
-    return {
-        "deterministic": (torch.are_deterministic_algorithms_enabled(),
-                          torch.is_deterministic_algorithms_warn_only_enabled()),
-        "matmul_precision": torch.get_float32_matmul_precision(),
-        "cuda_matmul": (torch.backends.cuda.matmul.allow_tf32,
-                        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
-                        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction),
-        "cudnn_tf32": torch.backends.cudnn.allow_tf32,
-    }
 
 
 def _apply_numerics_settings(settings: dict) -> None:
     # Only what differs is set: setting a flag to its default value can change how torch reports it
     # (`allow_tf32 = False` turns the default fp32 precision "none" into "ieee"), and so the cache key.
-    if settings["deterministic"] != _numerics_settings()["deterministic"]:
+    if settings["deterministic"] != numerics_settings()["deterministic"]:
         mode, warn_only = settings["deterministic"]
         torch.use_deterministic_algorithms(mode, warn_only=warn_only)
     if settings["matmul_precision"] != torch.get_float32_matmul_precision():
@@ -71,6 +60,10 @@ def _apply_numerics_settings(settings: dict) -> None:
             setattr(matmul, name, value)
     if torch.backends.cudnn.allow_tf32 != settings["cudnn_tf32"]:
         torch.backends.cudnn.allow_tf32 = settings["cudnn_tf32"]
+    for path, value in settings["fp32_precision"]:  # last: the flags above set these too, less finely
+        owner = fp32_precision_owner(path)
+        if owner is not None and owner.fp32_precision != value:
+            owner.fp32_precision = value
 
 
 def _describe(t: torch.Tensor) -> tuple:
@@ -188,7 +181,7 @@ def _job(gm: fx.GraphModule, args: tuple[torch.Tensor, ...], options: dict) -> b
         "options": options,
         "inductor_config": torch._inductor.config.save_config(),
         "functorch_config": torch._functorch.config.save_config(),
-        "numerics": _numerics_settings(),
+        "numerics": numerics_settings(),
     })
 
 

@@ -1,4 +1,5 @@
-"""What the captured graphs bake in from a UNet beyond its tensor values, as one comparable fingerprint.
+"""What the captured graphs bake in from a UNet beyond its tensor values (and from the process's numerics
+flags), as one comparable fingerprint.
 
 `FRDiffUNet` takes `module_snapshot(unet)` (the fingerprint, and the tensors' addresses) at every
 generation's start and never runs graphs built under another fingerprint, so no graph replays module
@@ -39,6 +40,9 @@ Invariants:
     - What that code finds under the module globals it looks up (`code_reads.py`): a rebound
       `F.scaled_dot_product_attention` or diffusers function. One level deep: a function such a global
       names is tracked by identity, but the globals it reads in turn are not.
+    - The process's numerics flags (`numerics_settings`: TF32 and each backend's fp32 precision,
+      reduced-precision reductions, deterministic algorithms), which the kernels a graph compiles or
+      captures keep.
     - Every PEFT adapter layer's state (LoRA scales, active, disabled and merged adapters), which
       `set_adapters`, `disable_adapters`, `fuse_lora` and the like change without touching a tensor. A
       scale that is a tensor (LoRA hotswap) counts by identity, since the graphs read it live, and by
@@ -74,6 +78,38 @@ def _add_code(kind: type, seen: set[type], code: list) -> None:
             seen.add(klass)
             code.append((klass, tuple([v for v in vars(klass).values() if isinstance(v, _CODE_TYPES)])))
 
+# Where torch keeps each backend's fp32 precision (torch 2.9 on; what a torch lacks is skipped). The legacy
+# flags are read from these, which hold more: `allow_tf32 = True` then `False` leaves "ieee" where it was
+# "none", and inductor's cache keys tell the two apart.
+_FP32_PRECISION_OWNERS = ("", "cuda.matmul", "cudnn", "cudnn.conv", "cudnn.rnn", "mkldnn", "mkldnn.matmul",
+                          "mkldnn.conv", "mkldnn.rnn")
+
+
+def fp32_precision_owner(path: str) -> object | None:
+    """The object under `torch.backends` at `path` ("" for `torch.backends` itself) if it has `fp32_precision`."""
+    owner: object = torch.backends
+    for part in filter(None, path.split(".")):
+        owner = getattr(owner, part, None)
+    return owner if hasattr(owner, "fp32_precision") else None
+
+
+def numerics_settings() -> dict:
+    """Process-wide flags that pick kernels and their precision when a graph is compiled or captured, and that
+    a user may set: inductor's cache keys include them, and a CUDA graph keeps the cuBLAS and cuDNN kernels
+    chosen under them at capture (dynamo's global-state guard recompiles on two: TF32 matmuls, determinism)."""
+    return {
+        "deterministic": (torch.are_deterministic_algorithms_enabled(),
+                          torch.is_deterministic_algorithms_warn_only_enabled()),
+        "matmul_precision": torch.get_float32_matmul_precision(),
+        "cuda_matmul": (torch.backends.cuda.matmul.allow_tf32,
+                        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
+                        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction),
+        "cudnn_tf32": torch.backends.cudnn.allow_tf32,
+        "fp32_precision": tuple([(path, owner.fp32_precision) for path in _FP32_PRECISION_OWNERS
+                                 if (owner := fp32_precision_owner(path)) is not None]),
+    }
+
+
 class Fingerprint(NamedTuple):
     parameters: tuple
     processors: tuple
@@ -84,13 +120,14 @@ class Fingerprint(NamedTuple):
     classes: tuple[type, ...]  # every module's class, in the walk's order
     code: tuple  # (class, its functions) for the classes of the modules and processors, and their bases
     globals: GlobalValues  # what those functions find under the module globals they look up (code_reads.py)
+    numerics: tuple  # `numerics_settings()`, as (name, value) pairs
 
     @property
     def settings(self) -> tuple:
         """All but the parameters' identities: state that can change and change back (FreeU off and on,
         adapters switched, processors restored) with graphs built under each setting valid again."""
         return (self.processors, self.adapters, self.values, self.configs, self.hooks, self.classes, self.code,
-                self.globals)
+                self.globals, self.numerics)
 
 
 def _hook_name(hook: object) -> str:
@@ -170,7 +207,8 @@ def module_snapshot(unet: torch.nn.Module, reads: CodeReads | None = None) -> tu
     Checking the types of the attributes a class's first module leaves untracked (so that its None cannot
     hide another module's value) took it from 1.84 to 1.95 ms (SD 1.5) and 3.9 to 4.0 ms (SDXL; three runs
     each, alternated). Reading the configs of the UNet and its Transformer2DModels (17 in SD 1.5, 465
-    values) took it from 1.92-1.93 to 2.07-2.15 ms (SD 1.5; medians of five runs, two runs alternated).
+    values) took it from 1.92-1.93 to 2.07-2.15 ms (SD 1.5; medians of five runs, two runs alternated), and
+    the numerics flags add 0.02 ms.
     """
     params, processors, adapters, values, configs, hooks, addresses, classes = [], [], [], [], [], [], [], []
     code: list = []
@@ -216,7 +254,8 @@ def module_snapshot(unet: torch.nn.Module, reads: CodeReads | None = None) -> tu
     hooks += _global_hooks()
     fingerprint = Fingerprint(tuple(params), tuple(processors), tuple(adapters), tuple(values), tuple(configs),
                               tuple(hooks), tuple(classes), tuple(code),
-                              (reads if reads is not None else CodeReads()).read(code))
+                              (reads if reads is not None else CodeReads()).read(code),
+                              tuple(numerics_settings().items()))
     return fingerprint, tuple(addresses)
 
 

@@ -8,8 +8,8 @@ Invariants:
 - A generation never reads a cache its own keyframe did not write (`GraphEntry.written_generation`); a new
   signature, a new generation or a module change (anything `module_state.module_fingerprint` sees:
   replaced parameters, processors, adapters, module values and configs, classes, their code and the
-  globals it reads) forces a keyframe or other graphs (those built under the new settings, if any were: a
-  switch back builds nothing).
+  globals it reads, numerics flags) forces a keyframe or other graphs (those built under the new settings,
+  if any were: a switch back builds nothing).
 - Parameters that move (`.to()`, model CPU offload, a swapped `.data`) never leave a graph reading old
   storage. Back in the layout (dtype, device, shape, stride) the graphs were built for, at new addresses,
   the graphs are kept and get new buffers and CUDA-graph captures (`stats.relinks`), with no export or
@@ -208,8 +208,8 @@ class FRDiffUNet(UNetWrapper):
                 self._drop_graphs()
             else:
                 logger.info("module settings changed (attention processors, adapters, module values or configs, "
-                            "classes, their code, the globals it reads or hooks): using graphs built under these "
-                            "settings, keeping the others for a switch back")
+                            "classes, their code, the globals it reads, hooks or numerics flags): using graphs "
+                            "built under these settings, keeping the others for a switch back")
             self._graphs.use_settings(fingerprint.settings)
             self._fingerprint = fingerprint
         self._check_placement(addresses)
