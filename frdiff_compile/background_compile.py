@@ -14,7 +14,7 @@ Invariants:
   code and reorders nodes, so the keys would differ), the parameters as metadata only (it allocates
   uninitialised tensors of the same size, stride, dtype and device: the caches key parameters by metadata,
   never by value), this process's inductor and functorch configs, and the process-wide numerics flags
-  the keys include (deterministic algorithms, TF32 and reduced-precision matmul settings).
+  that pick kernels (`numerics.py`: deterministic algorithms, TF32, fp32 precisions, SDPA's backends).
 - Nothing is left behind: the job folder is removed and a running worker killed once the compile here no
   longer needs it (`wait`, `cancel`, or the object collected).
 """
@@ -36,34 +36,13 @@ from pathlib import Path
 import torch
 from torch import fx
 
-from .module_state import fp32_precision_owner, numerics_settings
+from .numerics import apply_numerics_settings, numerics_settings
 
 logger = logging.getLogger(__name__)
 
 JOB_VERSION = 2
 # The worker's command line (`python -c`, so the module is imported once, by its own name).
 _WORKER = "import sys; from frdiff_compile.background_compile import worker_main; worker_main(sys.argv[1])"
-
-
-def _apply_numerics_settings(settings: dict) -> None:
-    # Only what differs is set: setting a flag to its default value can change how torch reports it
-    # (`allow_tf32 = False` turns the default fp32 precision "none" into "ieee"), and so the cache key.
-    if settings["deterministic"] != numerics_settings()["deterministic"]:
-        mode, warn_only = settings["deterministic"]
-        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
-    if settings["matmul_precision"] != torch.get_float32_matmul_precision():
-        torch.set_float32_matmul_precision(settings["matmul_precision"])
-    matmul = torch.backends.cuda.matmul
-    for name, value in zip(("allow_tf32", "allow_fp16_reduced_precision_reduction",
-                            "allow_bf16_reduced_precision_reduction"), settings["cuda_matmul"]):
-        if getattr(matmul, name) != value:
-            setattr(matmul, name, value)
-    if torch.backends.cudnn.allow_tf32 != settings["cudnn_tf32"]:
-        torch.backends.cudnn.allow_tf32 = settings["cudnn_tf32"]
-    for path, value in settings["fp32_precision"]:  # last: the flags above set these too, less finely
-        owner = fp32_precision_owner(path)
-        if owner is not None and owner.fp32_precision != value:
-            owner.fp32_precision = value
 
 
 def _describe(t: torch.Tensor) -> tuple:
@@ -201,7 +180,7 @@ def _run_job(path: str) -> None:
         raise SystemExit(f"job format {job['version']}, this worker reads {JOB_VERSION}")
     torch._inductor.config.load_config(job["inductor_config"])
     torch._functorch.config.load_config(job["functorch_config"])
-    _apply_numerics_settings(job["numerics"])
+    apply_numerics_settings(job["numerics"])
     gm = GraphPickler.loads(job["graph"], FakeTensorMode(shape_env=ShapeEnv()))
     _replace_parameters(gm, lambda parameter: _materialize(_describe(parameter)))
     args = tuple(_materialize(d) for d in job["args"])

@@ -40,9 +40,9 @@ Invariants:
     - What that code finds under the module globals it looks up (`code_reads.py`): a rebound
       `F.scaled_dot_product_attention` or diffusers function. One level deep: a function such a global
       names is tracked by identity, but the globals it reads in turn are not.
-    - The process's numerics flags (`numerics_settings`: TF32 and each backend's fp32 precision,
-      reduced-precision reductions, deterministic algorithms), which the kernels a graph compiles or
-      captures keep.
+    - The process's numerics flags (`numerics.numerics_settings`: TF32 and each backend's fp32 precision,
+      reduced-precision reductions, deterministic algorithms, SDPA's backends), which the kernels a graph
+      compiles or captures keep.
     - Every PEFT adapter layer's state (LoRA scales, active, disabled and merged adapters), which
       `set_adapters`, `disable_adapters`, `fuse_lora` and the like change without touching a tensor. A
       scale that is a tensor (LoRA hotswap) counts by identity, since the graphs read it live, and by
@@ -66,6 +66,7 @@ import torch
 
 from .code_reads import CodeReads, GlobalValues
 from .module_values import ValueReader, adapter_state, config_state, processor_state
+from .numerics import numerics_settings
 
 _CODE_TYPES = (types.FunctionType, property, classmethod, staticmethod)
 
@@ -77,38 +78,6 @@ def _add_code(kind: type, seen: set[type], code: list) -> None:
         if klass not in seen:
             seen.add(klass)
             code.append((klass, tuple([v for v in vars(klass).values() if isinstance(v, _CODE_TYPES)])))
-
-# Where torch keeps each backend's fp32 precision (torch 2.9 on; what a torch lacks is skipped). The legacy
-# flags are read from these, which hold more: `allow_tf32 = True` then `False` leaves "ieee" where it was
-# "none", and inductor's cache keys tell the two apart.
-_FP32_PRECISION_OWNERS = ("", "cuda.matmul", "cudnn", "cudnn.conv", "cudnn.rnn", "mkldnn", "mkldnn.matmul",
-                          "mkldnn.conv", "mkldnn.rnn")
-
-
-def fp32_precision_owner(path: str) -> object | None:
-    """The object under `torch.backends` at `path` ("" for `torch.backends` itself) if it has `fp32_precision`."""
-    owner: object = torch.backends
-    for part in filter(None, path.split(".")):
-        owner = getattr(owner, part, None)
-    return owner if hasattr(owner, "fp32_precision") else None
-
-
-def numerics_settings() -> dict:
-    """Process-wide flags that pick kernels and their precision when a graph is compiled or captured, and that
-    a user may set: inductor's cache keys include them, and a CUDA graph keeps the cuBLAS and cuDNN kernels
-    chosen under them at capture (dynamo's global-state guard recompiles on two: TF32 matmuls, determinism)."""
-    return {
-        "deterministic": (torch.are_deterministic_algorithms_enabled(),
-                          torch.is_deterministic_algorithms_warn_only_enabled()),
-        "matmul_precision": torch.get_float32_matmul_precision(),
-        "cuda_matmul": (torch.backends.cuda.matmul.allow_tf32,
-                        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
-                        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction),
-        "cudnn_tf32": torch.backends.cudnn.allow_tf32,
-        "fp32_precision": tuple([(path, owner.fp32_precision) for path in _FP32_PRECISION_OWNERS
-                                 if (owner := fp32_precision_owner(path)) is not None]),
-    }
-
 
 class Fingerprint(NamedTuple):
     parameters: tuple

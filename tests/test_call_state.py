@@ -68,24 +68,15 @@ def test_a_call_that_needs_gradients_runs_the_eager_unet():
     assert fr.stats.eager_calls == 2 and fr.stats.captures == 0, fr.stats
 
 
-def _set_numerics(settings: dict) -> None:
-    """Put back flags `numerics_settings()` read, each backend's fp32 precision last (the legacy TF32 flags set it
-    too, less finely: `allow_tf32 = False` leaves "ieee" where the default is "none")."""
-    from frdiff_compile.module_state import fp32_precision_owner
-
-    torch.use_deterministic_algorithms(settings["deterministic"][0], warn_only=settings["deterministic"][1])
-    torch.backends.cuda.matmul.allow_tf32 = settings["cuda_matmul"][0]
-    for path, value in settings["fp32_precision"]:
-        fp32_precision_owner(path).fp32_precision = value
-
-
 def test_numerics_flags_set_between_generations_get_their_own_graphs():
-    # Kernels compiled or captured under one set of TF32, reduced-precision and determinism flags keep them:
-    # a CUDA graph replays the cuBLAS kernel picked at capture. Set between generations, the flags select
-    # graphs built under them; set back, the first graphs.
+    # Kernels compiled or captured under one set of TF32, determinism and attention-backend flags keep them:
+    # a CUDA graph replays the cuBLAS kernel picked at capture, and inductor picks the SDPA kernel when it
+    # compiles (a graph compiled under the defaults called the CPU flash kernel inside sdpa_kernel(MATH) too).
+    # Set between generations, the flags select graphs built under them; set back, the first graphs.
     from test_module_values import tiny_runtime
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from frdiff_compile.module_state import numerics_settings
+    from frdiff_compile.numerics import apply_numerics_settings, numerics_settings
 
     unet, fr, stock, run = tiny_runtime()
     first = numerics_settings()
@@ -95,8 +86,11 @@ def test_numerics_flags_set_between_generations_get_their_own_graphs():
         assert torch.equal(run(), stock()) and fr.stats.captures == 2
         torch.use_deterministic_algorithms(True, warn_only=True)
         assert torch.equal(run(), stock()) and fr.stats.captures == 3
-        _set_numerics(first)
+        apply_numerics_settings(first)
         assert numerics_settings() == first
         assert torch.equal(run(), stock()) and fr.stats.captures == 3, "back to the first flags: their graphs"
+        with sdpa_kernel(SDPBackend.MATH):  # around a whole generation, as around a pipeline call
+            assert torch.equal(run(), stock()) and fr.stats.captures == 4
+        assert torch.equal(run(), stock()) and fr.stats.captures == 4
     finally:
-        _set_numerics(first)
+        apply_numerics_settings(first)

@@ -1,0 +1,99 @@
+"""The process-wide numerics flags a compiled or captured graph keeps: read them, and set them elsewhere.
+
+A graph compiled by inductor picks its kernels under these flags (its cache keys include most of them), and
+a CUDA graph replays the cuBLAS, cuDNN and attention kernels picked under them at capture; eager torch reads
+them at every call. So `module_state.Fingerprint` includes `numerics_settings()`, and a generation after a
+user changed one (TF32 off for precision, `sdpa_kernel(SDPBackend.MATH)` around a call) runs graphs built
+under the new flags, as eager would; the background compile worker sets the parent's (`apply_numerics_settings`).
+
+Invariants:
+- Reading costs host calls only (about 20 µs on one CPU core), never a device sync.
+- What a torch version lacks is skipped when read and when set, so one job written by another torch
+  still applies what both have.
+- `apply_numerics_settings(numerics_settings())` changes nothing; only flags that differ are set, since
+  setting one to its default can change how torch reports it (`allow_tf32 = False` turns the fp32 precision
+  "none" into "ieee", which inductor's cache keys tell apart).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Where torch keeps each backend's fp32 precision (torch 2.9 on). The legacy TF32 flags are read from these,
+# which hold more: `allow_tf32 = True` then `False` leaves "ieee" where it was "none".
+_FP32_PRECISION_OWNERS = ("", "cuda.matmul", "cudnn", "cudnn.conv", "cudnn.rnn", "mkldnn", "mkldnn.matmul",
+                          "mkldnn.conv", "mkldnn.rnn")
+# Scaled-dot-product attention's backend switches (getter, setter under torch.backends.cuda), which
+# `torch.nn.attention.sdpa_kernel` sets too: inductor picks the attention kernel under them when it compiles
+# (on CPU too: a graph compiled under the defaults gave the same output inside `sdpa_kernel(MATH)`, where
+# the stock UNet's moved by 1.9e-5).
+_SDPA_SWITCHES = (
+    ("flash_sdp_enabled", "enable_flash_sdp"),
+    ("mem_efficient_sdp_enabled", "enable_mem_efficient_sdp"),
+    ("math_sdp_enabled", "enable_math_sdp"),
+    ("cudnn_sdp_enabled", "enable_cudnn_sdp"),
+    ("fp16_bf16_reduction_math_sdp_allowed", "allow_fp16_bf16_reduction_math_sdp"),
+)
+
+
+def fp32_precision_owner(path: str) -> object | None:
+    """The object under `torch.backends` at `path` ("" for `torch.backends` itself) if it has `fp32_precision`."""
+    owner: object = torch.backends
+    for part in filter(None, path.split(".")):
+        owner = getattr(owner, part, None)
+    return owner if hasattr(owner, "fp32_precision") else None
+
+
+def _sdpa_settings() -> tuple:
+    cuda = torch.backends.cuda
+    found: list = [(getter, getattr(cuda, getter)()) for getter, _ in _SDPA_SWITCHES if hasattr(cuda, getter)]
+    priority = getattr(torch._C, "_get_sdp_priority_order", None)  # sdpa_kernel(..., set_priority=True)
+    if priority is not None:
+        found.append(("priority", tuple(priority())))
+    return tuple(found)
+
+
+def numerics_settings() -> dict:
+    """Process-wide flags that pick kernels and their precision when a graph is compiled or captured, and that
+    a user may set (dynamo's global-state guard recompiles on two of them: TF32 matmuls, determinism)."""
+    return {
+        "deterministic": (torch.are_deterministic_algorithms_enabled(),
+                          torch.is_deterministic_algorithms_warn_only_enabled()),
+        "matmul_precision": torch.get_float32_matmul_precision(),
+        "cuda_matmul": (torch.backends.cuda.matmul.allow_tf32,
+                        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
+                        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction),
+        "cudnn_tf32": torch.backends.cudnn.allow_tf32,
+        "fp32_precision": tuple([(path, owner.fp32_precision) for path in _FP32_PRECISION_OWNERS
+                                 if (owner := fp32_precision_owner(path)) is not None]),
+        "sdpa": _sdpa_settings(),
+    }
+
+
+def apply_numerics_settings(settings: dict) -> None:
+    """Set the flags `settings` (a `numerics_settings()`) holds where they differ from this process's."""
+    current = numerics_settings()
+    if settings["deterministic"] != current["deterministic"]:
+        mode, warn_only = settings["deterministic"]
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+    if settings["matmul_precision"] != torch.get_float32_matmul_precision():
+        torch.set_float32_matmul_precision(settings["matmul_precision"])
+    matmul = torch.backends.cuda.matmul
+    for name, value in zip(("allow_tf32", "allow_fp16_reduced_precision_reduction",
+                            "allow_bf16_reduced_precision_reduction"), settings["cuda_matmul"]):
+        if getattr(matmul, name) != value:
+            setattr(matmul, name, value)
+    if torch.backends.cudnn.allow_tf32 != settings["cudnn_tf32"]:
+        torch.backends.cudnn.allow_tf32 = settings["cudnn_tf32"]
+    for path, value in settings["fp32_precision"]:  # after the TF32 flags, which set these less finely
+        owner = fp32_precision_owner(path)
+        if owner is not None and owner.fp32_precision != value:
+            owner.fp32_precision = value
+    setters = dict(_SDPA_SWITCHES)
+    now = dict(current["sdpa"])
+    for name, value in settings["sdpa"]:
+        if name in now and now[name] != value:
+            if name == "priority":
+                torch._C._set_sdp_priority_order(list(value))
+            else:
+                getattr(torch.backends.cuda, setters[name])(value)
