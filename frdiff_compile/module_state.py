@@ -41,8 +41,8 @@ Invariants:
       `F.scaled_dot_product_attention` or diffusers function. One level deep: a function such a global
       names is tracked by identity, but the globals it reads in turn are not.
     - The process's numerics flags (`numerics.numerics_settings`: TF32 and each backend's fp32 precision,
-      reduced-precision reductions, deterministic algorithms, SDPA's backends), which the kernels a graph
-      compiles or captures keep.
+      reduced-precision reductions, deterministic algorithms, cuDNN's switches, SDPA's backends), which the
+      kernels a graph compiles or captures keep.
     - Every PEFT adapter layer's state (LoRA scales, active, disabled and merged adapters), which
       `set_adapters`, `disable_adapters`, `fuse_lora` and the like change without touching a tensor. A
       scale that is a tensor (LoRA hotswap) counts by identity, since the graphs read it live, and by

@@ -64,6 +64,9 @@ def numerics_settings() -> dict:
                         torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
                         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction),
         "cudnn_tf32": torch.backends.cudnn.allow_tf32,
+        # cuDNN off (for debugging) or deterministic (for reproducible images): a captured convolution keeps
+        # the cuDNN algorithm picked at capture.
+        "cudnn": (torch.backends.cudnn.enabled, torch.backends.cudnn.deterministic),
         "fp32_precision": tuple([(path, owner.fp32_precision) for path in _FP32_PRECISION_OWNERS
                                  if (owner := fp32_precision_owner(path)) is not None]),
         "sdpa": _sdpa_settings(),
@@ -85,6 +88,8 @@ def apply_numerics_settings(settings: dict) -> None:
             setattr(matmul, name, value)
     if torch.backends.cudnn.allow_tf32 != settings["cudnn_tf32"]:
         torch.backends.cudnn.allow_tf32 = settings["cudnn_tf32"]
+    if settings["cudnn"] != current["cudnn"]:
+        torch.backends.cudnn.enabled, torch.backends.cudnn.deterministic = settings["cudnn"]
     for path, value in settings["fp32_precision"]:  # after the TF32 flags, which set these less finely
         owner = fp32_precision_owner(path)
         if owner is not None and owner.fp32_precision != value:

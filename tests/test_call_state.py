@@ -85,6 +85,7 @@ def test_numerics_flags_set_between_generations_get_their_own_graphs():
         torch.backends.cuda.matmul.allow_tf32 = not torch.backends.cuda.matmul.allow_tf32
         assert torch.equal(run(), stock()) and fr.stats.captures == 2
         torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
         assert torch.equal(run(), stock()) and fr.stats.captures == 3
         apply_numerics_settings(first)
         assert numerics_settings() == first
