@@ -13,8 +13,9 @@ Invariants:
 - The worker gets the graph through torch's `GraphPickler`, node for node (a plain pickle re-traces the
   code and reorders nodes, so the keys would differ), the parameters as metadata only (it allocates
   uninitialised tensors of the same size, stride, dtype and device: the caches key parameters by metadata,
-  never by value), this process's inductor and functorch configs, and the process-wide numerics flags
-  that pick kernels (`numerics.py`: deterministic algorithms, TF32, fp32 precisions, SDPA's backends).
+  never by value), this process's inductor and functorch configs, the process-wide numerics flags that
+  pick kernels (`numerics.py`: deterministic algorithms, TF32, fp32 precisions, SDPA's backends), and its
+  thread count, for which CPU kernels are generated.
 - Nothing is left behind: the job folder is removed and a running worker killed once the compile here no
   longer needs it (`wait`, `cancel`, or the object collected).
 """
@@ -161,6 +162,8 @@ def _job(gm: fx.GraphModule, args: tuple[torch.Tensor, ...], options: dict) -> b
         "inductor_config": torch._inductor.config.save_config(),
         "functorch_config": torch._functorch.config.save_config(),
         "numerics": numerics_settings(),
+        # Inductor's CPU kernels are generated for this many threads, so the cache keys differ with it.
+        "threads": torch.get_num_threads(),
     })
 
 
@@ -181,6 +184,7 @@ def _run_job(path: str) -> None:
     torch._inductor.config.load_config(job["inductor_config"])
     torch._functorch.config.load_config(job["functorch_config"])
     apply_numerics_settings(job["numerics"])
+    torch.set_num_threads(job["threads"])
     gm = GraphPickler.loads(job["graph"], FakeTensorMode(shape_env=ShapeEnv()))
     _replace_parameters(gm, lambda parameter: _materialize(_describe(parameter)))
     args = tuple(_materialize(d) for d in job["args"])

@@ -6,6 +6,7 @@ The time it saves is `benchmarks/bench_compile.py --variants default,background`
 """
 
 import logging
+import os
 import sys
 import tempfile
 
@@ -39,7 +40,17 @@ def cache_events() -> dict:
     return {k: v for k, v in {**counters["inductor"], **counters["aot_autograd"]}.items() if "cache" in k}
 
 
-def test_the_worker_compiles_the_reuse_graph_into_the_caches(empty_caches, caplog):
+@pytest.fixture
+def threads_not_the_default():
+    """A thread count a new process would not start with: CPU kernels are generated for it (the worker must
+    take it from the job, or its cache keys differ)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if (os.cpu_count() or 1) > 1 else 2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_the_worker_compiles_the_reuse_graph_into_the_caches(empty_caches, threads_not_the_default, caplog):
     # One cross-attention block (both cache kinds): CPU inductor compiles both graphs while the worker runs.
     unet = make_unet("sd15", layers_per_block=1, block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
                      up_block_types=("CrossAttnUpBlock2D",))
