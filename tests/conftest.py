@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 
 # Under pytest-xdist (the README's test command runs two workers) each worker takes its share of the cores:
 # workers that each keep torch's default pool, a thread per core, oversubscribe the machine and their OpenMP
-# threads spin. On the 2-core CI machine the suite took 730 s so, 316 s with one thread each, 587 s serially.
+# threads spin. On the 2-core CI machine the suite took 730 s so, 283-285 s with one thread each, 587 s serially.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
