@@ -70,6 +70,11 @@ _UNTRACKED = (
 )
 
 
+def _hooks_reason(hooks: tuple[str, ...]) -> str:
+    return (f"forward hooks are attached to the UNet's modules ({describe_hooks(hooks)}), which its graphs cannot "
+            "run (sequential or group offload, layerwise casting, caching hooks, torch's register_forward_hook)")
+
+
 @dataclasses.dataclass
 class _Generation:
     number: int
@@ -199,7 +204,10 @@ class FRDiffUNet(UNetWrapper):
             self.reset()
         logger.info("frdiff_compile.reconfigure: %s", config)
 
-    def _start_generation(self, num_steps: int) -> None:
+    def _use_current_settings(self) -> tuple:
+        """Snapshot the module state and switch to the graphs built under it: at a generation's start, and
+        before `prepare` builds graphs (which must be filed under the settings they are built under). The
+        forward hooks found, which no graph runs."""
         fingerprint, addresses = module_snapshot(self.unet, self._code_reads)
         if fingerprint != self._fingerprint:
             if fingerprint.parameters != self._fingerprint.parameters:
@@ -213,6 +221,10 @@ class FRDiffUNet(UNetWrapper):
             self._graphs.use_settings(fingerprint.settings)
             self._fingerprint = fingerprint
         self._check_placement(addresses)
+        return fingerprint.hooks
+
+    def _start_generation(self, num_steps: int) -> None:
+        hooks = self._use_current_settings()
         number = self._generation.number + 1
         try:
             schedule = build_schedule(num_steps, self.frdiff_config)
@@ -221,11 +233,8 @@ class FRDiffUNet(UNetWrapper):
         self._generation = _Generation(number, schedule)
         self.stats.generations += 1
         logger.debug("generation %d: %s", number, schedule)
-        if fingerprint.hooks:
-            self._fall_back(f"forward hooks are attached to the UNet's modules ({describe_hooks(fingerprint.hooks)}),"
-                            " which its graphs cannot run (sequential or group offload, layerwise casting, caching "
-                            "hooks, torch's register_forward_hook); the graphs serve calls again once they are "
-                            "removed")
+        if hooks:
+            self._fall_back(_hooks_reason(hooks) + "; the graphs serve calls again once they are removed")
 
     def _fall_back(self, reason: str) -> None:
         if self._generation.eager_reason is None:
@@ -284,7 +293,8 @@ class FRDiffUNet(UNetWrapper):
         """Build the graph pair for calls shaped like this one, without running a step.
 
         Returns the entry and the call's flat input tensors, for warm-ups and benchmarks that time the
-        keyframe and reuse graphs on their own. Raises `RuntimeError` if such calls cannot be captured.
+        keyframe and reuse graphs on their own; built under the settings of this moment, as a generation
+        starting now would build them. Raises `RuntimeError` if such calls cannot be captured.
         """
         arguments = self._bind(args, kwargs)
         arguments.pop("return_dict", None)
@@ -293,6 +303,9 @@ class FRDiffUNet(UNetWrapper):
         except UnsupportedCall as exc:
             raise RuntimeError(f"calls with argument {exc} run the eager UNet; there is no graph to prepare") from None
         with self._lock:
+            hooks = self._use_current_settings()
+            if hooks:
+                raise RuntimeError(_hooks_reason(hooks) + "; remove them before preparing graphs")
             entry = self._entry(layout, tensors)
         if isinstance(entry, str):
             raise RuntimeError(entry)

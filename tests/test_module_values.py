@@ -4,6 +4,7 @@ processor or module keeps outside its parameters and buffers. Changing any after
 changing it back reuse the graphs built before); changing a tensor in place must be read live, never rebuilt.
 """
 
+import pytest
 import torch
 from conftest import make_unet, unet_inputs
 from test_runtime import optimized_fn, sample, scheduler
@@ -138,3 +139,18 @@ def test_config_values_the_forward_reads_rebuild():
     assert torch.equal(run(), plain) and fr.stats.captures == 2, "back to the first config: its graphs"
     unet.config.center_input_sample = True  # an attribute of the config dict alone, which the forward reads
     assert torch.equal(run(), centered) and fr.stats.captures == 2, "the same values as the second config"
+
+
+def test_prepare_builds_under_the_settings_of_its_moment():
+    """`prepare` filed its graphs under the settings of the last generation (or of `optimize`): graphs built
+    with FreeU on served a later generation with FreeU off, 10.8 off stock."""
+    unet, fr, stock, run = tiny_runtime()
+    unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    fr.prepare(torch.randn(2, 4, 8, 8), torch.tensor(999), **unet_inputs("sd15"))
+    assert torch.equal(run(), stock()) and fr.stats.captures == 1, "the prepared graphs serve the generation"
+    unet.disable_freeu()
+    assert torch.equal(run(), stock()) and fr.stats.captures == 2
+    handle = unet.mid_block.register_forward_hook(lambda module, args, out: out)
+    with pytest.raises(RuntimeError, match="forward hooks"):
+        fr.prepare(torch.randn(2, 4, 8, 8), torch.tensor(999), **unet_inputs("sd15"))
+    handle.remove()
