@@ -142,6 +142,12 @@ def describe_hooks(hooks: tuple[str, ...]) -> str:
     return ", ".join(hooks[:3]) + (f" and {len(hooks) - 3} more" if len(hooks) > 3 else "")
 
 
+def hooks_reason(hooks: tuple[str, ...]) -> str:
+    """Why no graph serves calls while `hooks` (`Fingerprint.hooks`) are attached, for a message."""
+    return (f"forward hooks are attached to the UNet's modules ({describe_hooks(hooks)}), which its graphs cannot "
+            "run (sequential or group offload, layerwise casting, caching hooks, torch's register_forward_hook)")
+
+
 def _walk(unet: torch.nn.Module) -> list[torch.nn.Module]:
     """Every module of `unet` once, breadth first: what `unet.modules()` yields, in another order.
 

@@ -9,7 +9,7 @@ Invariants:
   signature, a new generation or a module change (anything `module_state.module_fingerprint` sees:
   replaced parameters, processors, adapters, module values and configs, classes, their code and the
   globals it reads, numerics flags) forces a keyframe or other graphs (those built under the new settings,
-  if any were: a switch back builds nothing).
+  if any were: a switch back builds nothing). Graphs are only built under the settings they are filed under.
 - Parameters that move (`.to()`, model CPU offload, a swapped `.data`) never leave a graph reading old
   storage. Back in the layout (dtype, device, shape, stride) the graphs were built for, at new addresses,
   the graphs are kept and get new buffers and CUDA-graph captures (`stats.relinks`), with no export or
@@ -40,7 +40,7 @@ from .config import FRDiffConfig
 from .cudagraphs import Backend, SharedPool
 from .graph_cache import GraphEntry, RuntimeStats
 from .graph_lru import GraphLRU
-from .module_state import describe_hooks, module_fingerprint, module_snapshot, tensor_addresses, tensor_placement
+from .module_state import hooks_reason, module_fingerprint, module_snapshot, tensor_addresses, tensor_placement
 from .passes import CallLayout, build_graphs, capture, plan_cache_points
 from .passes.capture import ArgumentBinder, UnsupportedCall
 from .policy import check_policy_fingerprint
@@ -63,16 +63,16 @@ _OPAQUE = (
     "runs it as it is, which fullgraph=True does not allow: drop fullgraph=True, or the torch.compile call, "
     "which adds nothing here"
 )
+# Graphs built now would trace the new state under the old settings, which a later generation would be served.
+_CHANGED_MID_GENERATION = (
+    "the UNet's module state changed during this generation (FreeU, a LoRA scale or an attention processor set "
+    "from a step callback, ...) and these inputs need new graphs; the next generation builds them"
+)
 _UNTRACKED = (
     "the step index cannot be told from this timestep (not a view into a schedule of two or more timesteps, "
     "such as scheduler.timesteps); a loop over plain timesteps calls unet.reset(num_inference_steps=N) first, "
     "and a one-step generation has nothing to reuse"
 )
-
-
-def _hooks_reason(hooks: tuple[str, ...]) -> str:
-    return (f"forward hooks are attached to the UNet's modules ({describe_hooks(hooks)}), which its graphs cannot "
-            "run (sequential or group offload, layerwise casting, caching hooks, torch's register_forward_hook)")
 
 
 @dataclasses.dataclass
@@ -234,7 +234,7 @@ class FRDiffUNet(UNetWrapper):
         self.stats.generations += 1
         logger.debug("generation %d: %s", number, schedule)
         if hooks:
-            self._fall_back(_hooks_reason(hooks) + "; the graphs serve calls again once they are removed")
+            self._fall_back(hooks_reason(hooks) + "; the graphs serve calls again once they are removed")
 
     def _fall_back(self, reason: str) -> None:
         if self._generation.eager_reason is None:
@@ -246,6 +246,8 @@ class FRDiffUNet(UNetWrapper):
         found = self._graphs.get(layout.signature)
         if found is not None:
             return found
+        if module_fingerprint(self.unet, self._code_reads) != self._fingerprint:  # 2 ms, before seconds of build
+            return _CHANGED_MID_GENERATION
         device = tensors[0].device
         compile_graphs, cuda_graphs = self.frdiff_config.resolve(device.type)  # raises here, not as a fallback
         backend = self.graph_backend_override or ("cuda" if cuda_graphs else None)
@@ -305,7 +307,7 @@ class FRDiffUNet(UNetWrapper):
         with self._lock:
             hooks = self._use_current_settings()
             if hooks:
-                raise RuntimeError(_hooks_reason(hooks) + "; remove them before preparing graphs")
+                raise RuntimeError(hooks_reason(hooks) + "; remove them before preparing graphs")
             entry = self._entry(layout, tensors)
         if isinstance(entry, str):
             raise RuntimeError(entry)

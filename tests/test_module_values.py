@@ -154,3 +154,23 @@ def test_prepare_builds_under_the_settings_of_its_moment():
     with pytest.raises(RuntimeError, match="forward hooks"):
         fr.prepare(torch.randn(2, 4, 8, 8), torch.tensor(999), **unet_inputs("sd15"))
     handle.remove()
+
+
+def test_a_module_change_mid_generation_builds_no_graphs_under_the_old_settings():
+    """Inputs that need new graphs after a step callback changed the module state: the graphs traced the new
+    state and were filed under the settings the generation started with, so a later generation under those
+    (FreeU off, batch 1) was served FreeU's graphs, 7.7 off stock. Such steps now run the eager UNet."""
+    unet, fr, stock, run = tiny_runtime()
+    cond = unet_inputs("sd15")
+    half = {k: v[:1] for k, v in cond.items()}
+
+    def freeu_as_the_batch_halves(i, n, x, t):
+        if i == 2:
+            unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+        return fr(x, t, **cond).sample if i < 2 else fr(x[:1], t, **half).sample.repeat(2, 1, 1, 1)
+
+    with pytest.warns(UserWarning, match="module state changed during this generation"):
+        sample(freeu_as_the_batch_halves, scheduler("sd15"), 4)
+    unet.disable_freeu()
+    one = lambda model: sample(lambda i, n, x, t: model(x, t, **half).sample, scheduler("sd15"), 4, batch=1)  # noqa: E731
+    assert torch.equal(one(fr), one(unet)) and fr.stats.captures == 2
