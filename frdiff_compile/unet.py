@@ -204,7 +204,7 @@ class FRDiffUNet(UNetWrapper):
             self.reset()
         logger.info("frdiff_compile.reconfigure: %s", config)
 
-    def _use_current_settings(self) -> tuple:
+    def _use_current_settings(self) -> tuple[str, ...]:
         """Snapshot the module state and switch to the graphs built under it: at a generation's start, and
         before `prepare` builds graphs (which must be filed under the settings they are built under). The
         forward hooks found, which no graph runs."""
