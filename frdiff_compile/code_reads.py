@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import types
 
-SCALAR_TYPES = frozenset({bool, int, float, str})  # compared by value, here and in module_state.py
+SCALAR_TYPES = frozenset({bool, int, float, str})  # compared by value, here and in module_values.py
 _MISSING = object()
 
 
