@@ -33,9 +33,10 @@ from torch._subclasses import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from .background_compile import BackgroundCompile
-from .config import inductor_mode_options
+from .config import FRDiffConfig, inductor_mode_options
 from .cudagraphs import Backend, CaptureError, SharedPool, StaticGraph
-from .passes import BuildReport, Plan
+from .passes import BuildReport, CallLayout, Plan, build_graphs, capture, plan_cache_points
+from .passes.capture import UnsupportedCall
 from .warn import warn
 
 logger = logging.getLogger(__name__)
@@ -315,3 +316,52 @@ class GraphEntry:
 
     def run_skip(self) -> torch.Tensor:
         return self.keyframe_out.clone()
+
+    def builds_at_next_run(self, full: bool) -> bool:
+        """Whether the next keyframe (`full`) or reuse run compiles or CUDA-graph-captures its graph: the graph
+        then keeps the kernels that the numerics flags of that moment pick."""
+        fn, static = (self.keyframe, self.static_keyframe) if full else (self.reuse, self.static_reuse)
+        return (isinstance(fn, _Compiled) and fn.fn is None) or (static is not None and not static.captured)
+
+
+def build_entry(
+    unet: torch.nn.Module,
+    layout: CallLayout,
+    tensors: list[torch.Tensor],
+    config: FRDiffConfig,
+    stats: RuntimeStats,
+    backend_override: Backend | None,
+    pool: SharedPool,
+) -> GraphEntry | str:
+    """The graph pair for calls laid out as `layout`, or why the UNet could not be captured for them.
+
+    Export and the graph passes run here; compilation and CUDA-graph capture wait for each graph's first run.
+    `FRDiffConfig.resolve`'s error for settings the device cannot take is raised, not returned.
+    """
+    device = tensors[0].device
+    compile_graphs, cuda_graphs = config.resolve(device.type)
+    backend = backend_override or ("cuda" if cuda_graphs else None)
+    start = time.perf_counter()
+    try:
+        captured = capture(unet, layout, tensors)
+        plan = plan_cache_points(captured.graph_module, unet, captured.module_prefix)
+        pair = build_graphs(captured.graph_module, plan)
+        out = captured.graph_module.graph.find_nodes(op="output")[0].args[0].meta["val"]
+        entry: GraphEntry | str = GraphEntry.create(pair.keyframe, pair.reuse, plan, pair.report, out, device,
+                                                    compile_graphs, config.compile_mode, stats, backend, pool)
+        stats.captures += 1
+    except UnsupportedCall as exc:  # refused by a check, not a failure: the reason says it all
+        entry = f"the UNet could not be captured for {layout.describe()}: {exc}"
+        stats.capture_failures += 1
+    except Exception as exc:  # noqa: BLE001 - any export failure must become a clear eager fallback
+        logger.exception("capture failed for %s", layout.describe())
+        entry = f"the UNet could not be captured for {layout.describe()} ({type(exc).__name__}: {exc})"
+        stats.capture_failures += 1
+    elapsed = time.perf_counter() - start
+    stats.build_seconds += elapsed
+    if isinstance(entry, GraphEntry):
+        entry.build_seconds = elapsed
+        logger.info("built graph pair for %s in %.1f s\n%s\n%s", layout.describe(), elapsed, entry.plan, entry.report)
+        if config.background_compile:  # before the keyframe graph compiles, at its first run
+            entry.compile_reuse_in_background(tensors)
+    return entry

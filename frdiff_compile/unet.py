@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-import time
 from typing import Any
 
 import torch
@@ -38,10 +37,11 @@ from .code_reads import CodeReads
 from .concurrency import StreamOrder
 from .config import FRDiffConfig
 from .cudagraphs import Backend, SharedPool
-from .graph_cache import GraphEntry, RuntimeStats
+from .graph_cache import GraphEntry, RuntimeStats, build_entry
 from .graph_lru import GraphLRU
 from .module_state import hooks_reason, module_fingerprint, module_snapshot, tensor_addresses, tensor_placement
-from .passes import CallLayout, build_graphs, capture, plan_cache_points
+from .numerics import numerics_settings
+from .passes import CallLayout
 from .passes.capture import ArgumentBinder, UnsupportedCall
 from .policy import check_policy_fingerprint
 from .schedule import Schedule, StepKind, build_schedule
@@ -67,6 +67,12 @@ _OPAQUE = (
 _CHANGED_MID_GENERATION = (
     "the UNet's module state changed during this generation (FreeU, a LoRA scale or an attention processor set "
     "from a step callback, ...) and these inputs need new graphs; the next generation builds them"
+)
+# A graph compiles or is captured at its first run, the reuse graph a step or more after the keyframe's: it
+# keeps the kernels the flags of that moment pick, and later generations under the old flags would run them.
+_FLAGS_CHANGED_MID_GENERATION = (
+    "numerics flags (TF32, determinism, cuDNN, attention backends) changed during this generation before one of "
+    "its graphs was compiled or captured at its first run; the next generation builds graphs under its own flags"
 )
 _UNTRACKED = (
     "the step index cannot be told from this timestep (not a view into a schedule of two or more timesteps, "
@@ -248,35 +254,8 @@ class FRDiffUNet(UNetWrapper):
             return found
         if module_fingerprint(self.unet, self._code_reads) != self._fingerprint:  # 2 ms, before seconds of build
             return _CHANGED_MID_GENERATION
-        device = tensors[0].device
-        compile_graphs, cuda_graphs = self.frdiff_config.resolve(device.type)  # raises here, not as a fallback
-        backend = self.graph_backend_override or ("cuda" if cuda_graphs else None)
-        start = time.perf_counter()
-        try:
-            captured = capture(self.unet, layout, tensors)
-            plan = plan_cache_points(captured.graph_module, self.unet, captured.module_prefix)
-            pair = build_graphs(captured.graph_module, plan)
-            out = captured.graph_module.graph.find_nodes(op="output")[0].args[0].meta["val"]
-            entry: GraphEntry | str = GraphEntry.create(
-                pair.keyframe, pair.reuse, plan, pair.report, out, device, compile_graphs,
-                self.frdiff_config.compile_mode, self.stats, backend, self._pool,
-            )
-            self.stats.captures += 1
-        except UnsupportedCall as exc:  # refused by a check, not a failure: the reason says it all
-            entry = f"the UNet could not be captured for {layout.describe()}: {exc}"
-            self.stats.capture_failures += 1
-        except Exception as exc:  # noqa: BLE001 - any export failure must become a clear eager fallback
-            logger.exception("capture failed for %s", layout.describe())
-            entry = f"the UNet could not be captured for {layout.describe()} ({type(exc).__name__}: {exc})"
-            self.stats.capture_failures += 1
-        elapsed = time.perf_counter() - start
-        self.stats.build_seconds += elapsed
-        if isinstance(entry, GraphEntry):
-            entry.build_seconds = elapsed
-            logger.info("built graph pair for %s in %.1f s\n%s\n%s", layout.describe(), elapsed, entry.plan,
-                        entry.report)
-            if self.frdiff_config.background_compile:  # before the keyframe graph compiles, at its first run
-                entry.compile_reuse_in_background(tensors)
+        entry = build_entry(self.unet, layout, tensors, self.frdiff_config, self.stats,
+                            self.graph_backend_override, self._pool)
         if self._graphs.put(layout.signature, entry) and isinstance(entry, GraphEntry):
             self._evicted_rebuild(layout, entry)
         return entry
@@ -378,7 +357,7 @@ class FRDiffUNet(UNetWrapper):
         if self.stats.resumed_generations == 1:  # once per runtime: a server would otherwise warn every step
             warn(logger, _INTERLEAVED)
 
-    def _run(self, entry: GraphEntry, tensors: list[torch.Tensor], index: int) -> torch.Tensor:
+    def _run(self, entry: GraphEntry, tensors: list[torch.Tensor], index: int) -> torch.Tensor | None:
         self._streams.follow(entry.device)
         generation = self._generation
         schedule: Schedule = generation.schedule  # type: ignore[assignment]  # set with the generation
@@ -388,6 +367,10 @@ class FRDiffUNet(UNetWrapper):
             logger.debug("step %d: %s forced to full (no cache from this generation)", index, kind.value)
             self.stats.forced_keyframes += 1
             kind = StepKind.FULL
+        if (kind is not StepKind.SKIP and entry.builds_at_next_run(kind is StepKind.FULL)
+                and tuple(numerics_settings().items()) != self._fingerprint.numerics):  # 20 µs, before a compile
+            self._fall_back(_FLAGS_CHANGED_MID_GENERATION)
+            return None
         logger.debug("step %d/%d: %s (lambda=%.3f)", index, schedule.num_steps, kind.value, schedule.weights[index])
         if kind is StepKind.FULL:
             self.stats.full_calls += 1

@@ -95,3 +95,39 @@ def test_numerics_flags_set_between_generations_get_their_own_graphs():
         assert torch.equal(run(), stock()) and fr.stats.captures == 4
     finally:
         apply_numerics_settings(first)
+
+
+
+@pytest.mark.parametrize("builds", ["compile", "cuda_graphs"])
+def test_numerics_flags_set_mid_generation_build_no_graph_under_the_old_flags(builds):
+    # The reuse graph compiles, or is captured as a CUDA graph, at its first run, a step after the keyframe's.
+    # A step callback that turned TF32 convolutions off in between had it built under the new flags and filed
+    # under the generation's starting ones: later generations under those would replay the cuDNN kernels
+    # picked without TF32. Such a graph is not built then; the rest of the generation runs the eager UNet.
+    # (Which kernel gets picked shows on a GPU only; here the test checks when graphs are built.)
+    from frdiff_compile.numerics import apply_numerics_settings, numerics_settings
+
+    unet = make_unet("sd15", layers_per_block=1)
+    cond = unet_inputs("sd15")
+    config = FRDiffConfig(keyframe_interval=2, score_mixing=False, compile=builds == "compile")
+    fr, fresh = frdiff_compile.optimize(unet, config), frdiff_compile.optimize(unet, config)
+    if builds == "cuda_graphs":  # CUDA graphs' capture-at-first-run discipline, on the CPU
+        fr.graph_backend_override = fresh.graph_backend_override = "emulate"
+    built = lambda: fr.stats.compiles if builds == "compile" else fr.stats.cudagraph_captures  # noqa: E731
+    first = numerics_settings()
+
+    def tf32_convolutions_off_after_the_keyframe(i, n, x, t):
+        out = fr(x, t, **cond).sample
+        torch.backends.cudnn.allow_tf32 = i != 0
+        return out
+
+    try:
+        with pytest.warns(UserWarning, match="numerics flags .* changed during this generation"):
+            sample(tf32_convolutions_off_after_the_keyframe, scheduler("sd15"), 4)
+        assert built() == 1 and fr.stats.eager_calls == 3, fr.stats
+        apply_numerics_settings(first)  # (`allow_tf32 = True` alone leaves fp32 precisions unlike the defaults)
+        got = sample(optimized_fn(fr, cond), scheduler("sd15"), 4)
+        assert torch.equal(got, sample(optimized_fn(fresh, cond), scheduler("sd15"), 4))
+        assert built() == 2 and fr.stats.reuse_calls == 2 and fr.stats.eager_calls == 3, fr.stats
+    finally:
+        apply_numerics_settings(first)
