@@ -9,7 +9,8 @@ Invariants:
   signature, a new generation or a module change (anything `module_state.module_fingerprint` sees:
   replaced parameters, processors, adapters, module values and configs, classes, their code and the
   globals it reads, numerics flags) forces a keyframe or other graphs (those built under the new settings,
-  if any were: a switch back builds nothing). Graphs are only built under the settings they are filed under.
+  if any were: a switch back builds nothing). Graphs are only built, compiled and captured under the
+  settings they are filed under.
 - Parameters that move (`.to()`, model CPU offload, a swapped `.data`) never leave a graph reading old
   storage. Back in the layout (dtype, device, shape, stride) the graphs were built for, at new addresses,
   the graphs are kept and get new buffers and CUDA-graph captures (`stats.relinks`), with no export or
