@@ -41,7 +41,7 @@ from .numerics import apply_numerics_settings, numerics_settings
 
 logger = logging.getLogger(__name__)
 
-JOB_VERSION = 2
+JOB_VERSION = 3  # 3: numerics settings hold the cuBLAS flags by name
 # The worker's command line (`python -c`, so the module is imported once, by its own name).
 _WORKER = "import sys; from frdiff_compile.background_compile import worker_main; worker_main(sys.argv[1])"
 

@@ -183,7 +183,7 @@ def module_snapshot(unet: torch.nn.Module, reads: CodeReads | None = None) -> tu
     hide another module's value) took it from 1.84 to 1.95 ms (SD 1.5) and 3.9 to 4.0 ms (SDXL; three runs
     each, alternated). Reading the configs of the UNet and its Transformer2DModels (17 in SD 1.5, 465
     values) took it from 1.92-1.93 to 2.07-2.15 ms (SD 1.5; medians of five runs, two runs alternated), and
-    the numerics flags add 0.02 ms.
+    the numerics flags add 0.03 ms.
     """
     params, processors, adapters, values, configs, hooks, addresses, classes = [], [], [], [], [], [], [], []
     code: list = []

@@ -3,11 +3,12 @@
 A graph compiled by inductor picks its kernels under these flags (its cache keys include most of them), and
 a CUDA graph replays the cuBLAS, cuDNN and attention kernels picked under them at capture; eager torch reads
 them at every call. So `module_state.Fingerprint` includes `numerics_settings()`, and a generation after a
-user changed one (TF32 off for precision, `sdpa_kernel(SDPBackend.MATH)` around a call) runs graphs built
-under the new flags, as eager would; the background compile worker sets the parent's (`apply_numerics_settings`).
+user changed one (TF32 off for precision, fp16 accumulation or cuDNN benchmarking on for speed,
+`sdpa_kernel(SDPBackend.MATH)` around a call) runs graphs built under the new flags, as eager would; the
+background compile worker sets the parent's (`apply_numerics_settings`).
 
 Invariants:
-- Reading costs host calls only (about 20 µs on one CPU core), never a device sync.
+- Reading costs host calls only (about 30 µs on one CPU core), never a device sync.
 - What a torch version lacks is skipped when read and when set, so one job written by another torch
   still applies what both have.
 - `apply_numerics_settings(numerics_settings())` changes nothing; only flags that differ are set, since
@@ -36,6 +37,20 @@ _SDPA_SWITCHES = (
 )
 
 
+# cuBLAS flags under torch.backends.cuda.matmul that pick a matmul's precision (`fp32_precision` aside): a
+# flag a torch version lacks reads as missing and is skipped. fp16 accumulation (torch 2.7 on) trades
+# precision for speed as TF32 does; the split-K flags go with the reduced-precision reductions (2.9 on).
+_CUBLAS_FLAGS = ("allow_tf32", "allow_fp16_reduced_precision_reduction",
+                 "allow_fp16_reduced_precision_reduction_split_k", "allow_bf16_reduced_precision_reduction",
+                 "allow_bf16_reduced_precision_reduction_split_k", "allow_fp16_accumulation")
+
+
+def _blas_library() -> str | None:
+    """The preferred BLAS library's name (cuBLAS or cuBLASLt; CK on ROCm), which a CUDA graph keeps."""
+    preferred = getattr(torch.backends.cuda, "preferred_blas_library", None)
+    return None if preferred is None else preferred().name
+
+
 def fp32_precision_owner(path: str) -> object | None:
     """The object under `torch.backends` at `path` ("" for `torch.backends` itself) if it has `fp32_precision`."""
     owner: object = torch.backends
@@ -60,13 +75,13 @@ def numerics_settings() -> dict:
         "deterministic": (torch.are_deterministic_algorithms_enabled(),
                           torch.is_deterministic_algorithms_warn_only_enabled()),
         "matmul_precision": torch.get_float32_matmul_precision(),
-        "cuda_matmul": (torch.backends.cuda.matmul.allow_tf32,
-                        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
-                        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction),
+        "cuda_matmul": tuple([(name, value) for name in _CUBLAS_FLAGS
+                              if (value := getattr(torch.backends.cuda.matmul, name, None)) is not None]),
+        "blas": _blas_library(),
         "cudnn_tf32": torch.backends.cudnn.allow_tf32,
-        # cuDNN off (for debugging) or deterministic (for reproducible images): a captured convolution keeps
-        # the cuDNN algorithm picked at capture.
-        "cudnn": (torch.backends.cudnn.enabled, torch.backends.cudnn.deterministic),
+        # cuDNN off (for debugging), deterministic (for reproducible images) or benchmarking (for speed): a
+        # captured convolution keeps the cuDNN algorithm picked at capture.
+        "cudnn": (torch.backends.cudnn.enabled, torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark),
         "fp32_precision": tuple([(path, owner.fp32_precision) for path in _FP32_PRECISION_OWNERS
                                  if (owner := fp32_precision_owner(path)) is not None]),
         "sdpa": _sdpa_settings(),
@@ -82,14 +97,21 @@ def apply_numerics_settings(settings: dict) -> None:
     if settings["matmul_precision"] != torch.get_float32_matmul_precision():
         torch.set_float32_matmul_precision(settings["matmul_precision"])
     matmul = torch.backends.cuda.matmul
-    for name, value in zip(("allow_tf32", "allow_fp16_reduced_precision_reduction",
-                            "allow_bf16_reduced_precision_reduction"), settings["cuda_matmul"]):
-        if getattr(matmul, name) != value:
-            setattr(matmul, name, value)
+    wanted, now = dict(settings["cuda_matmul"]), dict(current["cuda_matmul"])
+    for name in _CUBLAS_FLAGS:
+        split_k = f"{name}_split_k"
+        if name.endswith("_split_k") or name not in now or name not in wanted or (
+                now[name] == wanted[name] and now.get(split_k) == wanted.get(split_k)):
+            continue
+        # A reduced-precision reduction is set together with its split-K flag, as a pair.
+        setattr(matmul, name, (wanted[name], wanted[split_k]) if split_k in wanted and split_k in now else wanted[name])
+    if settings["blas"] is not None and settings["blas"] != current["blas"]:
+        torch.backends.cuda.preferred_blas_library(getattr(torch._C._BlasBackend, settings["blas"]))
     if torch.backends.cudnn.allow_tf32 != settings["cudnn_tf32"]:
         torch.backends.cudnn.allow_tf32 = settings["cudnn_tf32"]
     if settings["cudnn"] != current["cudnn"]:
-        torch.backends.cudnn.enabled, torch.backends.cudnn.deterministic = settings["cudnn"]
+        (torch.backends.cudnn.enabled, torch.backends.cudnn.deterministic,
+         torch.backends.cudnn.benchmark) = settings["cudnn"]
     for path, value in settings["fp32_precision"]:  # after the TF32 flags, which set these less finely
         owner = fp32_precision_owner(path)
         if owner is not None and owner.fp32_precision != value:

@@ -369,7 +369,7 @@ class FRDiffUNet(UNetWrapper):
             self.stats.forced_keyframes += 1
             kind = StepKind.FULL
         if (kind is not StepKind.SKIP and entry.builds_at_next_run(kind is StepKind.FULL)
-                and tuple(numerics_settings().items()) != self._fingerprint.numerics):  # 20 µs, before a compile
+                and tuple(numerics_settings().items()) != self._fingerprint.numerics):  # 30 µs, before a compile
             self._fall_back(_FLAGS_CHANGED_MID_GENERATION)
             return None
         logger.debug("step %d/%d: %s (lambda=%.3f)", index, schedule.num_steps, kind.value, schedule.weights[index])
