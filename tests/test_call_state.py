@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_unet, unet_inputs
+from conftest import make_unet, max_rel_error, unet_inputs
 from test_runtime import optimized_fn, sample, scheduler
 
 import frdiff_compile
@@ -132,5 +132,37 @@ def test_numerics_flags_set_mid_generation_build_no_graph_under_the_old_flags(bu
         got = sample(optimized_fn(fr, cond), scheduler("sd15"), 4)
         assert torch.equal(got, sample(optimized_fn(fresh, cond), scheduler("sd15"), 4))
         assert built() == 2 and fr.stats.reuse_calls == 2 and fr.stats.eager_calls == 3, fr.stats
+    finally:
+        apply_numerics_settings(first)
+
+
+@pytest.mark.gpu
+@pytest.mark.cpu_emulation
+def test_tf32_set_between_generations_is_captured_anew():
+    # A CUDA graph replays the cuBLAS and cuDNN kernels recorded at its capture: graphs captured with TF32
+    # off would go on computing in full fp32 after the user turned it on. The graphs captured under TF32
+    # must agree with the stock UNet under TF32 far better than those captured without it. (Emulated on
+    # the CPU, where TF32 changes nothing, only the captures are checked.)
+    from test_cuda_runtime import DEVICE, EMULATED, device_inputs, device_unet, trajectory
+
+    from frdiff_compile.numerics import apply_numerics_settings, numerics_settings
+
+    unet, cond = device_unet(torch.float32), device_inputs(torch.float32)
+    # M=1, no compile: every step replays the captured keyframe graph, whose kernels are the stock UNet's.
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=1, compile=False,
+                                                    cuda_graphs=None if EMULATED else True))
+    fr.graph_backend_override = "emulate" if EMULATED else None
+    first = numerics_settings()
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        full_fp32 = trajectory(fr, cond)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        tf32 = trajectory(fr, cond)
+        expected = trajectory(unet, cond)
+        assert fr.stats.captures == 2 and fr.stats.cudagraph_captures == 2, fr.stats
+        assert fr.stats.full_replays == fr.stats.full_calls and fr.stats.cudagraph_fallbacks == 0, fr.stats
+        if DEVICE == "cuda":
+            kept, anew = max_rel_error(full_fp32, expected), max_rel_error(tf32, expected)
+            assert kept > 0 and anew < kept / 10, f"TF32 graphs off stock by {anew:.2e}, fp32 ones by {kept:.2e}"
     finally:
         apply_numerics_settings(first)
