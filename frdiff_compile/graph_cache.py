@@ -127,8 +127,10 @@ class _Compiled:
     def __init__(self, gm: fx.GraphModule, mode: str | None, stats: RuntimeStats, kind: str = "keyframe") -> None:
         self.gm = gm
         self.kind = kind  # "keyframe" or "reuse": which share of the compile time this graph's goes to
-        self.mode = mode
-        self.options = inductor_mode_options(mode)  # validated by FRDiffConfig; imports inductor
+        # Never frozen, whatever `torch._inductor.config.freezing` says (users turn it on for CPU inference):
+        # freezing folds the parameters into constants of the compiled code, so in-place updates (a LoRA
+        # fuse, a hotswap) went unseen, 9.1 off stock, and moved parameters would be kept twice.
+        self.options = {**inductor_mode_options(mode), "freezing": False}  # mode validated by FRDiffConfig
         self.via_dynamo = bool(self.options.get("triton.cudagraphs"))
         self.stats = stats
         self.fn: Callable[..., torch.Tensor] | None = None
@@ -144,7 +146,8 @@ class _Compiled:
                 warn(logger, f"inductor could not compile a graph directly ({type(exc).__name__}: {exc}); "
                      "compiling it through torch.compile instead")
         # fullgraph: a graph break inside a graph of pure ATen ops would be a bug worth failing loudly on.
-        return torch.compile(self.gm, fullgraph=True, dynamic=False, mode=self.mode)
+        # The mode's options with freezing off: torch.compile takes a mode or options, not both.
+        return torch.compile(self.gm, fullgraph=True, dynamic=False, options=self.options)
 
     def _compile_directly(self, args: tuple[torch.Tensor, ...]) -> Callable[..., torch.Tensor]:
         return compile_with_inductor(self.gm, args, self.options)
