@@ -129,8 +129,10 @@ class _Compiled:
         self.kind = kind  # "keyframe" or "reuse": which share of the compile time this graph's goes to
         # Never frozen, whatever `torch._inductor.config.freezing` says (users turn it on for CPU inference):
         # freezing folds the parameters into constants of the compiled code, so in-place updates (a LoRA
-        # fuse, a hotswap) went unseen, 9.1 off stock, and moved parameters would be kept twice.
-        self.options = {**inductor_mode_options(mode), "freezing": False}  # mode validated by FRDiffConfig
+        # fuse, a hotswap) went unseen, 9.1 off stock, and moved parameters would be kept twice. Nor are
+        # inductor's own CUDA graphs on unless the mode asks for them: a global `triton.cudagraphs = True`
+        # would have the direct compile replay graphs inside the runtime's captures.
+        self.options = {"triton.cudagraphs": False, **inductor_mode_options(mode), "freezing": False}
         self.via_dynamo = bool(self.options.get("triton.cudagraphs"))
         self.stats = stats
         self.fn: Callable[..., torch.Tensor] | None = None

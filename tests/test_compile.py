@@ -58,19 +58,23 @@ class _Toy(torch.nn.Module):
         return torch.relu(x @ self.weight) + 1
 
 
-@pytest.mark.parametrize("freezing", [False, True], ids=["", "freezing-on"])
-def test_only_modes_with_inductor_cuda_graphs_go_through_dynamo_and_all_use_the_caches(freezing):
+@pytest.mark.parametrize("set_globally", [False, True], ids=["defaults", "freezing-and-cudagraphs-on"])
+def test_only_modes_with_inductor_cuda_graphs_go_through_dynamo_and_all_use_the_caches(set_globally):
     # With inductor's `freezing` on (set for CPU inference), graphs compiled under it had the parameters
-    # folded into constants: the in-place update below went unseen. The runtime's graphs never freeze.
+    # folded into constants: the in-place update below went unseen. The runtime's graphs never freeze, and
+    # use inductor's CUDA graphs only where the mode asks for them, whatever the global settings say.
     import torch._inductor.config
 
+    user_config = {"freezing": set_globally, "triton.cudagraphs": set_globally}
     gm = fx.symbolic_trace(_Toy())
     x = torch.randn(4, 8)
     for mode, dynamo_graphs in ((None, 0), ("max-autotune-no-cudagraphs", 0), ("reduce-overhead", 1)):
         stats = RuntimeStats()
-        compiled = _Compiled(gm, mode, stats)
+        with torch._inductor.config.patch(user_config):
+            compiled = _Compiled(gm, mode, stats)
+        assert compiled.options["triton.cudagraphs"] == (mode == "reduce-overhead"), compiled.options
         counters.clear()
-        with torch.no_grad(), torch._inductor.config.patch(freezing=freezing):
+        with torch.no_grad(), torch._inductor.config.patch(user_config):
             for _ in range(3):
                 torch.testing.assert_close(compiled(x), gm(x))
             gm.weight.mul_(2)  # parameters are read where they live, not baked in
