@@ -12,7 +12,9 @@ Invariants:
   private stream with thread-local capture errors, so other threads' CUDA work neither enters the graph
   nor fails while it is captured; the graphs of one runtime share one memory pool. Those warm-up runs and
   the capture run are real calls on the same inputs, so the buffers the keyframe graph writes hold this
-  step's values afterwards either way.
+  step's values afterwards either way. Capture and replay run on the inputs' device whichever device is
+  current, so a UNet on cuda:1 driven from a thread whose current device is cuda:0 is captured, not run
+  beside an empty capture.
 - Two backends: "cuda" (`torch.cuda.CUDAGraph`) and "emulate", which keeps the same buffer discipline on
   any device by re-running the function and copying into the static output, so the CPU test suite can
   check the copying and aliasing rules that a real replay depends on.
@@ -64,6 +66,7 @@ class StaticGraph:
         self._inputs: list[torch.Tensor] | None = None
         self._output: torch.Tensor | None = None
         self._graph: torch.cuda.CUDAGraph | None = None
+        self._device: torch.device | None = None  # where a CUDA graph was captured
 
     @property
     def captured(self) -> bool:
@@ -83,26 +86,35 @@ class StaticGraph:
             if self.backend == "emulate":
                 self._output = self.fn(*args)
                 return
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup):
-                    self.fn(*args)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            pool = self.pool.handle() if self.pool else None
-            # On the private side stream, not torch's default capture stream (one per process, so runtimes
-            # capturing in two threads would record into one another's graphs); "thread_local" because in
-            # "global" mode another thread's unsafe call during the capture (a scheduler step's host sync in
-            # another request) would fail there, while no other thread can queue work on this stream.
-            with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
-                self._output = self.fn(*args)
-            self._graph = graph
+            # On the tensors' device, whatever device is current: a UNet on cuda:1 called from a thread whose
+            # current device is cuda:0 (a server with a pipeline per GPU) would have its kernels launched on
+            # cuda:1's own stream, outside a capture made on cuda:0, and every replay of the empty graph would
+            # hand back the capture's output again. (Reasoned: one-GPU machines cannot show it.)
+            self._device = next(t.device for t in args if t.is_cuda)
+            with torch.cuda.device(self._device):
+                self._graph = self._capture_cuda(args)
             if self.pool is not None:
                 self.pool.add(self)
         except Exception as exc:  # noqa: BLE001 - any capture failure becomes the runtime's fallback
             self._inputs, self._output, self._graph = None, None, None
             raise CaptureError(f"{type(exc).__name__}: {exc}") from exc
+
+    def _capture_cuda(self, args: list[torch.Tensor]) -> torch.cuda.CUDAGraph:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self.fn(*args)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        pool = self.pool.handle() if self.pool else None
+        # On the private side stream, not torch's default capture stream (one per process, so runtimes
+        # capturing in two threads would record into one another's graphs); "thread_local" because in
+        # "global" mode another thread's unsafe call during the capture (a scheduler step's host sync in
+        # another request) would fail there, while no other thread can queue work on this stream.
+        with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
+            self._output = self.fn(*args)
+        return graph
 
     def __call__(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         if not self.captured:
@@ -111,7 +123,8 @@ class StaticGraph:
         else:
             self._load(tensors)
         if self._graph is not None:
-            self._graph.replay()
+            with torch.cuda.device(self._device):  # onto that device's current stream, as captured
+                self._graph.replay()
         elif self.replays:  # emulation: the capture call already produced this call's result
             with torch.no_grad():
                 self._output.copy_(self.fn(*self._inputs, *self.persistent))

@@ -22,6 +22,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -300,22 +301,30 @@ class GraphEntry:
         self.stats.cudagraph_captures += fresh
         return out
 
+    def _on_device(self) -> contextlib.AbstractContextManager:
+        # ATen kernels run on their tensors' device, but a Triton kernel launched outside inductor's code (the
+        # blend op in eager graphs) goes to the current device: a UNet on cuda:1 driven from a thread whose
+        # current device is cuda:0 must have cuda:1 current while its graphs run.
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
     @torch.no_grad()
     def run_full(self, tensors: list[torch.Tensor], generation: int) -> torch.Tensor:
-        out = self._replay(self.static_keyframe, tensors) if self.static_keyframe else None
-        if out is None:
-            out = self.keyframe(*tensors, *self.caches, self.keyframe_out)
-        else:
-            self.stats.full_replays += 1
+        with self._on_device():
+            out = self._replay(self.static_keyframe, tensors) if self.static_keyframe else None
+            if out is None:
+                out = self.keyframe(*tensors, *self.caches, self.keyframe_out)
+            else:
+                self.stats.full_replays += 1
         self.written_generation = generation
         return out
 
     @torch.no_grad()
     def run_reuse(self, tensors: list[torch.Tensor], weight: float) -> torch.Tensor:
         self.weight.fill_(weight)  # in place: same tensor every step, so no recompile, no sync, and replays see it
-        out = self._replay(self.static_reuse, tensors) if self.static_reuse else None
-        if out is None:
-            return self.reuse(*tensors, *self.caches, self.keyframe_out, self.weight)
+        with self._on_device():
+            out = self._replay(self.static_reuse, tensors) if self.static_reuse else None
+            if out is None:
+                return self.reuse(*tensors, *self.caches, self.keyframe_out, self.weight)
         self.stats.reuse_replays += 1
         return out
 

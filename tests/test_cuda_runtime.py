@@ -66,12 +66,12 @@ def eager_graphs(unet, **config):
 
 
 @torch.no_grad()
-def trajectory(fr, cond, steps=STEPS, batch=2, size=8, seed=0, keep=None):
+def trajectory(fr, cond, steps=STEPS, batch=2, size=8, seed=0, keep=None, device=DEVICE):
     """DDIM over scheduler.timesteps on the device (the timestep is a view, as pipelines pass it)."""
     sched = scheduler("sd15")
-    sched.set_timesteps(steps, device=DEVICE)
+    sched.set_timesteps(steps, device=device)
     dtype = next(iter(cond.values())).dtype
-    x = torch.randn(batch, 4, size, size, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
+    x = torch.randn(batch, 4, size, size, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
     for t in sched.timesteps:
         out = fr(x, t, **cond).sample
         if keep is not None:
@@ -315,6 +315,20 @@ def test_threads_on_their_own_streams_share_one_runtime(warm):
         err = max_rel_error(got[k].float(), expected)
         assert err < TOLERANCE[torch.float32], f"thread {k}, keyframes {mask}: relative error {err:.2e}"
     assert_nothing_new(fr, before)
+
+
+@cuda_only
+@pytest.mark.skipif(EMULATED or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_unet_on_another_gpu_than_the_current_one():
+    """A server with a pipeline per GPU drives cuda:1 from threads whose current device is cuda:0: captures
+    made on cuda:0 would hold none of the UNet's kernels, and every replay would return the capture's output."""
+    unet = make_unet("sd15", layers_per_block=1).to("cuda:1")
+    cond = {k: v.to("cuda:1") for k, v in unet_inputs("sd15").items()}
+    schedule = {"keyframe_interval": 2, "score_mixing": False}
+    got = trajectory(compiled(unet, **schedule), cond, device="cuda:1")
+    expected = trajectory(eager_graphs(unet, **schedule), cond, device="cuda:1")
+    assert torch.cuda.current_device() == 0
+    assert max_rel_error(got, expected) < TOLERANCE[torch.float32]
 
 
 @cuda_only
