@@ -141,6 +141,9 @@ class _Compiled:
         self.background: BackgroundCompile | None = None  # a worker compiling this graph into the caches
 
     def _compile(self, args: tuple[torch.Tensor, ...]) -> Callable[..., torch.Tensor]:
+        if torch._inductor.config.freezing:
+            logger.info("torch._inductor.config.freezing is on: the %s graph is compiled without it, since frozen "
+                        "graphs keep the parameter values of their compile", self.kind)
         if not self.via_dynamo:
             try:
                 return self._compile_directly(args)
