@@ -100,7 +100,6 @@ def test_numerics_flags_set_between_generations_get_their_own_graphs():
         apply_numerics_settings(first)
 
 
-
 @pytest.mark.parametrize("builds", ["compile", "cuda_graphs"])
 def test_numerics_flags_set_mid_generation_build_no_graph_under_the_old_flags(builds):
     # The reuse graph compiles, or is captured as a CUDA graph, at its first run, a step after the keyframe's.
