@@ -14,8 +14,8 @@ Invariants:
   code and reorders nodes, so the keys would differ), the parameters as metadata only (it allocates
   uninitialised tensors of the same size, stride, dtype and device: the caches key parameters by metadata,
   never by value), this process's inductor and functorch configs, the process-wide numerics flags that
-  pick kernels (`numerics.py`: deterministic algorithms, TF32, fp32 precisions, SDPA's backends), and its
-  thread count, for which CPU kernels are generated.
+  pick kernels (`numerics.py`: deterministic algorithms, TF32, fp32 precisions, cuBLAS's and cuDNN's
+  switches, SDPA's backends), and its thread count, for which CPU kernels are generated.
 - Nothing is left behind: the job folder is removed and a running worker killed once the compile here no
   longer needs it (`wait`, `cancel`, or the object collected).
 """

@@ -307,26 +307,27 @@ class GraphEntry:
     def _on_device(self) -> contextlib.AbstractContextManager:
         # ATen kernels run on their tensors' device, but a Triton kernel launched outside inductor's code (the
         # blend op in eager graphs) goes to the current device: a UNet on cuda:1 driven from a thread whose
-        # current device is cuda:0 must have cuda:1 current while its graphs run.
+        # current device is cuda:0 must have cuda:1 current while its graphs run. (A `StaticGraph` sees to
+        # its own capture and replay.)
         return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
     @torch.no_grad()
     def run_full(self, tensors: list[torch.Tensor], generation: int) -> torch.Tensor:
-        with self._on_device():
-            out = self._replay(self.static_keyframe, tensors) if self.static_keyframe else None
-            if out is None:
+        out = self._replay(self.static_keyframe, tensors) if self.static_keyframe else None
+        if out is None:
+            with self._on_device():
                 out = self.keyframe(*tensors, *self.caches, self.keyframe_out)
-            else:
-                self.stats.full_replays += 1
+        else:
+            self.stats.full_replays += 1
         self.written_generation = generation
         return out
 
     @torch.no_grad()
     def run_reuse(self, tensors: list[torch.Tensor], weight: float) -> torch.Tensor:
         self.weight.fill_(weight)  # in place: same tensor every step, so no recompile, no sync, and replays see it
-        with self._on_device():
-            out = self._replay(self.static_reuse, tensors) if self.static_reuse else None
-            if out is None:
+        out = self._replay(self.static_reuse, tensors) if self.static_reuse else None
+        if out is None:
+            with self._on_device():
                 return self.reuse(*tensors, *self.caches, self.keyframe_out, self.weight)
         self.stats.reuse_replays += 1
         return out

@@ -41,8 +41,8 @@ Invariants:
       `F.scaled_dot_product_attention` or diffusers function. One level deep: a function such a global
       names is tracked by identity, but the globals it reads in turn are not.
     - The process's numerics flags (`numerics.numerics_settings`: TF32 and each backend's fp32 precision,
-      reduced-precision reductions, deterministic algorithms, cuDNN's switches, SDPA's backends), which the
-      kernels a graph compiles or captures keep.
+      cuBLAS's reduced-precision and fp16-accumulation flags and preferred library, deterministic
+      algorithms, cuDNN's switches, SDPA's backends), which the kernels a graph compiles or captures keep.
     - Every PEFT adapter layer's state (LoRA scales, active, disabled and merged adapters), which
       `set_adapters`, `disable_adapters`, `fuse_lora` and the like change without touching a tensor. A
       scale that is a tensor (LoRA hotswap) counts by identity, since the graphs read it live, and by
@@ -66,7 +66,7 @@ import torch
 
 from .code_reads import CodeReads, GlobalValues
 from .module_values import ValueReader, adapter_state, config_state, processor_state
-from .numerics import numerics_settings
+from .numerics import numerics_key
 
 _CODE_TYPES = (types.FunctionType, property, classmethod, staticmethod)
 
@@ -89,7 +89,7 @@ class Fingerprint(NamedTuple):
     classes: tuple[type, ...]  # every module's class, in the walk's order
     code: tuple  # (class, its functions) for the classes of the modules and processors, and their bases
     globals: GlobalValues  # what those functions find under the module globals they look up (code_reads.py)
-    numerics: tuple  # `numerics_settings()`, as (name, value) pairs
+    numerics: tuple  # `numerics.numerics_key()`
 
     @property
     def settings(self) -> tuple:
@@ -230,7 +230,7 @@ def module_snapshot(unet: torch.nn.Module, reads: CodeReads | None = None) -> tu
     fingerprint = Fingerprint(tuple(params), tuple(processors), tuple(adapters), tuple(values), tuple(configs),
                               tuple(hooks), tuple(classes), tuple(code),
                               (reads if reads is not None else CodeReads()).read(code),
-                              tuple(numerics_settings().items()))
+                              numerics_key())
     return fingerprint, tuple(addresses)
 
 

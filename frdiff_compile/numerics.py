@@ -88,6 +88,11 @@ def numerics_settings() -> dict:
     }
 
 
+def numerics_key() -> tuple:
+    """`numerics_settings()` as (name, value) pairs: the form `module_state.Fingerprint.numerics` holds."""
+    return tuple(numerics_settings().items())
+
+
 def apply_numerics_settings(settings: dict) -> None:
     """Set the flags `settings` (a `numerics_settings()`) holds where they differ from this process's."""
     current = numerics_settings()

@@ -41,7 +41,7 @@ from .cudagraphs import Backend, SharedPool
 from .graph_cache import GraphEntry, RuntimeStats, build_entry
 from .graph_lru import GraphLRU
 from .module_state import hooks_reason, module_fingerprint, module_snapshot, tensor_addresses, tensor_placement
-from .numerics import numerics_settings
+from .numerics import numerics_key
 from .passes import CallLayout
 from .passes.capture import ArgumentBinder, UnsupportedCall
 from .policy import check_policy_fingerprint
@@ -369,7 +369,7 @@ class FRDiffUNet(UNetWrapper):
             self.stats.forced_keyframes += 1
             kind = StepKind.FULL
         if (kind is not StepKind.SKIP and entry.builds_at_next_run(kind is StepKind.FULL)
-                and tuple(numerics_settings().items()) != self._fingerprint.numerics):  # 30 µs, before a compile
+                and numerics_key() != self._fingerprint.numerics):  # 30 µs, before a compile or capture
             self._fall_back(_FLAGS_CHANGED_MID_GENERATION)
             return None
         logger.debug("step %d/%d: %s (lambda=%.3f)", index, schedule.num_steps, kind.value, schedule.weights[index])
