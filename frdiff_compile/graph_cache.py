@@ -7,8 +7,10 @@ Invariants:
   UNet's parameters move (`relink`) or leave the device, and when the module settings the pair was built
   under stop being current, and made again, empty, at the pair's next use (`graph_lru.GraphLRU.get`), so no
   released pair ever runs and device memory is held only by pairs of the current settings.
-- `written_generation` names the generation whose keyframe last filled the buffers (-1 after they are
-  made); the runtime runs a reuse or skip step only when it is the current one: no stale cache is read.
+- `written_generation` and `written_step` name the generation and step whose keyframe last filled the
+  buffers (-1 after they are made); the runtime runs a reuse or skip step only on buffers its own
+  generation's latest keyframe step filled (`holds`): no stale cache is read, neither another generation's
+  nor an older step's of this one (a signature that comes back mid-generation, e.g. CFG on in an interval).
 - What a step hands back is always a fresh tensor: the graphs' outputs are new (a CUDA-graph replay's
   static output is cloned), and a skip step returns a clone of the keyframe output, never the buffer the
   next keyframe overwrites.
@@ -211,6 +213,7 @@ class GraphEntry:
     static_keyframe: StaticGraph | None = None
     static_reuse: StaticGraph | None = None
     written_generation: int = -1
+    written_step: int = -1
     build_seconds: float = 0.0
 
     @classmethod
@@ -251,7 +254,7 @@ class GraphEntry:
                                                self.graph_backend, self.pool)
             self.static_reuse = StaticGraph(self.reuse, [*self.caches, self.keyframe_out, self.weight],
                                             self.graph_backend, self.pool)
-        self.written_generation = -1
+        self.written_generation = self.written_step = -1
 
     def compile_reuse_in_background(self, tensors: list[torch.Tensor]) -> None:
         """Have a worker process compile the reuse graph (for calls like `tensors`) while the keyframe graph
@@ -273,7 +276,7 @@ class GraphEntry:
         """
         self.caches, self.keyframe_out, self.weight = [], None, None
         self.static_keyframe = self.static_reuse = None
-        self.written_generation = -1
+        self.written_generation = self.written_step = -1
 
     def relink(self) -> bool:
         """Serve parameters that moved to new storage of the same layout; False if this pair cannot.
@@ -312,14 +315,14 @@ class GraphEntry:
         return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
     @torch.no_grad()
-    def run_full(self, tensors: list[torch.Tensor], generation: int) -> torch.Tensor:
+    def run_full(self, tensors: list[torch.Tensor], generation: int, step: int = 0) -> torch.Tensor:
         out = self._replay(self.static_keyframe, tensors) if self.static_keyframe else None
         if out is None:
             with self._on_device():
                 out = self.keyframe(*tensors, *self.caches, self.keyframe_out)
         else:
             self.stats.full_replays += 1
-        self.written_generation = generation
+        self.written_generation, self.written_step = generation, step
         return out
 
     @torch.no_grad()
@@ -334,6 +337,11 @@ class GraphEntry:
 
     def run_skip(self) -> torch.Tensor:
         return self.keyframe_out.clone()
+
+    def holds(self, generation: int, keyframe_step: int) -> bool:
+        """Whether the buffers hold what `generation`'s keyframe at `keyframe_step` (or a later forced one)
+        wrote: what a reuse or skip step after that keyframe may read."""
+        return self.written_generation == generation and self.written_step >= keyframe_step
 
     def builds_at_next_run(self, full: bool) -> bool:
         """Whether the next keyframe (`full`) or reuse run compiles or CUDA-graph-captures its graph: the graph

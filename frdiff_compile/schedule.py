@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from collections import Counter
 
 from .config import FRDiffConfig
@@ -51,6 +52,15 @@ class Schedule:
 
     kinds: tuple[StepKind, ...]
     weights: tuple[float, ...]
+
+    @functools.cached_property  # read at every step; a frozen dataclass's __dict__ still takes it
+    def last_keyframes(self) -> tuple[int, ...]:
+        """Per step, the index of the latest keyframe at or before it (step 0 is always one)."""
+        latest, out = 0, []
+        for step, kind in enumerate(self.kinds):
+            latest = step if kind is StepKind.FULL else latest
+            out.append(latest)
+        return tuple(out)
 
     @property
     def num_steps(self) -> int:

@@ -5,7 +5,7 @@ Invariants:
   `wrapper.UNetWrapper` gives them. A copy or a pickle is a new runtime with no graphs.
 - Every per-step decision (keyframe, reuse or skip; the blend weight) is made here on the host from the
   step position (`steps.StepTracker`) and the generation's `Schedule`; graphs only ever see tensors.
-- A generation never reads a cache its own keyframe did not write (`GraphEntry.written_generation`); a new
+- A step never reads a cache its generation's latest keyframe did not write (`GraphEntry.holds`); a new
   signature, a new generation or a module change (anything `module_state.module_fingerprint` sees:
   replaced parameters, processors, adapters, module values and configs, classes, their code and the
   globals it reads, numerics flags) forces a keyframe or other graphs (those built under the new settings,
@@ -363,9 +363,10 @@ class FRDiffUNet(UNetWrapper):
         generation = self._generation
         schedule: Schedule = generation.schedule  # type: ignore[assignment]  # set with the generation
         kind = schedule.kinds[index]
-        if kind is not StepKind.FULL and entry.written_generation != generation.number:
-            # First step of an img2img generation, or a new signature mid-generation: no cache to read yet.
-            logger.debug("step %d: %s forced to full (no cache from this generation)", index, kind.value)
+        if kind is not StepKind.FULL and not entry.holds(generation.number, schedule.last_keyframes[index]):
+            # First step of an img2img generation, or a signature new this generation or back in it after
+            # others' keyframes: no cache from the latest keyframe to read.
+            logger.debug("step %d: %s forced to full (no cache from the latest keyframe)", index, kind.value)
             self.stats.forced_keyframes += 1
             kind = StepKind.FULL
         if (kind is not StepKind.SKIP and entry.builds_at_next_run(kind is StepKind.FULL)
@@ -375,7 +376,7 @@ class FRDiffUNet(UNetWrapper):
         logger.debug("step %d/%d: %s (lambda=%.3f)", index, schedule.num_steps, kind.value, schedule.weights[index])
         if kind is StepKind.FULL:
             self.stats.full_calls += 1
-            return entry.run_full(tensors, generation.number)
+            return entry.run_full(tensors, generation.number, index)
         if kind is StepKind.REUSE:
             self.stats.reuse_calls += 1
             return entry.run_reuse(tensors, schedule.weights[index])

@@ -52,9 +52,11 @@ def test_schedule_without_mixing_and_with_mask():
     pure = build_schedule(10, FRDiffConfig(keyframe_interval=3, score_mixing=False))
     assert [k.value for k in pure.kinds] == ["full", "reuse", "reuse"] * 3 + ["full"]
     assert set(pure.weights) == {1.0}
+    assert pure.last_keyframes == (0, 0, 0, 3, 3, 3, 6, 6, 6, 9)
     mask = (True, False, False, True, True)
     masked = build_schedule(5, FRDiffConfig(keyframes=mask, score_mixing=False))
     assert [k is StepKind.FULL for k in masked.kinds] == list(mask)
+    assert masked.last_keyframes == (0, 0, 0, 3, 4)
     with pytest.raises(ValueError, match="5 entries but this generation has 6 steps"):
         build_schedule(6, FRDiffConfig(keyframes=mask))
 

@@ -175,3 +175,34 @@ def test_untracked_timesteps_warn_once_and_run_eager():
     assert len([w for w in record if "frdiff_compile" in str(w.message)]) == 1
     assert torch.equal(outs[2], unet(x, torch.tensor(700), **cond).sample)
     assert fr.stats.eager_calls == 3
+
+
+@pytest.mark.parametrize("mixing, guided", [(False, range(5, 14)), (True, range(5, 7))])
+def test_a_signature_coming_back_mid_generation_never_reads_its_older_caches(mixing, guided):
+    # Guidance only in an interval of steps (Kynkaanniemi et al. 2024), written with a batched CFG: the batch
+    # is 1 before and after the interval and 2 inside it. Back at batch 1, the batch-1 caches hold the step
+    # before the interval, not the last keyframe (a batch-2 one): a reuse step there would read features
+    # several steps old, a skip step would return an old keyframe's output. Each runs full compute instead.
+    unet = make_unet("sd15", layers_per_block=1)
+    text = unet_inputs("sd15")["encoder_hidden_states"]
+    interval = 3
+
+    def guided_interval(model):
+        def fn(i, n, x, t):
+            if i not in guided:
+                return model(i, n, x, t, encoder_hidden_states=text[1:])
+            uncond, cond = model(i, n, torch.cat([x, x]), t, encoder_hidden_states=text).chunk(2)
+            return uncond + 3.0 * (cond - uncond)
+        return fn
+
+    fr = frdiff_compile.optimize(unet, frdiff_compile.FRDiffConfig(keyframe_interval=interval, score_mixing=mixing))
+    got = sample(guided_interval(lambda i, n, x, t, **c: fr(x, t, **c).sample), scheduler("sd15"), STEPS, batch=1)
+    back = guided[-1] + 1
+    mask = [i % interval == 0 or i in (guided[0], back) for i in range(STEPS)]
+    assert not any(i % interval == 0 for i in (guided[0], back))  # both are reuse or skip steps of the schedule
+    ref = EagerFRDiff(unet, score_mixing=mixing, mask=mask)
+    expected = sample(guided_interval(lambda i, n, x, t, **c: ref.step(i, n, x, t, **c)), scheduler("sd15"), STEPS,
+                      batch=1)
+    ref.remove()
+    assert fr.stats.forced_keyframes == 2 and fr.stats.eager_calls == 0, fr.stats
+    assert max_rel_error(got, expected) < 2e-6
