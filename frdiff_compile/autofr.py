@@ -14,7 +14,10 @@ Invariants:
   trajectory gradient of the MSE with respect to the gates; a move is kept only if it lowers the MSE on
   fixed validation draws, so on those draws the result is never worse than uniform.
 - The DDIM update is written out here (no scheduler state), so per-step activation checkpointing can
-  recompute any step; memory stays bounded by one step's activations plus the carried state.
+  recompute any step; memory stays bounded by one step's activations plus the carried state. It is
+  exactly diffusers' `DDIMScheduler.step` as pipelines call it (eta = 0, previous timestep t - T // N,
+  clip_sample clipping x0 only), so the mask is tuned on the sampler it will serve; other schedulers and
+  dynamic thresholding are refused (`check_scheduler`).
 """
 
 from __future__ import annotations
@@ -49,24 +52,41 @@ class SearchProblem:
     scheduler: object  # a diffusers DDIMScheduler (its alphas and prediction type are used)
 
 
-def _ddim_step(scheduler, eps: torch.Tensor, t: int, t_prev: int | None, x: torch.Tensor) -> torch.Tensor:
-    """One deterministic DDIM step (eta = 0), as diffusers' DDIMScheduler computes it."""
+def check_scheduler(scheduler: object) -> None:
+    """Refuse a scheduler whose steps `ddim_step` would not reproduce (the mask would fit another sampler)."""
+    from diffusers import DDIMScheduler
+
+    if not isinstance(scheduler, DDIMScheduler):
+        raise ValueError(f"Auto-FR's search samples with DDIM (eta = 0), got {type(scheduler).__name__}; pass "
+                         "DDIMScheduler.from_config(pipe.scheduler.config)")
+    if scheduler.config.thresholding:
+        raise ValueError("Auto-FR's search does not reproduce DDIM's dynamic thresholding (thresholding=True); "
+                         "search with a DDIMScheduler configured with thresholding=False")
+    kind = scheduler.config.prediction_type
+    if kind not in ("epsilon", "sample", "v_prediction"):
+        raise ValueError(f"Auto-FR supports epsilon, sample and v_prediction schedulers, got prediction_type={kind!r}")
+
+
+def ddim_step(scheduler, eps: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
+    """One deterministic DDIM step (eta = 0) from timestep `t`, as diffusers' DDIMScheduler.step computes it
+    (after `set_timesteps`); differentiable, and free of scheduler state so a checkpointed step can rerun."""
+    check_scheduler(scheduler)
     alphas = scheduler.alphas_cumprod
+    # diffusers' previous timestep, which is not always the schedule's next entry ("trailing", "linspace")
+    t_prev = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     a = alphas[t].to(x)
-    a_prev = (alphas[t_prev] if t_prev is not None else scheduler.final_alpha_cumprod).to(x)
+    a_prev = (alphas[t_prev] if t_prev >= 0 else scheduler.final_alpha_cumprod).to(x)
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
-    elif kind == "v_prediction":
+    elif kind == "sample":
+        x0, eps = eps, (x - a.sqrt() * eps) / (1 - a).sqrt()
+    else:  # v_prediction
         x0 = a.sqrt() * x - (1 - a).sqrt() * eps
         eps = a.sqrt() * eps + (1 - a).sqrt() * x
-    else:
-        raise ValueError(f"Auto-FR supports epsilon and v_prediction schedulers, got prediction_type={kind!r}")
-    if scheduler.config.clip_sample:
+    if scheduler.config.clip_sample:  # x0 only: pipelines step with use_clipped_model_output=False
         limit = scheduler.config.clip_sample_range
         x0 = x0.clamp(-limit, limit)
-        if kind == "epsilon":
-            eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
     return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
 
 
@@ -106,6 +126,7 @@ class _Trajectory:
 
     def __init__(self, unet, problem: SearchProblem, num_steps: int, config: FRDiffConfig, example) -> None:
         scheduler = problem.scheduler
+        check_scheduler(scheduler)
         scheduler.set_timesteps(num_steps)
         self.problem, self.scheduler = problem, scheduler
         self.timesteps = [int(t) for t in scheduler.timesteps]
@@ -126,18 +147,17 @@ class _Trajectory:
         last = torch.zeros_like(torch.cat([x, x]))
         timesteps, scale = self.timesteps, self.problem.guidance_scale
         for i, t in enumerate(timesteps):
-            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else None
             # On the latents' device: the blend op takes its weight where its data is (gates live on the host).
             h = torch.ones((), device=x.device) if gates is None or i == 0 else gates[i].to(x.device)
             lam = self.lambdas[i]
 
-            def step(x, last, h, *memory, t=t, t_prev=t_prev, lam=lam):
+            def step(x, last, h, *memory, t=t, lam=lam):
                 _, flat = CallLayout.from_call(self._call(x, t, kw))
                 out, *new_memory = self.graph(*flat, *memory, h)
                 eps = h * out + (1 - h) * (lam * out + (1 - lam) * last)
                 uncond, cond = eps.chunk(2)
                 guided = uncond + scale * (cond - uncond)
-                return (_ddim_step(self.scheduler, guided, t, t_prev, x), h * out + (1 - h) * last, *new_memory)
+                return (ddim_step(self.scheduler, guided, t, x), h * out + (1 - h) * last, *new_memory)
 
             if gates is None or not torch.is_grad_enabled():
                 x, last, *memory = step(x, last, h, *memory)
