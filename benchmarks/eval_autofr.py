@@ -3,6 +3,7 @@
 Run (CPU, the shipped digits model; the two searches dominate the time):
     python benchmarks/eval_autofr.py                      # searches for 17 and 25 keyframes of 50 steps
     python benchmarks/eval_autofr.py --iterations 20      # a shorter search
+    python benchmarks/eval_autofr.py --reuse-cost 0.25    # no mask costlier than uniform (a reuse call = 0.25)
 
 Each search writes its policy to benchmarks/results/policy_digits_50steps_<K>kf.json (eval_quality.py adds
 these to its Pareto plot). Evaluation uses seeds the search never saw (--eval-seed, 200 samples): PSNR and
@@ -39,6 +40,9 @@ def main() -> None:
     parser.add_argument("--search-seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=8, help="samples per search iteration and validation draw")
     parser.add_argument("--validation-draws", type=int, default=4)
+    parser.add_argument("--reuse-cost", type=float, default=None,
+                        help="cap each search at the uniform mask's cost, a reuse call costing this much of a "
+                             "keyframe call (policies then go to ..._<K>kf_capped.json)")
     parser.add_argument("--csv", default=str(RESULTS / "eval_autofr.csv"))
     args = parser.parse_args()
     unet, embedding = load_digits_model()
@@ -49,10 +53,13 @@ def main() -> None:
     for target in args.targets:
         start = time.perf_counter()
         result = search(unet, digits_problem(embedding, batch=args.batch), STEPS, iterations=args.iterations,
-                        target_keyframes=target, validation_draws=args.validation_draws, seed=args.search_seed)
+                        target_keyframes=target, validation_draws=args.validation_draws, seed=args.search_seed,
+                        reuse_cost=args.reuse_cost)
         search_s = time.perf_counter() - start
-        path = result.policy.save(RESULTS / f"policy_digits_{STEPS}steps_{target}kf.json")
-        candidates = {"Auto-FR": FRDiffConfig.from_policy(str(path))}
+        suffix = "" if args.reuse_cost is None else "_capped"
+        path = result.policy.save(RESULTS / f"policy_digits_{STEPS}steps_{target}kf{suffix}.json")
+        learned = "Auto-FR" if args.reuse_cost is None else f"Auto-FR, cost cap r={args.reuse_cost}"
+        candidates = {learned: FRDiffConfig.from_policy(str(path))}
         if target in UNIFORM:
             candidates[f"uniform M={UNIFORM[target]}"] = FRDiffConfig(keyframe_interval=UNIFORM[target])
         for name, config in candidates.items():
@@ -62,9 +69,9 @@ def main() -> None:
                 "method": name, "keyframes": counts["full"], "reuse": counts["reuse"], "skip": counts["skip"],
                 "psnr_db": psnr(images, reference), "sqnr_db": sqnr(images, reference),
                 "accuracy": judge.accuracy(images, labels), "fid_proxy": judge.fid_proxy(images),
-                "search_s": search_s if name == "Auto-FR" else None,
+                "search_s": search_s if name == learned else None,
                 # MSE on the search's own validation draws (seed search_seed + 1): the kept mask and its uniform start
-                "val_mse": result.validation_mse if name == "Auto-FR" else result.start_validation_mse,
+                "val_mse": result.validation_mse if name == learned else result.start_validation_mse,
                 "mask": "".join("K" if kind is StepKind.FULL else "." for kind in build_schedule(STEPS, config).kinds),
             })
     print_table(rows, ["method", "keyframes", "reuse", "skip", "psnr_db", "sqnr_db", "accuracy", "fid_proxy", "search_s"],

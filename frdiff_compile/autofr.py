@@ -12,7 +12,8 @@ Invariants:
 - With `target_keyframes=K` (past the paper) every mask evaluated has exactly K keyframes: the search
   starts on the uniform K-mask, the baseline to beat, and moves one keyframe at a time, ranked by the
   trajectory gradient of the MSE with respect to the gates; a move is kept only if it lowers the MSE on
-  fixed validation draws, so on those draws the result is never worse than uniform.
+  fixed validation draws, so on those draws the result is never worse than uniform. With `reuse_cost`
+  no mask tried costs more than the uniform one either.
 - The DDIM update is written out here (no scheduler state), so per-step activation checkpointing can
   recompute any step; memory stays bounded by one step's activations plus the carried state. It is
   exactly diffusers' `DDIMScheduler.step` as pipelines call it (eta = 0, previous timestep t - T // N,
@@ -179,6 +180,7 @@ def search(
     config: FRDiffConfig | None = None,
     seed: int = 0,
     progress: bool = True,
+    reuse_cost: float | None = None,
 ) -> SearchResult:
     """Learn a keyframe mask for `num_steps`-step DDIM generations of `unet` on `problem`.
 
@@ -187,12 +189,20 @@ def search(
     budgeted search that starts on the uniform K-keyframe mask and moves one keyframe at a time where the
     trajectory's gradient says it helps most, keeping a move only if it lowers the MSE on
     `validation_draws` fixed draws (generator `seed + 1`); `lr` and `weight` do not apply there.
+    With `reuse_cost` (a reuse call's time over a keyframe call's, as measured on the target machine) the
+    budgeted search also holds the cost: a move that would make the mask cost more than the uniform one
+    (keyframes + reuse_cost x reuse calls; no-call steps are free) is not tried, so the result is at most as
+    slow as uniform keyframes. Without it, moves may trade no-call steps for reuse calls.
     """
     config = config or FRDiffConfig()
     if target_keyframes is not None and not 1 <= target_keyframes <= num_steps:
         raise ValueError(f"target_keyframes must be in [1, {num_steps}], got {target_keyframes}")
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
+    if reuse_cost is not None and (target_keyframes is None or not 0.0 <= reuse_cost <= 1.0):
+        raise ValueError(f"reuse_cost bounds the budgeted search (target_keyframes) and is a fraction of a "
+                         f"keyframe call in [0, 1], got reuse_cost={reuse_cost} with "
+                         f"target_keyframes={target_keyframes}")
     if target_keyframes is not None and validation_draws < 1:
         raise ValueError(f"the budgeted search compares masks on validation draws: validation_draws must be >= 1, "
                          f"got {validation_draws}")
@@ -217,10 +227,11 @@ def search(
         else:
             validation = _Validation(run, problem, validation_draws, seed + 1)
             mask, scores, history, best_mse, start_mse = _swap_search(
-                run, zip(bar, draws()), num_steps, target_keyframes, validation, bar)
+                run, zip(bar, draws()), num_steps, target_keyframes, validation, bar, reuse_cost)
     settings = {
         "method": "penalty" if target_keyframes is None else "swap", "iterations": iterations, "lr": lr,
-        "weight": weight, "target_keyframes": target_keyframes, "validation_draws": validation_draws, "seed": seed,
+        "weight": weight, "target_keyframes": target_keyframes, "reuse_cost": reuse_cost,
+        "validation_draws": validation_draws, "seed": seed,
         "guidance_scale": problem.guidance_scale, "score_mixing": config.score_mixing, "mix_bias": config.mix_bias,
         "mix_slope": config.mix_slope,
     }
@@ -253,7 +264,7 @@ def _penalty_search(run, iterations, num_steps, lr, weight, bar):  # noqa: ANN00
     return tuple(i == 0 or bool(scores[i] > 0) for i in range(num_steps)), scores, history
 
 
-def _swap_search(run, iterations, num_steps, budget, validation, bar):  # noqa: ANN001, ANN202 - internal
+def _swap_search(run, iterations, num_steps, budget, validation, bar, reuse_cost):  # noqa: ANN001, ANN202
     """Budgeted search: gradient-ranked keyframe moves, each kept only if the validation MSE drops.
 
     The gradient g of the MSE with respect to the gates at the current binary mask is averaged over the
@@ -264,6 +275,10 @@ def _swap_search(run, iterations, num_steps, budget, validation, bar):  # noqa: 
     """
     mask = uniform_mask(num_steps, budget).float()
     best = start = validation.score(mask)
+    # A non-keyframe step costs reuse_cost where lambda > 0 (a reuse call), nothing where lambda = 0 (no call).
+    calls = torch.tensor([lam > 0 for lam in run.lambdas], dtype=torch.float32)
+    cost = (lambda m: float(m.sum() + reuse_cost * ((1 - m) * calls).sum())) if reuse_cost is not None else None
+    max_cost = cost(mask) + 1e-9 if cost else None
     total, seen = torch.zeros(num_steps), 0
     tried: set[tuple[int, int]] = set()
     history: list[float] = []
@@ -276,10 +291,13 @@ def _swap_search(run, iterations, num_steps, budget, validation, bar):  # noqa: 
         history.append(mse.item())
         total, seen = total + gates.grad, seen + 1
         g = total / seen
+        room = max_cost - cost(mask) if cost else None  # moving keyframe i to j adds r * (calls[i] - calls[j])
         moves = sorted((float(g[j] - g[i]), i, j) for i in range(1, num_steps) if mask[i]
-                       for j in range(1, num_steps) if not mask[j] and (i, j) not in tried)
+                       for j in range(1, num_steps) if not mask[j] and (i, j) not in tried
+                       and (room is None or reuse_cost * float(calls[i] - calls[j]) <= room))
         if not moves:
-            logger.info("iteration %d: every single move from this mask was tried; stopping", iteration + 1)
+            logger.info("iteration %d: every single move from this mask (within the cost cap, if any) was tried; "
+                        "stopping", iteration + 1)
             break
         _, i, j = moves[0]
         candidate = mask.clone()

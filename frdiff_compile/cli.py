@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--iterations", type=_positive, default=100, help="search iterations (default 100)")
     tune.add_argument("--target-keyframes", type=_positive, default=None,
                       help="keyframe budget: searched from the uniform mask with that many keyframes")
+    tune.add_argument("--reuse-cost", type=float, default=None,
+                      help="with --target-keyframes: a reuse call's time over a keyframe call's on the target "
+                           "machine; no mask costlier than the uniform one is tried (default: no cost cap)")
     tune.add_argument("--batch", type=_positive, default=8, help="samples per iteration and validation draw")
     tune.add_argument("--validation-draws", type=_positive, default=4, help="fixed draws masks are compared on")
     tune.add_argument("--weight", type=float, default=1e-3, help="regulariser weight w without a budget (default 1e-3)")
@@ -75,12 +78,14 @@ def run_tune(args: argparse.Namespace) -> None:
 
     if args.target_keyframes is not None and args.target_keyframes > args.steps:
         raise CLIError(f"--target-keyframes {args.target_keyframes} exceeds --steps {args.steps}")
+    if args.reuse_cost is not None and (args.target_keyframes is None or not 0.0 <= args.reuse_cost <= 1.0):
+        raise CLIError(f"--reuse-cost {args.reuse_cost} needs --target-keyframes and a value in [0, 1]")
     config = FRDiffConfig(mix_bias=args.bias, score_mixing=not args.no_mixing)
     unet, embedding = load_digits_model()
     start = time.perf_counter()
     result = search(unet, digits_problem(embedding, batch=args.batch), args.steps, iterations=args.iterations,
                     lr=args.lr, weight=args.weight, target_keyframes=args.target_keyframes,
-                    validation_draws=args.validation_draws, config=config, seed=args.seed)
+                    validation_draws=args.validation_draws, config=config, seed=args.seed, reuse_cost=args.reuse_cost)
     path = result.policy.save(args.out)
     mask = "".join("K" if k else "." for k in result.policy.keyframes)
     print(f"Auto-FR: {result.policy.num_keyframes} of {args.steps} steps are keyframes "

@@ -113,6 +113,36 @@ def test_search_on_text_embeddings_of_a_tiny_sd_unet(memory_format, monkeypatch)
     assert result.policy.num_keyframes == 2 and result.policy.unet_fingerprint == unet_fingerprint(unet)
 
 
+def test_the_budgeted_search_under_a_reuse_cost_never_tries_a_costlier_mask(monkeypatch):
+    # At 5 steps with b=0.5, steps 1-2 are no-call steps and 3-4 reuse steps: moving the keyframe at 3 to 1
+    # trades a free step for a reuse call. Every candidate is accepted here (a falling validation score), so
+    # only the cost cap keeps the search from such moves.
+    from conftest import TEXT_DIM
+    from diffusers import DDIMScheduler
+
+    from frdiff_compile import autofr
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the blend's torch reference: seconds faster
+    tried = []
+
+    def score(self, mask):
+        tried.append(mask.clone())
+        return 1.0 / len(tried)
+
+    monkeypatch.setattr(autofr._Validation, "score", score)
+    unet = make_unet("sd15", layers_per_block=1)
+    g = torch.Generator().manual_seed(0)
+    uncond, cond = torch.randn(1, 7, TEXT_DIM, generator=g), torch.randn(1, 7, TEXT_DIM, generator=g)
+    problem = autofr.embeddings_problem(uncond, cond, (4, 8, 8), DDIMScheduler(clip_sample=False))
+    reuse_cost = 0.5
+    autofr.search(unet, problem, 5, iterations=4, target_keyframes=2, reuse_cost=reuse_cost, progress=False)
+    calls = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0])  # lambda > 0 at steps 3 and 4
+    costs = [float(m.sum() + reuse_cost * ((1 - m) * calls).sum()) for m in tried]
+    assert len(tried) > 1 and max(costs) <= costs[0], costs  # tried[0] is the uniform start
+    with pytest.raises(ValueError, match="reuse_cost"):
+        autofr.search(unet, problem, 5, reuse_cost=0.5)
+
+
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
 @pytest.mark.parametrize("prediction, clip", [("epsilon", False), ("epsilon", True), ("v_prediction", False),
                                               ("sample", True)])
@@ -145,7 +175,9 @@ def test_tune_command_writes_a_policy(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the command, on the blend's torch reference
 
     out = tmp_path / "policy.json"
-    assert main(["tune", "--steps", "4", "--iterations", "2", "--target-keyframes", "2", "--out", str(out)]) == 0
-    assert KeyframePolicy.load(out).num_keyframes == 2
+    assert main(["tune", "--steps", "4", "--iterations", "2", "--target-keyframes", "2", "--reuse-cost", "0.3",
+                 "--out", str(out)]) == 0
+    assert KeyframePolicy.load(out).num_keyframes == 2 and KeyframePolicy.load(out).settings["reuse_cost"] == 0.3
     assert "2 of 4 steps are keyframes" in capsys.readouterr().out
     assert main(["tune", "--steps", "4", "--target-keyframes", "9"]) == 2
+    assert main(["tune", "--steps", "4", "--reuse-cost", "0.3"]) == 2  # a cost cap needs a keyframe budget
