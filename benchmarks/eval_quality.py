@@ -69,7 +69,9 @@ def rows_to_run(quick: bool) -> list[dict]:
     for m in (2, 3):
         runs.append({"method": f"FRDiff M={m} no mixing", "steps": 50, "M": m, "b": None, "mixing": False})
     for path in sorted(RESULTS.glob("policy_digits_*.json")):  # written by eval_autofr.py
-        runs.append({"method": "Auto-FR", "steps": KeyframePolicy.load(path).num_steps, "b": None, "policy": str(path)})
+        policy = KeyframePolicy.load(path)
+        method = "Auto-FR" if policy.settings.get("reuse_cost") is None else "Auto-FR, cost cap"
+        runs.append({"method": method, "steps": policy.num_steps, "b": None, "policy": str(path)})
     return runs
 
 
