@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import FRDiffConfig
 from .passes import CallLayout, build_search_graph, capture, plan_cache_points
 from .policy import KeyframePolicy, unet_fingerprint
-from .schedule import mix_weight
+from .schedule import build_schedule, mix_weight
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class _Trajectory:
         scheduler = problem.scheduler
         check_scheduler(scheduler)
         scheduler.set_timesteps(num_steps)
-        self.problem, self.scheduler = problem, scheduler
+        self.problem, self.scheduler, self.config = problem, scheduler, config
         self.timesteps = [int(t) for t in scheduler.timesteps]
         self.lambdas = [mix_weight(i, num_steps, config.mix_bias, config.mix_slope) if config.score_mixing else 1.0
                         for i in range(num_steps)]
@@ -275,10 +275,16 @@ def _swap_search(run, iterations, num_steps, budget, validation, bar, reuse_cost
     """
     mask = uniform_mask(num_steps, budget).float()
     best = start = validation.score(mask)
-    # A non-keyframe step costs reuse_cost where lambda > 0 (a reuse call), nothing where lambda = 0 (no call).
-    calls = torch.tensor([lam > 0 for lam in run.lambdas], dtype=torch.float32)
-    cost = (lambda m: float(m.sum() + reuse_cost * ((1 - m) * calls).sum())) if reuse_cost is not None else None
-    max_cost = cost(mask) + 1e-9 if cost else None
+    def cost(m: torch.Tensor) -> float:  # the runtime's schedule for this mask: keyframes + reuse_cost x reuse calls
+        keyframes = tuple(bool(v) for v in m)
+        return build_schedule(num_steps, dataclasses.replace(run.config, keyframes=keyframes)).cost(reuse_cost)
+
+    def affordable(i: int, j: int) -> bool:  # keyframe i moved to step j costs no more than uniform
+        moved = mask.clone()
+        moved[i], moved[j] = 0.0, 1.0
+        return reuse_cost is None or cost(moved) <= max_cost
+
+    max_cost = cost(mask) + 1e-9 if reuse_cost is not None else None
     total, seen = torch.zeros(num_steps), 0
     tried: set[tuple[int, int]] = set()
     history: list[float] = []
@@ -291,10 +297,8 @@ def _swap_search(run, iterations, num_steps, budget, validation, bar, reuse_cost
         history.append(mse.item())
         total, seen = total + gates.grad, seen + 1
         g = total / seen
-        room = max_cost - cost(mask) if cost else None  # moving keyframe i to j adds r * (calls[i] - calls[j])
         moves = sorted((float(g[j] - g[i]), i, j) for i in range(1, num_steps) if mask[i]
-                       for j in range(1, num_steps) if not mask[j] and (i, j) not in tried
-                       and (room is None or reuse_cost * float(calls[i] - calls[j]) <= room))
+                       for j in range(1, num_steps) if not mask[j] and (i, j) not in tried and affordable(i, j))
         if not moves:
             logger.info("iteration %d: every single move from this mask (within the cost cap, if any) was tried; "
                         "stopping", iteration + 1)
