@@ -1,11 +1,17 @@
 """Capture -> plan -> build on tiny SD 1.5 / SD 2 / SDXL UNets, and the full SD 1.5 structure on meta."""
 
+import sys
+from pathlib import Path
+
 import torch
 from conftest import make_unet, unet_inputs
 from diffusers import UNet2DConditionModel
 
 from frdiff_compile.passes import CallLayout, build_graphs, capture, plan_cache_points
 from frdiff_compile.passes.plan import RESNET_CONV1, TRANSFORMER_DELTA
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from bench_flops import counted, frdiff_skipped  # noqa: E402
 
 
 def _build(unet, kwargs):
@@ -80,6 +86,22 @@ def test_plan_counts_and_report(kind):
     assert report.removed.get("GroupNorm", 0) >= n_resnets, str(report)
     text = str(plan)
     assert "MiB" in text and f"{len(plan.points)} cache points" in text
+
+
+@torch.no_grad()
+def test_reuse_graph_does_the_full_calls_flops_less_the_cached_modules(kind):
+    """The speed claim counted: the keyframe graph does the UNet's matmul and conv FLOPs exactly, the reuse
+    graph exactly those less every resnet's conv1 and every transformer, as benchmarks/bench_flops.py reports
+    them at full size. Nothing cached is computed again, nothing that must be recomputed is dropped."""
+    unet = make_unet(kind)
+    kwargs = dict(sample=torch.randn(2, 4, 8, 8), timestep=torch.tensor(500), **unet_inputs(kind))
+    _, plan, pair, tensors = _build(unet, kwargs)
+    stock = counted(lambda: unet(**kwargs))
+    caches, keyframe_out = _buffers(plan, kwargs["sample"])
+    assert counted(lambda: pair.keyframe(*tensors, *caches, keyframe_out))["Global"] == stock["Global"]
+    reuse = counted(lambda: pair.reuse(*tensors, *caches, keyframe_out, torch.tensor(0.5)))["Global"]
+    cached = frdiff_skipped(unet, stock)
+    assert 0 < cached < stock["Global"] and reuse == stock["Global"] - cached, (kind, stock["Global"], cached, reuse)
 
 
 @torch.no_grad()
