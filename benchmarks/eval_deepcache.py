@@ -1,0 +1,137 @@
+"""FRDiff against DeepCache, the other training-free feature cache, on the shipped digits model at equal cost.
+
+Run (about four minutes on 2 CPU cores; needs the DeepCache package, in the `bench` extra):
+    python benchmarks/eval_deepcache.py
+    python benchmarks/eval_deepcache.py --samples 50 --quick   # smoke run
+
+DeepCache (Ma et al. 2023; the authors' pip package, used as it comes, on a deep copy of the UNet because
+it replaces module forwards) runs the full UNet every N steps and in between only the shallow branch that
+`cache_branch_id` names, reading everything deeper from the last full step. With this model's one layer per
+block, branch 0 keeps the first down block's resnet and the last up block's last resnet, and branch 3 keeps
+the whole first level and one layer of the second. FRDiff rows are as in eval_quality.py.
+
+Cost is in full-UNet-call equivalents: each method's cheap call (DeepCache's shallow call, FRDiff's reuse
+call) is weighted by its time over that method's own full call, both timed here at the harness batch, all
+eager on the CPU (FRDiff's graphs are not compiled on the CPU). So the cost compares the methods, not the
+two implementations. PSNR/SQNR against full 50-step DDIM from the same noise; every row uses the same
+labels and noise. Writes benchmarks/results/eval_deepcache.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import RESULTS, append_csv, environment, print_table, time_ms
+from eval_quality import add_sampling_args, setup
+
+import frdiff_compile
+from frdiff_compile import FRDiffConfig, build_schedule
+from frdiff_compile.digits import DigitsPipeline
+from frdiff_compile.digits.model import IMAGE_SIZE, NULL_LABEL
+from frdiff_compile.digits.pipeline import default_scheduler
+from frdiff_compile.quality import psnr, sqnr
+
+STEPS = 50
+CPU = torch.device("cpu")
+
+
+def deepcache_unet(unet: torch.nn.Module, interval: int, branch: int, steps: int) -> torch.nn.Module:
+    """A copy of `unet` under DeepCache for `steps`-step generations of the digits pipeline.
+
+    The helper finds the step from the timestep's value in `scheduler.timesteps`, so it gets a scheduler
+    set up as the pipeline's own copy will be. Its first call of a generation must be step 0, which the
+    pipeline guarantees; it then counts full steps from there.
+    """
+    from DeepCache import DeepCacheSDHelper
+
+    scheduler = default_scheduler()
+    scheduler.set_timesteps(steps)
+    twin = copy.deepcopy(unet)
+    helper = DeepCacheSDHelper(pipe=types.SimpleNamespace(unet=twin, scheduler=scheduler))
+    helper.set_params(cache_interval=interval, cache_branch_id=branch)
+    helper.enable()
+    return twin
+
+
+def deepcache_partial_cost(unet: torch.nn.Module, embedding, batch: int, branch: int) -> float:
+    """DeepCache's shallow call over its full call, timed at the harness batch (CFG: 2 x batch)."""
+    twin = deepcache_unet(unet, interval=STEPS, branch=branch, steps=STEPS)  # only step 0 is full
+    timesteps = default_scheduler()
+    timesteps.set_timesteps(STEPS)
+    x = torch.randn(2 * batch, 1, IMAGE_SIZE, IMAGE_SIZE)
+    cond = embedding(torch.full((2 * batch,), NULL_LABEL))
+    first, later = timesteps.timesteps[0], timesteps.timesteps[1]
+    with torch.no_grad():
+        full = time_ms(lambda: twin(x, first, encoder_hidden_states=cond), CPU, 5)  # fills the cache too
+        partial = time_ms(lambda: twin(x, later, encoder_hidden_states=cond), CPU, 5)
+    return partial / full
+
+
+def rows_to_run(quick: bool) -> list[dict]:
+    runs = [{"method": "DDIM", "steps": s} for s in ((15, 30, 50) if quick else (10, 15, 20, 30, 50))]
+    for m in (2, 3) if quick else (2, 3, 4):
+        runs.append({"method": f"FRDiff M={m}", "interval": m, "mixing": True})
+    runs.append({"method": "FRDiff M=2 no mixing", "interval": 2, "mixing": False})
+    for branch in (0,) if quick else (0, 3):
+        for n in (2, 3) if quick else (2, 3, 4, 5):
+            runs.append({"method": f"DeepCache N={n}", "interval": n, "branch": branch})
+    return runs
+
+
+def interpolated_ddim_psnr(rows: list[dict], cost: float) -> float | None:
+    points = sorted((r["cost"], r["psnr_db"]) for r in rows if r["method"] == "DDIM" and r["steps"] < STEPS)
+    costs, values = zip(*points)
+    if not costs[0] <= cost <= costs[-1]:
+        return None
+    return float(np.interp(cost, costs, values))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_sampling_args(parser, "a few rows only")
+    parser.add_argument("--csv", default=str(RESULTS / "eval_deepcache.csv"))
+    args = parser.parse_args()
+    unet, embedding, judge, labels, reuse = setup(args)
+    partial = {b: deepcache_partial_cost(unet, embedding, args.samples, b) for b in ((0,) if args.quick else (0, 3))}
+    print(f"eval_deepcache: {args.samples} samples, seed {args.seed}; a FRDiff reuse call = {reuse:.3f} of its "
+          f"keyframe call, a DeepCache shallow call = "
+          + ", ".join(f"{r:.3f} (branch {b})" for b, r in partial.items()) + " of its full call")
+    reference = DigitsPipeline(unet, embedding)(labels, STEPS, args.guidance, seed=args.seed)
+    rows = []
+    for run in rows_to_run(args.quick):
+        steps = run.get("steps", STEPS)
+        if run["method"] == "DDIM":
+            model, cost, ratio = unet, float(steps), None
+        elif "branch" in run:
+            model = deepcache_unet(unet, run["interval"], run["branch"], steps)
+            full_calls = len(range(0, steps, run["interval"]))
+            ratio = partial[run["branch"]]
+            cost = full_calls + ratio * (steps - full_calls)
+        else:
+            config = FRDiffConfig(keyframe_interval=run["interval"], score_mixing=run["mixing"])
+            model, ratio = frdiff_compile.optimize(unet, config), reuse
+            cost = build_schedule(steps, config).cost(reuse)
+        start = time.perf_counter()
+        images = DigitsPipeline(model, embedding)(labels, steps, args.guidance, seed=args.seed)
+        wall = time.perf_counter() - start
+        rows.append({**run, "steps": steps, "partial_cost": ratio, "cost": cost, "wall_s": wall,
+                     "psnr_db": psnr(images, reference), "sqnr_db": sqnr(images, reference),
+                     "accuracy": judge.accuracy(images, labels), "fid_proxy": judge.fid_proxy(images)})
+    for row in rows:
+        ddim = interpolated_ddim_psnr(rows, row["cost"]) if row["method"] != "DDIM" else None
+        row["ddim_psnr_at_cost"] = ddim
+    print_table(rows, ["method", "branch", "steps", "partial_cost", "cost", "wall_s", "psnr_db", "sqnr_db",
+                       "accuracy", "fid_proxy", "ddim_psnr_at_cost"], "eval_deepcache (digits model, CPU)")
+    path = append_csv(Path(args.csv), [{**row, "samples": args.samples, "seed": args.seed} for row in rows],
+                      environment(CPU))
+    print(f"appended {len(rows)} rows to {path}")
+
+
+if __name__ == "__main__":
+    main()
