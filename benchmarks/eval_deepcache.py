@@ -25,10 +25,9 @@ import time
 import types
 from pathlib import Path
 
-import numpy as np
 import torch
 from common import RESULTS, append_csv, environment, print_table, time_ms
-from eval_quality import add_sampling_args, setup
+from eval_quality import add_sampling_args, interpolated_ddim, setup
 
 import frdiff_compile
 from frdiff_compile import FRDiffConfig, build_schedule
@@ -84,14 +83,6 @@ def rows_to_run(quick: bool) -> list[dict]:
     return runs
 
 
-def interpolated_ddim_psnr(rows: list[dict], cost: float) -> float | None:
-    points = sorted((r["cost"], r["psnr_db"]) for r in rows if r["method"] == "DDIM" and r["steps"] < STEPS)
-    costs, values = zip(*points)
-    if not costs[0] <= cost <= costs[-1]:
-        return None
-    return float(np.interp(cost, costs, values))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_sampling_args(parser, "a few rows only")
@@ -123,9 +114,10 @@ def main() -> None:
         rows.append({**run, "steps": steps, "partial_cost": ratio, "cost": cost, "wall_s": wall,
                      "psnr_db": psnr(images, reference), "sqnr_db": sqnr(images, reference),
                      "accuracy": judge.accuracy(images, labels), "fid_proxy": judge.fid_proxy(images)})
+    fewer_steps = [r for r in rows if r["steps"] < STEPS]  # full compute is the reference: its PSNR is inf
     for row in rows:
-        ddim = interpolated_ddim_psnr(rows, row["cost"]) if row["method"] != "DDIM" else None
-        row["ddim_psnr_at_cost"] = ddim
+        row["ddim_psnr_at_cost"] = None if row["method"] == "DDIM" else interpolated_ddim(
+            fewer_steps, row["cost"], "psnr_db")
     print_table(rows, ["method", "branch", "steps", "partial_cost", "cost", "wall_s", "psnr_db", "sqnr_db",
                        "accuracy", "fid_proxy", "ddim_psnr_at_cost"], "eval_deepcache (digits model, CPU)")
     path = append_csv(Path(args.csv), [{**row, "samples": args.samples, "seed": args.seed} for row in rows],

@@ -75,12 +75,13 @@ def rows_to_run(quick: bool) -> list[dict]:
     return runs
 
 
-def interpolated_ddim(rows: list[dict], cost: float) -> float | None:
-    ddim = sorted((r["cost"], r["fid_proxy"]) for r in rows if r["method"] == "DDIM")
-    costs, fids = zip(*ddim)
+def interpolated_ddim(rows: list[dict], cost: float, column: str = "fid_proxy") -> float | None:
+    """DDIM's `column` linearly interpolated at `cost` over the DDIM rows; None outside their range."""
+    ddim = sorted((r["cost"], r[column]) for r in rows if r["method"] == "DDIM")
+    costs, values = zip(*ddim)
     if not costs[0] <= cost <= costs[-1]:
         return None
-    return float(np.interp(cost, costs, fids))
+    return float(np.interp(cost, costs, values))
 
 
 def plot(rows: list[dict], path: Path) -> None:
