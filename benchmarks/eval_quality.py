@@ -70,7 +70,10 @@ def rows_to_run(quick: bool) -> list[dict]:
         runs.append({"method": f"FRDiff M={m} no mixing", "steps": 50, "M": m, "b": None, "mixing": False})
     for path in sorted(RESULTS.glob("policy_digits_*.json")):  # written by eval_autofr.py
         policy = KeyframePolicy.load(path)
-        method = "Auto-FR" if policy.settings.get("reuse_cost") is None else "Auto-FR, cost cap"
+        if policy.settings.get("method") == "penalty":
+            method = "Auto-FR, paper's search"
+        else:
+            method = "Auto-FR" if policy.settings.get("reuse_cost") is None else "Auto-FR, cost cap"
         runs.append({"method": method, "steps": policy.num_steps, "b": None, "policy": str(path)})
     return runs
 
