@@ -6,9 +6,10 @@ Run (about four minutes on 2 CPU cores; needs the DeepCache package, in the `ben
 
 DeepCache (Ma et al. 2023; the authors' pip package, used as it comes, on a deep copy of the UNet because
 it replaces module forwards) runs the full UNet every N steps and in between only the shallow branch that
-`cache_branch_id` names, reading everything deeper from the last full step. With this model's one layer per
-block, branch 0 keeps the first down block's resnet and the last up block's last resnet, and branch 3 keeps
-the whole first level and one layer of the second. FRDiff rows are as in eval_quality.py.
+`cache_branch_id` names, reading everything deeper from the last full step. On this model (one layer per
+block; counted by module with FlopCounterMode) branch 0 computes only conv_in, the time embedding, the last up
+block's last resnet and conv_out; branch 3 computes the whole first level and the second level's last up
+layer (resnet, attention, upsampler). FRDiff rows are as in eval_quality.py.
 
 Cost is in full-UNet-call equivalents: each method's cheap call (DeepCache's shallow call, FRDiff's reuse
 call) is weighted by its time over that method's own full call, both timed here at the harness batch, all
