@@ -68,7 +68,7 @@ def rows_to_run(quick: bool) -> list[dict]:
                 runs.append({"method": f"FRDiff M={m}", "steps": steps, "M": m, "b": b, "mixing": True})
     for m in (2, 3):
         runs.append({"method": f"FRDiff M={m} no mixing", "steps": 50, "M": m, "b": None, "mixing": False})
-    for path in sorted(RESULTS.glob("policy_digits_*.json")):  # written by eval_autofr.py
+    for path in sorted(RESULTS.glob("policy_digits_*.json")):  # by eval_autofr.py; "_paper" by frdiff-compile tune
         policy = KeyframePolicy.load(path)
         if policy.settings.get("method") == "penalty":
             method = "Auto-FR, paper's search"
