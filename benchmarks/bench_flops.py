@@ -19,11 +19,10 @@ keyframe call against 0.272 here). Writes benchmarks/results/bench_flops.csv.
 from __future__ import annotations
 
 import argparse
-import types
 from pathlib import Path
 
 import torch
-from common import RESULTS, append_csv, environment, print_table
+from common import RESULTS, append_csv, deepcache, environment, print_table
 from diffusers import DDIMScheduler
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
@@ -64,18 +63,11 @@ def frdiff_skipped(unet: torch.nn.Module, flops: dict[str, int]) -> int:
 
 def deepcache_shallow(unet: torch.nn.Module, x: torch.Tensor, kwargs: dict, branch: int) -> int:
     """FLOPs of DeepCache's call at a non-cache step (the full call at step 0 fills its cache first)."""
-    from DeepCache import DeepCacheSDHelper
-
     scheduler = DDIMScheduler()
     scheduler.set_timesteps(50)
-    helper = DeepCacheSDHelper(pipe=types.SimpleNamespace(unet=unet, scheduler=scheduler))
-    helper.set_params(cache_interval=50, cache_branch_id=branch)
-    helper.enable()
-    try:
-        unet(x, scheduler.timesteps[0], **kwargs)  # a CPU timestep: DeepCache reads its value
-        return counted(lambda: unet(x, scheduler.timesteps[1], **kwargs))["Global"]
-    finally:
-        helper.disable()
+    twin = deepcache(unet, scheduler, interval=50, branch=branch)  # a copy on the meta device: no memory
+    twin(x, scheduler.timesteps[0], **kwargs)  # a CPU timestep: DeepCache reads its value
+    return counted(lambda: twin(x, scheduler.timesteps[1], **kwargs))["Global"]
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import (RESULTS, DirectGraphs, append_csv, environment, frdiff_step_ms, loop_model_ms, loop_ms,
+from common import (RESULTS, DirectGraphs, append_csv, deepcache, environment, frdiff_step_ms, loop_model_ms, loop_ms,
                     print_table, synchronize)
 from diffusers import DDIMScheduler
 from models import build_unet, example_call
@@ -77,16 +77,6 @@ class StaticStock:
         elif layout != self.layout:
             raise ValueError("StaticStock serves one call signature; the benchmark changed its inputs")
         return types.SimpleNamespace(sample=self.graph(tensors))
-
-
-def deepcache(unet, scheduler, interval: int) -> Callable:
-    from DeepCache import DeepCacheSDHelper
-
-    twin = copy.deepcopy(unet)  # DeepCache replaces forwards on the modules it is given
-    helper = DeepCacheSDHelper(pipe=types.SimpleNamespace(unet=twin, scheduler=scheduler))
-    helper.set_params(cache_interval=interval, cache_branch_id=0)
-    helper.enable()
-    return twin
 
 
 def build(name: str, unet, scheduler, dry_run: bool, runtimes: dict) -> Callable:

@@ -9,6 +9,7 @@ Invariants:
 
 from __future__ import annotations
 
+import copy
 import csv
 import datetime
 import os
@@ -179,6 +180,20 @@ def loop_model_ms(counts: dict[str, int], ms: dict[str, float], steps: int) -> f
     """The cost model of a loop: its full, reuse and skip steps and every scheduler step at measured times."""
     return (counts["full"] * ms["keyframe"] + counts["reuse"] * ms["reuse"] + counts["skip"] * ms["skip"]
             + steps * ms["scheduler"])
+
+
+def deepcache(unet: torch.nn.Module, scheduler, interval: int, branch: int = 0) -> torch.nn.Module:
+    """A deep copy of `unet` under DeepCache (the pip package, as it comes) at `interval`, `cache_branch_id`
+    `branch`. The copy because DeepCache replaces forwards on the modules it is given. It finds the step
+    from the timestep's value in `scheduler.timesteps`, so the caller keeps `scheduler` set up as the sampling
+    loop's; the first call of a generation must be its step 0."""
+    from DeepCache import DeepCacheSDHelper
+
+    twin = copy.deepcopy(unet)
+    helper = DeepCacheSDHelper(pipe=types.SimpleNamespace(unet=twin, scheduler=scheduler))
+    helper.set_params(cache_interval=interval, cache_branch_id=branch)
+    helper.enable()
+    return twin
 
 
 def print_table(rows: Sequence[dict[str, object]], columns: Sequence[str], title: str) -> None:

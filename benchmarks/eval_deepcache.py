@@ -21,13 +21,11 @@ labels and noise. Writes benchmarks/results/eval_deepcache.csv.
 from __future__ import annotations
 
 import argparse
-import copy
 import time
-import types
 from pathlib import Path
 
 import torch
-from common import RESULTS, append_csv, environment, print_table, time_ms
+from common import RESULTS, append_csv, deepcache, environment, print_table, time_ms
 from eval_quality import add_sampling_args, interpolated_ddim, setup
 
 import frdiff_compile
@@ -41,32 +39,20 @@ STEPS = 50
 CPU = torch.device("cpu")
 
 
-def deepcache_unet(unet: torch.nn.Module, interval: int, branch: int, steps: int) -> torch.nn.Module:
-    """A copy of `unet` under DeepCache for `steps`-step generations of the digits pipeline.
-
-    The helper finds the step from the timestep's value in `scheduler.timesteps`, so it gets a scheduler
-    set up as the pipeline's own copy will be. Its first call of a generation must be step 0, which the
-    pipeline guarantees; it then counts full steps from there.
-    """
-    from DeepCache import DeepCacheSDHelper
-
+def stepped_scheduler(steps: int):  # noqa: ANN201 - a diffusers scheduler
+    """The digits scheduler set up as the pipeline's own copy will be for `steps` steps (DeepCache reads it)."""
     scheduler = default_scheduler()
     scheduler.set_timesteps(steps)
-    twin = copy.deepcopy(unet)
-    helper = DeepCacheSDHelper(pipe=types.SimpleNamespace(unet=twin, scheduler=scheduler))
-    helper.set_params(cache_interval=interval, cache_branch_id=branch)
-    helper.enable()
-    return twin
+    return scheduler
 
 
 def deepcache_partial_cost(unet: torch.nn.Module, embedding, batch: int, branch: int) -> float:
     """DeepCache's shallow call over its full call, timed at the harness batch (CFG: 2 x batch)."""
-    twin = deepcache_unet(unet, interval=STEPS, branch=branch, steps=STEPS)  # only step 0 is full
-    timesteps = default_scheduler()
-    timesteps.set_timesteps(STEPS)
+    scheduler = stepped_scheduler(STEPS)
+    twin = deepcache(unet, scheduler, interval=STEPS, branch=branch)  # only step 0 is full
     x = torch.randn(2 * batch, 1, IMAGE_SIZE, IMAGE_SIZE)
     cond = embedding(torch.full((2 * batch,), NULL_LABEL))
-    first, later = timesteps.timesteps[0], timesteps.timesteps[1]
+    first, later = scheduler.timesteps[0], scheduler.timesteps[1]
     with torch.no_grad():
         full = time_ms(lambda: twin(x, first, encoder_hidden_states=cond), CPU, 5)  # fills the cache too
         partial = time_ms(lambda: twin(x, later, encoder_hidden_states=cond), CPU, 5)
@@ -101,7 +87,7 @@ def main() -> None:
         if run["method"] == "DDIM":
             model, cost, ratio = unet, float(steps), None
         elif "branch" in run:
-            model = deepcache_unet(unet, run["interval"], run["branch"], steps)
+            model = deepcache(unet, stepped_scheduler(steps), run["interval"], run["branch"])
             full_calls = len(range(0, steps, run["interval"]))
             ratio = partial[run["branch"]]
             cost = full_calls + ratio * (steps - full_calls)

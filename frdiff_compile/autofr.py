@@ -275,16 +275,20 @@ def _swap_search(run, iterations, num_steps, budget, validation, bar, reuse_cost
     """
     mask = uniform_mask(num_steps, budget).float()
     best = start = validation.score(mask)
+
     def cost(m: torch.Tensor) -> float:  # the runtime's schedule for this mask: keyframes + reuse_cost x reuse calls
         keyframes = tuple(bool(v) for v in m)
         return build_schedule(num_steps, dataclasses.replace(run.config, keyframes=keyframes)).cost(reuse_cost)
 
+    max_cost = cost(mask) + 1e-9 if reuse_cost is not None else None  # the uniform mask's
+
     def affordable(i: int, j: int) -> bool:  # keyframe i moved to step j costs no more than uniform
+        if max_cost is None:
+            return True
         moved = mask.clone()
         moved[i], moved[j] = 0.0, 1.0
-        return reuse_cost is None or cost(moved) <= max_cost
+        return cost(moved) <= max_cost
 
-    max_cost = cost(mask) + 1e-9 if reuse_cost is not None else None
     total, seen = torch.zeros(num_steps), 0
     tried: set[tuple[int, int]] = set()
     history: list[float] = []
