@@ -1,17 +1,19 @@
-"""FRDiff with the solvers people use, on the shipped digits model, against fewer steps of the same solver.
+"""FRDiff and DeepCache with the solvers people use, on the shipped digits model, against fewer steps.
 
-Run (about five minutes on 2 CPU cores):
+Run (about nine minutes on 2 CPU cores; needs the DeepCache package, in the `bench` extra):
     python benchmarks/eval_schedulers.py
     python benchmarks/eval_schedulers.py --samples 50 --quick   # smoke run
 
-For each (solver, N steps): full compute at N steps is the reference; FRDiff M=2 and M=3 (b = 0.5) at N
-steps; and, as the equal-cost baseline, full compute with the same solver at the step count nearest to each
-FRDiff row's cost (full-call equivalents, a reuse call weighted by its measured cost, as in
-eval_quality.py). PSNR/SQNR against the reference, class accuracy and FID-proxy (frdiff_compile.quality).
+For each (solver, N steps): full compute at N steps is the reference; FRDiff M=2 and M=3 (b = 0.5) at N steps;
+DeepCache N=2 and N=3 (branch 0, as in eval_deepcache.py) at N steps; and, as the equal-cost baseline, full
+compute with the same solver at the step count nearest to each cached row's cost (full-call equivalents, each
+method's cheap call weighted by its measured time over its own full call, as in eval_quality.py and
+eval_deepcache.py). PSNR/SQNR against the reference, class accuracy and FID-proxy (frdiff_compile.quality).
 Every row uses the same labels and noise. Writes benchmarks/results/eval_schedulers.csv.
 
-The question it answers: for a solver that already needs few steps, does feature reuse give better images
-than simply running that solver for fewer steps at the same cost?
+The questions it answers: for a solver that already needs few steps, does feature reuse give better images
+than simply running that solver for fewer steps at the same cost? And is DeepCache, which beats FRDiff at
+equal cost with DDIM (eval_deepcache.py), ahead with these solvers too?
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, append_csv, environment, print_table
+from common import RESULTS, append_csv, deepcache, environment, print_table
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler
+from eval_deepcache import deepcache_partial_cost
 from eval_quality import add_sampling_args, setup
 
 import frdiff_compile
@@ -46,8 +49,13 @@ SOLVERS = [
 QUICK = [SOLVERS[2], SOLVERS[4]]
 
 
-def solver(cls) -> object:
-    return cls.from_config(default_scheduler().config, timestep_spacing="leading")
+def solver(cls, steps: int | None = None) -> object:
+    """Solver `cls` over the model's schedule; with `steps`, already set up as a pipeline's copy will be (for
+    DeepCache, which looks each call's timestep up in its own scheduler's timesteps)."""
+    scheduler = cls.from_config(default_scheduler().config, timestep_spacing="leading")
+    if steps is not None:
+        scheduler.set_timesteps(steps)
+    return scheduler
 
 
 def main() -> None:
@@ -56,7 +64,9 @@ def main() -> None:
     parser.add_argument("--csv", default=str(RESULTS / "eval_schedulers.csv"))
     args = parser.parse_args()
     unet, embedding, judge, labels, r = setup(args)
-    print(f"eval_schedulers: {args.samples} samples, seed {args.seed}, reuse call = {r:.3f} of a keyframe call")
+    shallow = deepcache_partial_cost(unet, embedding, args.samples, branch=0)
+    print(f"eval_schedulers: {args.samples} samples, seed {args.seed}, reuse call = {r:.3f} of a keyframe call, "
+          f"DeepCache shallow call = {shallow:.3f} of its full call")
     rows: list[dict] = []
 
     def measure(name: str, cls, n: int, steps: int, method: str, model, cost: float, reference):
@@ -79,13 +89,20 @@ def main() -> None:
             measure(name, cls, n, n, f"FRDiff M={m}", frdiff_compile.optimize(unet, config), cost, reference)
             fewer = max(1, round(cost))
             measure(name, cls, n, fewer, f"full, cost of M={m}", unet, float(fewer), reference)
+        for k in (2, 3):
+            full_calls = len(range(0, n, k))
+            cost = full_calls + shallow * (n - full_calls)
+            model = deepcache(unet, solver(cls, n), interval=k, branch=0)
+            measure(name, cls, n, n, f"DeepCache N={k}", model, cost, reference)
+            fewer = max(1, round(cost))
+            measure(name, cls, n, fewer, f"full, cost of DeepCache N={k}", unet, float(fewer), reference)
         print(f"{name} N={n}: done", flush=True)
     # No wall times in the table: each FRDiff row includes its graph capture; cost is the speed measure here.
     print_table(rows, ["solver", "N", "method", "steps", "cost", "psnr_db", "sqnr_db", "accuracy", "fid_proxy"],
                 "eval_schedulers (digits model, CPU; PSNR/SQNR against full compute at N)")
     env = environment(torch.device("cpu"))
-    path = append_csv(Path(args.csv), [{**row, "samples": args.samples, "seed": args.seed, "reuse_cost": r}
-                                       for row in rows], env)
+    path = append_csv(Path(args.csv), [{**row, "samples": args.samples, "seed": args.seed, "reuse_cost": r,
+                                        "deepcache_shallow_cost": shallow} for row in rows], env)
     print(f"appended {len(rows)} rows to {path}")
 
 
