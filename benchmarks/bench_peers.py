@@ -14,7 +14,10 @@ frdiff_compile M=2 and M=3 with score mixing (compiled, CUDA graphs; M=3 runs M=
 schedule, `FRDiffUNet.reconfigure`, so it compiles nothing); frdiff_compile M=2 compiled without CUDA
 graphs. Also available, not run by default: "compiled", torch.compile in "reduce-overhead" mode
 (inductor's own CUDA graphs; on the first H100 run it took 10.7 ms a step where our captured keyframe graph,
-which does more, took 7.7, so it is not the strongest baseline). Each provider runs one untimed loop
+which does more, took 7.7, so it is not the strongest baseline); "deepcache-compiled", DeepCache at
+interval 3 with the UNet's forward (its block wrappers inside) compiled by inductor, no CUDA graphs
+(`common.deepcache`): the method against frdiff's, both compiled, where "deepcache" compares an eager
+implementation with compiled graphs; set it against frdiff-m2-nocg. Each provider runs one untimed loop
 (compilation, capture) and then --loops timed loops (CUDA events, median).
 
 Reports per provider: loop ms, speedup against eager and against compiled stock, first-loop seconds (for
@@ -49,7 +52,7 @@ from frdiff_compile.passes import CallLayout
 # Run order: the numbers the targets name come first, so a run cut short by its time limit keeps them; the
 # stock compile comes after frdiff M=2 and the speedups against it are filled in at the end.
 DEFAULT = ("eager", "frdiff-m2", "compiled-static", "frdiff-m3", "deepcache", "frdiff-m2-nocg")
-ALL = (*DEFAULT, "compiled")
+ALL = (*DEFAULT, "compiled", "deepcache-compiled")
 BASELINES = ("eager", "compiled-static", "compiled")
 
 
@@ -89,6 +92,8 @@ def build(name: str, unet, scheduler, dry_run: bool, runtimes: dict) -> Callable
         return torch.compile(unet, backend="eager") if dry_run else torch.compile(unet, mode="reduce-overhead")
     if name == "deepcache":
         return deepcache(unet, scheduler, interval=3)
+    if name == "deepcache-compiled":
+        return deepcache(unet, scheduler, interval=3, compile_backend="eager" if dry_run else "inductor")
     interval = 3 if name == "frdiff-m3" else 2
     config = FRDiffConfig(keyframe_interval=interval, cuda_graphs=False if name.endswith("nocg") else None,
                           compile=False if dry_run else None)

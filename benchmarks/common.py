@@ -182,18 +182,59 @@ def loop_model_ms(counts: dict[str, int], ms: dict[str, float], steps: int) -> f
             + steps * ms["scheduler"])
 
 
-def deepcache(unet: torch.nn.Module, scheduler, interval: int, branch: int = 0) -> torch.nn.Module:
+def deepcache(unet: torch.nn.Module, scheduler, interval: int, branch: int = 0,
+              compile_backend: str | None = None) -> torch.nn.Module:
     """A deep copy of `unet` under DeepCache (the pip package, as it comes) at `interval`, `cache_branch_id`
     `branch`. The copy because DeepCache replaces forwards on the modules it is given. It finds the step
     from the timestep's value in `scheduler.timesteps`, so the caller keeps `scheduler` set up as the sampling
-    loop's; the first call of a generation must be its step 0."""
+    loop's; the first call of a generation must be its step 0.
+
+    With `compile_backend` ("inductor"; "eager" checks the wiring) the UNet's forward, DeepCache's block
+    wrappers inside it, runs under torch.compile (`_compiled_helper`)."""
     from DeepCache import DeepCacheSDHelper
 
     twin = copy.deepcopy(unet)
-    helper = DeepCacheSDHelper(pipe=types.SimpleNamespace(unet=twin, scheduler=scheduler))
+    pipe = types.SimpleNamespace(unet=twin, scheduler=scheduler)
+    if compile_backend is None:
+        helper = DeepCacheSDHelper(pipe=pipe)
+    else:
+        helper = _compiled_helper(DeepCacheSDHelper)(pipe, compile_backend)
     helper.set_params(cache_interval=interval, cache_branch_id=branch)
     helper.enable()
     return twin
+
+
+def _compiled_helper(base: type) -> type:
+    """DeepCache's helper with the UNet's forward compiled: a fair compiled peer for frdiff's graphs.
+
+    As it comes, the helper's block wrappers decide from the step number (`cur_timestep - start_timestep`
+    modulo the interval) inside the forward, so dynamo guards on the step number, recompiles at every step
+    and, at its recompile limit (8), runs the rest eagerly. This subclass finds the step where the package
+    does, outside the compiled forward, and hands the package's own per-block rule only the phase: 0 on a
+    full step, 1 on a shallow one. The rule and the cache are the package's; three graphs are compiled (the
+    first full step, whose cache dict starts empty, the later full steps, and the shallow step).
+    """
+
+    class CompiledDeepCache(base):
+        def __init__(self, pipe, backend: str) -> None:
+            super().__init__(pipe=pipe)
+            self.backend = backend
+
+        def wrap_unet_forward(self) -> None:
+            forward = self.function_dict["unet_forward"] = self.pipe.unet.forward
+            compiled = torch.compile(forward, backend=self.backend)
+            first_index: list[int] = []  # the package's start_timestep, kept out of the compiled forward
+
+            def wrapped_forward(*args, **kwargs):
+                index = list(self.pipe.scheduler.timesteps).index(args[1].item())
+                first_index[:] = first_index or [index]
+                self.start_timestep = 0
+                self.cur_timestep = int((index - first_index[0]) % self.params["cache_interval"] != 0)
+                return compiled(*args, **kwargs)
+
+            self.pipe.unet.forward = wrapped_forward
+
+    return CompiledDeepCache
 
 
 def print_table(rows: Sequence[dict[str, object]], columns: Sequence[str], title: str) -> None:

@@ -15,8 +15,8 @@
 #                                      CUDA graphs emulated), all but the two that inspect the Triton kernel
 #
 # Everything goes to $OUT (a temporary folder when unset): gpu_check.log (every stage's output), the CSVs
-# bench_blend.csv and bench_peers.csv (bench_unet.csv and bench_compile.csv when those stages are asked
-# for), gpu_tests.txt and stages.txt. Each stage has its own time limit inside one overall deadline
+# bench_blend.csv and bench_peers.csv (bench_unet.csv, bench_compile.csv and bench_methods.csv when those
+# stages are asked for), gpu_tests.txt and stages.txt. Each stage has its own time limit inside one overall deadline
 # (BUDGET_S, 560 s by default, the install included); a failing or timed-out stage is reported and the
 # next one still runs. STAGES picks stages for a partial rerun, e.g. STAGES="bench_blend" BUDGET_S=120.
 # Seen on an H100 (2026-11-26): the machine's start about 30 s; 8 of the then 9 GPU tests in about 190 s
@@ -40,7 +40,8 @@ BUDGET_S=${BUDGET_S:-$(( DRY ? 900 : 560 ))}
 # bench_compile (cold compile of both graphs over empty caches, each in a fresh process, as inductor comes
 # and with the reuse graph compiled by a background worker: STAGES=bench_compile BUDGET_S=240; about
 # 2.5 minutes expected on an H100 from the 73 s cold compile seen there, an estimate; 160 s in the
-# CPU dry run).
+# CPU dry run) and bench_methods (FRDiff M=2 and DeepCache at interval 3, both compiled without CUDA
+# graphs, against eager: the two methods on equal footing; STAGES=bench_methods BUDGET_S=300).
 STAGES=" ${STAGES:-gpu_tests bench_blend bench_peers} "
 START=$(date +%s)
 
@@ -109,6 +110,8 @@ if [[ "$STAGES" == *" gpu_tests "* ]]; then
 fi
 stage bench_blend 100 $PY benchmarks/bench_blend.py "${BLEND[@]}" --csv "$OUT/bench_blend.csv"
 stage bench_peers 240 $PY benchmarks/bench_peers.py "${PEERS[@]}" --csv "$OUT/bench_peers.csv"
+stage bench_methods 300 $PY benchmarks/bench_peers.py "${PEERS[@]}" --providers eager,frdiff-m2-nocg,deepcache-compiled \
+  --csv "$OUT/bench_methods.csv"
 stage bench_sdxl 240 $PY benchmarks/bench_peers.py "${PEERS[@]}" "${SDXL[@]}" --csv "$OUT/bench_peers_sdxl.csv"
 stage bench_unet 60 $PY benchmarks/bench_unet.py "${UNET[@]}" --csv "$OUT/bench_unet.csv"
 stage bench_compile 300 $PY benchmarks/bench_compile.py "${COMPILE[@]}" --csv "$OUT/bench_compile.csv"

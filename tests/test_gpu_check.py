@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
@@ -53,7 +55,14 @@ def test_summary_judges_the_newest_run_against_the_targets(tmp_path):
         {"date": new, "variant": "background", "phase": "warm", "compile_s": "9", "triton_binaries": "259",
          "background_compiles": "0"},
     ])
+    write_csv(tmp_path / "bench_methods.csv", [
+        {"date": new, "provider": "eager", "loop_ms": "1000"},
+        {"date": new, "provider": "frdiff-m2-nocg", "loop_ms": "400"},
+        {"date": new, "provider": "deepcache-compiled", "loop_ms": "500"},
+    ])
     verdicts = {row[0]: row for row in summary(tmp_path)}
+    assert verdicts["methods: frdiff-m2-nocg vs eager"][1:] == ("2.5", "", "-")
+    assert verdicts["methods: deepcache-compiled vs eager"][1:] == ("2", "", "-")
     assert verdicts["compile s, default cold (140 Triton binaries)"][1:] == ("72.5", "<= 60", "MISSED")
     assert verdicts["compile s, default warm (140 Triton binaries)"][1:] == ("9.1", "", "-")
     assert verdicts["compile s, shared-names cold (101 Triton binaries)"][3] == "met"
@@ -129,6 +138,43 @@ def test_direct_graph_loop_follows_the_runtimes_schedule():
         direct = final_latents(DirectGraphs(entry, schedule))
     assert schedule.counts()["reuse"] and schedule.counts()["skip"]  # every kind of step is compared
     assert torch.equal(direct, through_runtime)
+
+
+def test_compiled_deepcache_peer_is_deepcache_compiled_into_three_graphs():
+    """bench_peers' compiled DeepCache must run DeepCache's method: the trajectories the package gives
+    eagerly, two generations in a row, from three dynamo graphs (as the package comes, compiling its UNet
+    recompiles at every step: the block wrappers read the step number)."""
+    pytest.importorskip("DeepCache")
+    import torch
+    from common import deepcache
+    from conftest import make_unet, unet_inputs
+    from diffusers import DDIMScheduler
+    from torch._dynamo.utils import counters
+
+    unet, cond, steps = make_unet("sd15", layers_per_block=1), unet_inputs("sd15"), 9
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def two_generations(model, scheduler):
+        finals = []
+        for _ in range(2):
+            scheduler.set_timesteps(steps)
+            x = latents.clone()
+            for t in scheduler.timesteps:
+                x = scheduler.step(model(x, t, **cond).sample, t, x).prev_sample
+            finals.append(x)
+        return finals
+
+    eager_scheduler, compiled_scheduler = DDIMScheduler(), DDIMScheduler()
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        stock = two_generations(unet, DDIMScheduler())
+        expected = two_generations(deepcache(unet, eager_scheduler, interval=3), eager_scheduler)
+        got = two_generations(deepcache(unet, compiled_scheduler, interval=3, compile_backend="eager"),
+                              compiled_scheduler)
+    assert not torch.allclose(expected[0], stock[0], atol=1e-3)  # shallow steps do read DeepCache's cache
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert counters["stats"]["unique_graphs"] == 3
 
 
 def test_static_stock_baseline_returns_the_stock_unet_output():
