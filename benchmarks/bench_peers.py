@@ -5,11 +5,13 @@ the UNet loop only: no VAE, no text encoder):
     python benchmarks/bench_peers.py
     python benchmarks/bench_peers.py --config sdxl --latent 128 --steps 30
     python benchmarks/bench_peers.py --dry-run     # CPU, tiny config, nothing compiled: checks the script
+    python benchmarks/bench_peers.py --cpu --config small --latent 32 --providers eager,frdiff-m2,...
+                                                   # CPU inductor, fp32, no CUDA graphs: ratios only
 
 Providers, in one process on one UNet (DeepCache on a deep copy, since it rewrites module forwards):
 eager diffusers (SDPA attention); "compiled-static": torch.compile of the stock UNet (inductor, default mode)
 replayed as one CUDA graph by the same StaticGraph capture that frdiff_compile uses, the strongest stock
-baseline and the one the targets name; DeepCache (the pip package) at cache interval 3, branch 0;
+baseline and the one the targets name; DeepCache (the pip package) at cache interval 3 (--deepcache-interval), branch 0;
 frdiff_compile M=2 and M=3 with score mixing (compiled, CUDA graphs; M=3 runs M=2's graphs under a new
 schedule, `FRDiffUNet.reconfigure`, so it compiles nothing); frdiff_compile M=2 compiled without CUDA
 graphs. Also available, not run by default: "compiled", torch.compile in "reduce-overhead" mode
@@ -63,12 +65,12 @@ class StaticStock:
     against it is feature reuse alone, not CUDA graphs against none.
     """
 
-    def __init__(self, unet, dry_run: bool) -> None:
+    def __init__(self, unet, mode: str) -> None:
         self.unet = unet
-        self.compiled = torch.compile(unet, backend="eager" if dry_run else "inductor")
+        self.compiled = torch.compile(unet, backend="eager" if mode == "dry" else "inductor")
         self.graph: StaticGraph | None = None
         self.layout: CallLayout | None = None
-        self.backend = "emulate" if dry_run else "cuda"
+        self.backend = "cuda" if mode == "cuda" else "emulate"
 
     def _run(self, *tensors: torch.Tensor) -> torch.Tensor:
         return self.compiled(**self.layout.rebuild(list(tensors)), return_dict=False)[0]
@@ -82,21 +84,23 @@ class StaticStock:
         return types.SimpleNamespace(sample=self.graph(tensors))
 
 
-def build(name: str, unet, scheduler, dry_run: bool, runtimes: dict) -> Callable:
+def build(name: str, unet, scheduler, mode: str, runtimes: dict, deepcache_interval: int = 3) -> Callable:
+    """Provider `name`; `mode` "cuda", "cpu" (CPU inductor, no CUDA graphs) or "dry" (nothing compiled)."""
     if name == "eager":
         return unet
     if name == "compiled-static":
-        return StaticStock(unet, dry_run)
+        return StaticStock(unet, mode)
     if name == "compiled":
         # The dry run checks the wiring only: the eager backend compiles nothing.
-        return torch.compile(unet, backend="eager") if dry_run else torch.compile(unet, mode="reduce-overhead")
-    if name == "deepcache":
-        return deepcache(unet, scheduler, interval=3)
-    if name == "deepcache-compiled":
-        return deepcache(unet, scheduler, interval=3, compile_backend="eager" if dry_run else "inductor")
+        if mode == "dry":
+            return torch.compile(unet, backend="eager")
+        return torch.compile(unet, mode="reduce-overhead" if mode == "cuda" else None)
+    if name.startswith("deepcache"):
+        backend = None if name == "deepcache" else "eager" if mode == "dry" else "inductor"
+        return deepcache(unet, scheduler, interval=deepcache_interval, compile_backend=backend)
     interval = 3 if name == "frdiff-m3" else 2
     config = FRDiffConfig(keyframe_interval=interval, cuda_graphs=False if name.endswith("nocg") else None,
-                          compile=False if dry_run else None)
+                          compile={"dry": False, "cpu": True, "cuda": None}[mode])
     if name == "frdiff-m3" and "frdiff-m2" in runtimes:
         # The graphs do not depend on the schedule: M=3 replays the graphs M=2 compiled and captured, as a
         # user switching M on a live pipeline would (its compile time is M=2's).
@@ -115,8 +119,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--loops", type=int, default=5, help="timed loops per provider (median)")
     parser.add_argument("--providers", default=",".join(DEFAULT), help=f"comma-separated subset of {','.join(ALL)}")
+    parser.add_argument("--deepcache-interval", type=int, default=3)
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny config, 4 steps, nothing compiled")
-    parser.add_argument("--csv", default=None, help="default: benchmarks/results/bench_peers.csv (none for --dry-run)")
+    parser.add_argument("--cpu", action="store_true",
+                        help="CPU, fp32, compiled by CPU inductor, no CUDA graphs (compiled-static emulates them): "
+                             "ratios between providers, not GPU times")
+    parser.add_argument("--csv", default=None, help="default: benchmarks/results/bench_peers.csv, bench_peers_cpu.csv "
+                                                    "with --cpu (none for --dry-run)")
     args = parser.parse_args()
     names = [n for n in args.providers.split(",") if n]
     unknown = sorted(set(names) - set(ALL))
@@ -124,11 +133,13 @@ def main() -> None:
         parser.error(f"unknown providers {unknown}; known: {', '.join(ALL)}")
     if args.dry_run:
         args.config, args.latent, args.steps, args.loops = "tiny", 8, 4, 1
-        device, dtype = torch.device("cpu"), torch.float32
+        mode, device, dtype = "dry", torch.device("cpu"), torch.float32
+    elif args.cpu:
+        mode, device, dtype = "cpu", torch.device("cpu"), torch.float32
     elif not torch.cuda.is_available():
-        parser.error("bench_peers measures CUDA providers and needs a CUDA device (use --dry-run on CPU)")
+        parser.error("bench_peers measures CUDA providers and needs a CUDA device (use --cpu or --dry-run on CPU)")
     else:
-        device, dtype = torch.device("cuda"), torch.float16
+        mode, device, dtype = "cuda", torch.device("cuda"), torch.float16
 
     torch.manual_seed(0)
     unet = build_unet(args.config, args.latent).to(device, dtype)
@@ -140,8 +151,10 @@ def main() -> None:
     print(f"bench_peers: {shape}, {args.steps} DDIM steps on {env['device']} (torch {env['torch']}, git {env['git']})",
           flush=True)
     rows: list[dict] = []
-    csv_path = args.csv or (None if args.dry_run else str(RESULTS / "bench_peers.csv"))
-    extra = {"shape": shape, "steps": args.steps, "loops": args.loops, "dry_run": args.dry_run}
+    default_csv = {"dry": None, "cpu": RESULTS / "bench_peers_cpu.csv", "cuda": RESULTS / "bench_peers.csv"}[mode]
+    csv_path = args.csv or (default_csv and str(default_csv))
+    extra = {"shape": shape, "steps": args.steps, "loops": args.loops, "dry_run": args.dry_run,
+             "deepcache_interval": args.deepcache_interval}
     runtimes: dict = {}  # frdiff runtimes by provider, kept for the providers that share their graphs
     with torch.no_grad():
         for name in names:
@@ -152,7 +165,7 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             try:
-                model = build(name, unet, scheduler, args.dry_run, runtimes)
+                model = build(name, unet, scheduler, mode, runtimes, args.deepcache_interval)
                 stats_before = copy.copy(getattr(model, "stats", None))
                 start = time.perf_counter()
                 loop_ms(model, scheduler, latents, call, args.steps, device)  # compile, capture, warm
@@ -171,7 +184,7 @@ def main() -> None:
                 # A provider without a runtime of its own runs another's graphs (frdiff-m3 on frdiff-m2's).
                 describe_frdiff(row, model, stats_before, runtimes.get(name) is not model, scheduler, latents,
                                 call, args.steps, device)
-            if name == "frdiff-m2" and not args.dry_run:
+            if name == "frdiff-m2" and mode != "dry":
                 # Where the first (cold) compile's time went, phase by phase, for the log.
                 print(torch._dynamo.utils.compile_times(repr="str", aggregate=True), flush=True)
             del model
