@@ -8,19 +8,20 @@ the UNet loop only: no VAE, no text encoder):
     python benchmarks/bench_peers.py --cpu --config small --latent 32 --providers eager,frdiff-m2,...
                                                    # CPU inductor, fp32, no CUDA graphs: ratios only
 
-Providers, in one process on one UNet (DeepCache on a deep copy, since it rewrites module forwards):
-eager diffusers (SDPA attention); "compiled-static": torch.compile of the stock UNet (inductor, default mode)
+Providers, in one process on one UNet (DeepCache on a deep copy, since it rewrites module forwards): eager
+diffusers (SDPA attention); "compiled-static": torch.compile of the stock UNet (inductor, default mode)
 replayed as one CUDA graph by the same StaticGraph capture that frdiff_compile uses, the strongest stock
-baseline and the one the targets name; DeepCache (the pip package) at cache interval 3 (--deepcache-interval), branch 0;
-frdiff_compile M=2 and M=3 with score mixing (compiled, CUDA graphs; M=3 runs M=2's graphs under a new
-schedule, `FRDiffUNet.reconfigure`, so it compiles nothing); frdiff_compile M=2 compiled without CUDA
-graphs. Also available, not run by default: "compiled", torch.compile in "reduce-overhead" mode
-(inductor's own CUDA graphs; on the first H100 run it took 10.7 ms a step where our captured keyframe graph,
-which does more, took 7.7, so it is not the strongest baseline); "deepcache-compiled", DeepCache at
-interval 3 with the UNet's forward (its block wrappers inside) compiled by inductor, no CUDA graphs
-(`common.deepcache`): the method against frdiff's, both compiled, where "deepcache" compares an eager
-implementation with compiled graphs; set it against frdiff-m2-nocg. Each provider runs one untimed loop
-(compilation, capture) and then --loops timed loops (CUDA events, median).
+baseline and the one the targets name; DeepCache (the pip package) at cache interval 3 (--deepcache-interval),
+branch 0; frdiff_compile M=2 and M=3 with score mixing (compiled, CUDA graphs; M=3 runs M=2's graphs under a
+new schedule, `FRDiffUNet.reconfigure`, so it compiles nothing); frdiff_compile M=2 compiled without CUDA
+graphs. Also available, not run by default: "compiled", torch.compile in "reduce-overhead" mode (inductor's
+own CUDA graphs; on the first H100 run it took 10.7 ms a step where our captured keyframe graph, which does
+more, took 7.7, so it is not the strongest baseline); "deepcache-compiled", DeepCache at interval 3 with the
+UNet's forward (its block wrappers inside) compiled by inductor, no CUDA graphs (`common.deepcache`): the
+method against frdiff's, both compiled, where "deepcache" compares an eager implementation with compiled
+graphs; set it against frdiff-m3-nocg (the same interval; it runs frdiff-m2-nocg's graphs where that was
+built) and frdiff-m2-nocg. Each provider runs one untimed loop (compilation, capture) and then --loops timed
+loops (CUDA events, median).
 
 Reports per provider: loop ms, speedup against eager and against compiled stock, first-loop seconds (for
 compiled providers, mostly compilation), peak memory above what was allocated before it was built; for
@@ -54,7 +55,7 @@ from frdiff_compile.passes import CallLayout
 # Run order: the numbers the targets name come first, so a run cut short by its time limit keeps them; the
 # stock compile comes after frdiff M=2 and the speedups against it are filled in at the end.
 DEFAULT = ("eager", "frdiff-m2", "compiled-static", "frdiff-m3", "deepcache", "frdiff-m2-nocg")
-ALL = (*DEFAULT, "compiled", "deepcache-compiled")
+ALL = (*DEFAULT, "compiled", "deepcache-compiled", "frdiff-m3-nocg")
 BASELINES = ("eager", "compiled-static", "compiled")
 
 
@@ -98,13 +99,14 @@ def build(name: str, unet, scheduler, mode: str, runtimes: dict, deepcache_inter
     if name.startswith("deepcache"):
         backend = None if name == "deepcache" else "eager" if mode == "dry" else "inductor"
         return deepcache(unet, scheduler, interval=deepcache_interval, compile_backend=backend)
-    interval = 3 if name == "frdiff-m3" else 2
+    interval = 3 if name.startswith("frdiff-m3") else 2
     config = FRDiffConfig(keyframe_interval=interval, cuda_graphs=False if name.endswith("nocg") else None,
                           compile={"dry": False, "cpu": True, "cuda": None}[mode])
-    if name == "frdiff-m3" and "frdiff-m2" in runtimes:
+    m2 = name.replace("frdiff-m3", "frdiff-m2")
+    if interval == 3 and m2 in runtimes:
         # The graphs do not depend on the schedule: M=3 replays the graphs M=2 compiled and captured, as a
         # user switching M on a live pipeline would (its compile time is M=2's).
-        fr = runtimes["frdiff-m2"]
+        fr = runtimes[m2]
         fr.reconfigure(config)
         return fr
     runtimes[name] = frdiff_compile.optimize(unet, config)
@@ -231,7 +233,7 @@ def describe_frdiff(row: dict, fr, before, shared: bool, scheduler, latents, cal
     # itself gains, separate from compilation and CUDA graphs.
     all_keyframes = loop_model_ms({"full": steps, "reuse": 0, "skip": 0}, ms, steps)
     stats = fr.stats.since(before)
-    prefix = "graphs of frdiff-m2 (reconfigure); " if shared else ""
+    prefix = f"graphs of {row['provider'].replace('frdiff-m3', 'frdiff-m2')} (reconfigure); " if shared else ""
     row.update({
         "keyframe_ms": ms["keyframe"], "reuse_ms": ms["reuse"], "model_ms": model,
         "measured_over_model": row["loop_ms"] / model, "vs_all_keyframes": all_keyframes / row["loop_ms"],

@@ -40,8 +40,8 @@ BUDGET_S=${BUDGET_S:-$(( DRY ? 900 : 560 ))}
 # bench_compile (cold compile of both graphs over empty caches, each in a fresh process, as inductor comes
 # and with the reuse graph compiled by a background worker: STAGES=bench_compile BUDGET_S=240; about
 # 2.5 minutes expected on an H100 from the 73 s cold compile seen there, an estimate; 160 s in the
-# CPU dry run) and bench_methods (FRDiff M=2 and DeepCache at interval 3, both compiled without CUDA
-# graphs, against eager: the two methods on equal footing; STAGES=bench_methods BUDGET_S=300).
+# CPU dry run) and bench_methods (FRDiff M=2 and M=3 and DeepCache at interval 3, all compiled without
+# CUDA graphs, against eager: the two methods on equal footing; STAGES=bench_methods BUDGET_S=300).
 STAGES=" ${STAGES:-gpu_tests bench_blend bench_peers} "
 START=$(date +%s)
 
@@ -110,8 +110,8 @@ if [[ "$STAGES" == *" gpu_tests "* ]]; then
 fi
 stage bench_blend 100 $PY benchmarks/bench_blend.py "${BLEND[@]}" --csv "$OUT/bench_blend.csv"
 stage bench_peers 240 $PY benchmarks/bench_peers.py "${PEERS[@]}" --csv "$OUT/bench_peers.csv"
-stage bench_methods 300 $PY benchmarks/bench_peers.py "${PEERS[@]}" --providers eager,frdiff-m2-nocg,deepcache-compiled \
-  --csv "$OUT/bench_methods.csv"
+stage bench_methods 300 $PY benchmarks/bench_peers.py "${PEERS[@]}" \
+  --providers eager,frdiff-m2-nocg,frdiff-m3-nocg,deepcache-compiled --csv "$OUT/bench_methods.csv"
 stage bench_sdxl 240 $PY benchmarks/bench_peers.py "${PEERS[@]}" "${SDXL[@]}" --csv "$OUT/bench_peers_sdxl.csv"
 stage bench_unet 60 $PY benchmarks/bench_unet.py "${UNET[@]}" --csv "$OUT/bench_unet.csv"
 stage bench_compile 300 $PY benchmarks/bench_compile.py "${COMPILE[@]}" --csv "$OUT/bench_compile.csv"

@@ -133,7 +133,7 @@ def summary(out: Path) -> list[tuple[str, str, str, str]]:
                 lines.append(line(f"sdxl {name} vs {label}", base / own, "", None))
     # FRDiff and DeepCache both compiled without CUDA graphs (optional stage): reported, no target.
     methods = {r["provider"]: number(r.get("loop_ms")) for r in newest(out / "bench_methods.csv")}
-    for name in ("frdiff-m2-nocg", "deepcache-compiled"):
+    for name in ("frdiff-m2-nocg", "frdiff-m3-nocg", "deepcache-compiled"):
         if methods.get("eager") and methods.get(name):
             lines.append(line(f"methods: {name} vs eager", methods["eager"] / methods[name], "", None))
     return lines

@@ -89,14 +89,14 @@ def test_bench_peers_dry_run_measures_every_requested_provider(tmp_path):
     out = tmp_path / "peers.csv"
     result = subprocess.run(
         [sys.executable, str(BENCH / "bench_peers.py"), "--dry-run",
-         "--providers", "eager,compiled-static,frdiff-m2,frdiff-m3",
+         "--providers", "eager,compiled-static,frdiff-m2,frdiff-m3,frdiff-m2-nocg,frdiff-m3-nocg",
          "--csv", str(out)],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     with out.open() as f:
         rows = {r["provider"]: r for r in csv.DictReader(f)}
-    assert set(rows) == {"eager", "compiled-static", "frdiff-m2", "frdiff-m3"}
+    assert set(rows) == {"eager", "compiled-static", "frdiff-m2", "frdiff-m3", "frdiff-m2-nocg", "frdiff-m3-nocg"}
     assert all(float(r["loop_ms"]) > 0 for r in rows.values()), rows
     frdiff = rows["frdiff-m2"]
     assert float(frdiff["keyframe_ms"]) > 0 and float(frdiff["model_ms"]) > 0
@@ -107,6 +107,8 @@ def test_bench_peers_dry_run_measures_every_requested_provider(tmp_path):
     # M=3 runs M=2's graphs under its own schedule, and its counters are its own.
     m3 = rows["frdiff-m3"]["note"]
     assert m3.startswith("graphs of frdiff-m2 (reconfigure); 2/1/1 full/reuse/skip") and "0 graphs" in m3, m3
+    m3 = rows["frdiff-m3-nocg"]["note"]  # without CUDA graphs: on the graphs of frdiff-m2-nocg
+    assert m3.startswith("graphs of frdiff-m2-nocg (reconfigure); 2/1/1") and "0 graphs" in m3, m3
 
 
 def test_direct_graph_loop_follows_the_runtimes_schedule():
@@ -184,7 +186,7 @@ def test_static_stock_baseline_returns_the_stock_unet_output():
     from conftest import make_unet, unet_inputs
 
     unet = make_unet("sd15")
-    stock = StaticStock(unet, dry_run=True)  # emulated capture: the same static buffers as on CUDA
+    stock = StaticStock(unet, mode="dry")  # emulated capture: the same static buffers as on CUDA
     kept = []
     with torch.no_grad():
         for seed, t in ((0, 999), (1, 500)):
