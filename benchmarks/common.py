@@ -207,12 +207,13 @@ def deepcache(unet: torch.nn.Module, scheduler, interval: int, branch: int = 0,
 def _compiled_helper(base: type) -> type:
     """DeepCache's helper with the UNet's forward compiled: a fair compiled peer for frdiff's graphs.
 
-    As it comes, the helper's block wrappers decide from the step number (`cur_timestep - start_timestep`
-    modulo the interval) inside the forward, so dynamo guards on the step number, recompiles at every step
-    and, at its recompile limit (8), runs the rest eagerly. This subclass finds the step where the package
-    does, outside the compiled forward, and hands the package's own per-block rule only the phase: 0 on a
-    full step, 1 on a shallow one. The rule and the cache are the package's; three graphs are compiled (the
-    first full step, whose cache dict starts empty, the later full steps, and the shallow step).
+    As it comes, the helper's block wrappers decide from the step number (`cur_timestep - start_timestep` modulo
+    the interval) inside the forward, so dynamo guards on the step number, recompiles at every step and, at its
+    recompile limit (8), runs the rest eagerly. This subclass finds the step where the package does (the
+    timestep's place in the scheduler's timesteps, looked up on the host), outside the compiled forward, and
+    hands the package's own per-block rule only the phase: 0 on a full step, 1 on a shallow one. The rule and
+    the cache are the package's; three graphs are compiled (the first full step, whose cache dict starts empty,
+    the later full steps, and the shallow step).
     """
 
     class CompiledDeepCache(base):
@@ -224,9 +225,15 @@ def _compiled_helper(base: type) -> type:
             forward = self.function_dict["unet_forward"] = self.pipe.unet.forward
             compiled = torch.compile(forward, backend=self.backend)
             first_index: list[int] = []  # the package's start_timestep, kept out of the compiled forward
+            # The schedule on the host, from the tensor it was read from: the package compares every entry on
+            # the device (a kernel and a sync each, on CUDA), which would weigh on the peer's loop time.
+            host: dict = {}
 
             def wrapped_forward(*args, **kwargs):
-                index = list(self.pipe.scheduler.timesteps).index(args[1].item())
+                timesteps = self.pipe.scheduler.timesteps
+                if host.get("of") is not timesteps:
+                    host.update(of=timesteps, values=timesteps.tolist())
+                index = host["values"].index(args[1].item())
                 first_index[:] = first_index or [index]
                 self.start_timestep = 0
                 self.cur_timestep = int((index - first_index[0]) % self.params["cache_interval"] != 0)
