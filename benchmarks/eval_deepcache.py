@@ -59,6 +59,13 @@ def deepcache_partial_cost(unet: torch.nn.Module, embedding, batch: int, branch:
     return partial / full
 
 
+def deepcache_cost(steps: int, interval: int, shallow: float) -> float:
+    """Full-call equivalents of a DeepCache generation: a full call every `interval` steps from step 0, a
+    shallow call costing `shallow` of a full one at every other step."""
+    full_calls = len(range(0, steps, interval))
+    return full_calls + shallow * (steps - full_calls)
+
+
 def rows_to_run(quick: bool) -> list[dict]:
     runs = [{"method": "DDIM", "steps": s} for s in ((15, 30, 50) if quick else (10, 15, 20, 30, 50))]
     for m in (2, 3) if quick else (2, 3, 4):
@@ -88,9 +95,8 @@ def main() -> None:
             model, cost, ratio = unet, float(steps), None
         elif "branch" in run:
             model = deepcache(unet, stepped_scheduler(steps), run["interval"], run["branch"])
-            full_calls = len(range(0, steps, run["interval"]))
             ratio = partial[run["branch"]]
-            cost = full_calls + ratio * (steps - full_calls)
+            cost = deepcache_cost(steps, run["interval"], ratio)
         else:
             config = FRDiffConfig(keyframe_interval=run["interval"], score_mixing=run["mixing"])
             model, ratio = frdiff_compile.optimize(unet, config), reuse

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from common import RESULTS, append_csv, deepcache, environment, print_table
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler
-from eval_deepcache import deepcache_partial_cost
+from eval_deepcache import deepcache_cost, deepcache_partial_cost
 from eval_quality import add_sampling_args, setup
 
 import frdiff_compile
@@ -90,8 +90,7 @@ def main() -> None:
             fewer = max(1, round(cost))
             measure(name, cls, n, fewer, f"full, cost of M={m}", unet, float(fewer), reference)
         for k in (2, 3):
-            full_calls = len(range(0, n, k))
-            cost = full_calls + shallow * (n - full_calls)
+            cost = deepcache_cost(n, k, shallow)
             model = deepcache(unet, solver(cls, n), interval=k, branch=0)
             measure(name, cls, n, n, f"DeepCache N={k}", model, cost, reference)
             fewer = max(1, round(cost))
