@@ -80,6 +80,11 @@ _UNTRACKED = (
     "such as scheduler.timesteps); a loop over plain timesteps calls unet.reset(num_inference_steps=N) first, "
     "and a one-step generation has nothing to reuse"
 )
+_REPEATED = (
+    "the UNet was called more than once for the same step (cond and uncond apart, or one call per tile as "
+    "MultiDiffusion's panorama pipeline makes) and one generation keeps one set of caches; batch a step's calls "
+    "into one (for the panorama pipeline, a view_batch_size of at least its number of views)"
+)
 
 
 @dataclasses.dataclass
@@ -331,7 +336,7 @@ class FRDiffUNet(UNetWrapper):
         if position.new_generation:
             self._start_generation(position.num_steps)
         if position.repeated:
-            self._fall_back("the UNet was called more than once for the same step (separate cond/uncond calls)")
+            self._fall_back(_REPEATED)
         if self._generation.eager_reason is not None:
             return None
         if self._away:  # moved mid-generation: the graphs' buffers were released

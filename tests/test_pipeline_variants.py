@@ -1,8 +1,9 @@
-"""More unmodified diffusers pipelines on the optimized UNet, each a way of calling it the plain pipelines
-do not: img2img (starts mid-schedule), inpainting (a 9-channel UNet), LCM (`timestep_cond`), a ControlNet
-(`down_block_additional_residuals`), a T2I-Adapter (`down_intrablock_additional_residuals`), SDXL's
-base-to-refiner handoff (`denoising_end` then `denoising_start`) and dynamic classifier-free guidance (the
-batch halves mid-generation); and one the graphs must not serve, self-attention guidance.
+"""More unmodified diffusers pipelines on the optimized UNet, each a way of calling it the plain pipelines do not:
+img2img (starts mid-schedule), inpainting (a 9-channel UNet), LCM (`timestep_cond`), a ControlNet
+(`down_block_additional_residuals`), a T2I-Adapter (`down_intrablock_additional_residuals`), InstructPix2Pix (an
+8-channel UNet called with a batch of 3), SDXL's base-to-refiner handoff (`denoising_end` then
+`denoising_start`) and dynamic classifier-free guidance (the batch halves mid-generation); and one the graphs
+must not serve, self-attention guidance.
 
 Each runs at M=1, which must give the stock pipeline's images bit for bit, and at M=2, which must give the
 images of the independent eager reference (`frdiff_reference.EagerFRDiff`) hooked into the same pipeline.
@@ -31,6 +32,11 @@ def _run(pipe, **kwargs) -> np.ndarray:
     return pipe("a digit", generator=torch.Generator().manual_seed(0), **kwargs).images
 
 
+def _parts(sd_pipe) -> dict:
+    """The SD fixture's components, less the image encoder that the pipelines below do not take."""
+    return {k: v for k, v in sd_pipe.components.items() if k != "image_encoder"}
+
+
 def _variant(sd_pipe, name: str):
     """The pipeline `name` over the SD fixture's text encoder, tokenizer and VAE, and its call's arguments."""
     from diffusers import (
@@ -40,11 +46,12 @@ def _variant(sd_pipe, name: str):
         StableDiffusionControlNetPipeline,
         StableDiffusionImg2ImgPipeline,
         StableDiffusionInpaintPipeline,
+        StableDiffusionInstructPix2PixPipeline,
         StableDiffusionPipeline,
         T2IAdapter,
     )
 
-    parts = {k: v for k, v in sd_pipe.components.items() if k != "image_encoder"}
+    parts = _parts(sd_pipe)
     size = {"height": SIZE, "width": SIZE}
     if name == "img2img":  # strength 0.6 of 10 steps starts at step 4: a keyframe of the reference's schedule
         pipe, kwargs = StableDiffusionImg2ImgPipeline(**parts), {"image": _image(1), "strength": 0.6}
@@ -64,6 +71,9 @@ def _variant(sd_pipe, name: str):
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
         pipe = StableDiffusionControlNetPipeline(**parts, controlnet=controlnet)
         kwargs = {"image": _image(2), "control_guidance_end": 0.5, **size}
+    elif name == "pix2pix":  # an 8-channel UNet (latents, image latents) under a batch of 3 (text, image, none)
+        parts["unet"] = make_unet("sd15", cross_attention_dim=HIDDEN, in_channels=8)
+        pipe, kwargs = StableDiffusionInstructPix2PixPipeline(**parts), {"image": _image(1)}
     else:
         torch.manual_seed(3)
         adapter = T2IAdapter(in_channels=3, channels=[32, 64], num_res_blocks=1, downscale_factor=2).eval()
@@ -100,7 +110,7 @@ def _assert_close(got, want, what: str) -> None:
     assert err < 1e-4, f"{what}: differs from the eager reference by {err}"
 
 
-@pytest.mark.parametrize("name", ["img2img", "inpaint", "lcm", "controlnet", "t2i_adapter"])
+@pytest.mark.parametrize("name", ["img2img", "inpaint", "lcm", "controlnet", "t2i_adapter", "pix2pix"])
 def test_pipeline_variant_matches_stock_and_the_eager_reference(sd_pipe, name):
     pipe, kwargs = _variant(sd_pipe, name)
     run = lambda: _run(pipe, **kwargs)  # noqa: E731
@@ -166,7 +176,7 @@ def test_sag_pipeline_runs_the_eager_unet_and_equals_stock(sd_pipe):
     runs the eager UNet (before, the first step ran the graphs and the image differed from stock by 0.16)."""
     from diffusers import StableDiffusionSAGPipeline
 
-    pipe = StableDiffusionSAGPipeline(**{k: v for k, v in sd_pipe.components.items() if k != "image_encoder"})
+    pipe = StableDiffusionSAGPipeline(**_parts(sd_pipe))
     pipe.set_progress_bar_config(disable=True)
     run = lambda: _run(pipe, num_inference_steps=4, height=SIZE, width=SIZE, sag_scale=0.75)  # noqa: E731
     stock = run()
@@ -174,3 +184,31 @@ def test_sag_pipeline_runs_the_eager_unet_and_equals_stock(sd_pipe):
         got, stats = _optimized([pipe], 1, run)
     assert np.array_equal(got, stock), "SAG image differs from stock"
     assert stats.full_calls == 0 and stats.eager_calls > 0, stats
+
+
+def test_panorama_runs_the_graphs_with_its_views_batched_and_the_eager_unet_with_a_call_per_view(sd_pipe):
+    """MultiDiffusion's panorama pipeline calls the UNet once per batch of views (windows of the latents) at
+    each step. Batched into one call per step the graphs serve it; a call per view (its default) would need a
+    set of caches per view, so the UNet runs eagerly, equal to stock, and the warning names the remedy."""
+    import diffusers
+
+    if not hasattr(diffusers, "StableDiffusionPanoramaPipeline"):  # deprecated in diffusers since 0.33
+        pytest.skip(f"diffusers {diffusers.__version__} no longer has StableDiffusionPanoramaPipeline")
+    pipe = diffusers.StableDiffusionPanoramaPipeline(**_parts(sd_pipe))
+    pipe.set_progress_bar_config(disable=True)
+    # The pipeline counts views in pixels / 8 whatever the VAE: 2 windows 64 wide at stride 8 (8 latent rows
+    # each, as the tiny VAE downsamples once), so the attention stays small; latents out.
+    size = {"height": 16, "width": 576, "output_type": "latent"}
+    per_view = lambda: _run(pipe, view_batch_size=1, **size)  # noqa: E731
+    batched = lambda: _run(pipe, view_batch_size=2, **size)  # noqa: E731
+    stock = per_view()
+    with pytest.warns(UserWarning, match="more than once for the same step.*view_batch_size"):
+        got, stats = _optimized([pipe], 2, per_view)
+    assert torch.equal(got, stock), "panorama with a call per view differs from stock"
+    assert stats.full_calls == 1 and stats.eager_calls == 2 * STEPS - 1, stats
+    stock, reference = batched(), _reference(pipe, batched)
+    got, stats = _optimized([pipe], 1, batched)
+    assert torch.equal(got, stock), "batched panorama at M=1 differs from stock"
+    got, stats = _optimized([pipe], 2, batched)
+    _assert_close(got, reference, "batched panorama at M=2")
+    assert stats.eager_calls == 0 and stats.reuse_calls > 0, stats
