@@ -388,6 +388,8 @@ def build_entry(
     if isinstance(entry, GraphEntry):
         entry.build_seconds = elapsed
         logger.info("built graph pair for %s in %.1f s\n%s\n%s", layout.describe(), elapsed, entry.plan, entry.report)
+        if (shortfall := entry.plan.shortfall()) is not None:
+            warn(logger, shortfall)
         if config.background_compile:  # before the keyframe graph compiles, at its first run
             entry.compile_reuse_in_background(tensors)
     return entry

@@ -8,7 +8,7 @@ from conftest import make_unet, unet_inputs
 from diffusers import UNet2DConditionModel
 
 from frdiff_compile.passes import CallLayout, build_graphs, capture, plan_cache_points
-from frdiff_compile.passes.plan import RESNET_CONV1, TRANSFORMER_DELTA
+from frdiff_compile.passes.plan import RESNET_CONV1, TRANSFORMER_DELTA, CachePoint, Plan
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from bench_flops import counted, frdiff_skipped  # noqa: E402
@@ -133,3 +133,14 @@ def test_full_size_sd15_structure_on_meta():
     assert report.reuse["conv"] < 0.5 * report.keyframe["conv"], str(report)
     assert report.reuse["ops"] < 0.3 * report.keyframe["ops"], str(report)
     assert plan.cache_bytes == 45 * 2**20, str(plan)
+
+
+def test_plan_shortfall_names_the_modules_that_run_in_full():
+    points = (CachePoint("mid_block.attentions.0", TRANSFORMER_DELTA, "add_1", (1, 4), torch.float32, (4, 1)),)
+    skipped = tuple((f"down_blocks.0.resnets.{i}", "conv1 has 2 outputs in the graph, expected 1") for i in range(4))
+    counts = {"ops": 1, "conv": 0, "attention": 0}
+    assert Plan(points, (), counts).shortfall() is None
+    text = Plan(points, skipped, counts).shortfall()
+    assert text.startswith("4 of the modules") and "down_blocks.0.resnets.2: conv1 has 2" in text, text
+    assert "resnets.3" not in text and "and 1 more" in text, text
+    assert "none of the modules" in Plan((), (), counts).shortfall()

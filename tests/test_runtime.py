@@ -77,6 +77,50 @@ def test_channels_last_unet(mixing):
     assert all(c.is_contiguous(memory_format=torch.channels_last) for c in entry.caches if c.dim() == 4)
 
 
+def test_lora_on_the_resnet_convs_is_cached_as_the_method_caches_it():
+    """A PEFT LoRA on `conv1` wraps the convolution (`conv1.base_layer`) and adds its own path and a dtype cast
+    after it. The cache point is the wrapper's output, which the eager method's hook on `conv1` caches; before,
+    every resnet was skipped, ran in full at each reuse step, and the result differed from the method's."""
+    from peft import LoraConfig
+
+    unet = make_unet("sd15")
+    targets = ["conv1", "conv2", "conv_shortcut", "proj_in", "proj_out", "to_q", "to_v"]
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+    cond = unet_inputs("sd15")
+    ref = EagerFRDiff(unet, interval=2)
+    expected = sample(lambda i, n, x, t: ref.step(i, n, x, t, **cond), scheduler("sd15"), STEPS)
+    ref.remove()
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=2))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="frdiff_compile")
+        got = sample(optimized_fn(fr, cond), scheduler("sd15"), STEPS)
+    assert max_rel_error(got, expected) < 2e-6 and fr.stats.reuse_calls > 0
+    plan = fr.graph_entries()[0].plan
+    assert plan.count("resnet_conv1") == 12 and not plan.skipped, str(plan)
+
+
+def test_a_unet_without_the_cached_modules_is_served_with_a_warning():
+    """The latent upscaler's K-blocks hold neither ResnetBlock2D nor Transformer2DModel: nothing is cached, a
+    reuse step costs a full one, and the user is told so rather than left to find it in a benchmark."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        act_fn="gelu", attention_head_dim=8, norm_num_groups=None, block_out_channels=(32, 32, 64, 64),
+        conv_in_kernel=1, conv_out_kernel=1, cross_attention_dim=32, mid_block_type=None, in_channels=4,
+        down_block_types=("KDownBlock2D", "KCrossAttnDownBlock2D", "KCrossAttnDownBlock2D", "KCrossAttnDownBlock2D"),
+        up_block_types=("KCrossAttnUpBlock2D", "KCrossAttnUpBlock2D", "KCrossAttnUpBlock2D", "KUpBlock2D"),
+        out_channels=4, resnet_time_scale_shift="scale_shift", time_embedding_type="fourier", timestep_post_act="gelu",
+        sample_size=16,
+    ).eval()
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=2))
+    cond = {"encoder_hidden_states": torch.randn(2, 7, 32)}
+    with pytest.warns(UserWarning, match="none of the modules FRDiff caches"):
+        got = sample(optimized_fn(fr, cond), scheduler("sd15"), 4, size=16)
+    ref = EagerFRDiff(unet, interval=2)
+    expected = sample(lambda i, n, x, t: ref.step(i, n, x, t, **cond), scheduler("sd15"), 4, size=16)
+    ref.remove()
+    assert max_rel_error(got, expected) < 2e-6 and fr.stats.reuse_calls == 1 and fr.stats.eager_calls == 0
+
+
 def test_paper_counts_at_50_steps():
     unet = make_unet("sd15")
     fr = frdiff_compile.optimize(unet)

@@ -8,7 +8,8 @@ Invariants:
   `input + delta` at a reuse step is the same operation the keyframe performed (bit-identical when fed the
   keyframe's own input).
 - A module whose graph does not have the expected shape is skipped with a one-line reason in
-  `Plan.skipped` (it then simply runs in full at every step); planning never edits the graph.
+  `Plan.skipped` (it then simply runs in full at every step, which `Plan.shortfall` puts in words for the
+  runtime's warning); planning never edits the graph.
 """
 
 from __future__ import annotations
@@ -75,6 +76,23 @@ class Plan:
     def count(self, kind: str) -> int:
         return sum(p.kind == kind for p in self.points)
 
+    def shortfall(self) -> str | None:
+        """Why reuse steps save less on this graph than FRDiff's method does, or None if they do not."""
+        if self.skipped:
+            shown = "; ".join(f"{module}: {reason}" for module, reason in self.skipped[:3])
+            more = f"; and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
+            return (
+                f"{len(self.skipped)} of the modules FRDiff caches are not in a form the planner knows ({shown}"
+                f"{more}), so they run in full at every step: reuse steps save less, and their results differ from "
+                "the method's there; please report the UNet's config and adapters"
+            )
+        if not self.points:
+            return (
+                "this UNet has none of the modules FRDiff caches (ResnetBlock2D, Transformer2DModel), so a reuse step "
+                "runs the whole network and only the no-call steps of score mixing save time"
+            )
+        return None
+
     def __str__(self) -> str:
         lines = [
             f"Plan: {len(self.points)} cache points ({self.count(RESNET_CONV1)} resnet conv1, "
@@ -114,12 +132,18 @@ def _exits(members: set[fx.Node]) -> list[fx.Node]:
 
 
 def _resnet_point(graph: fx.Graph, path: str) -> fx.Node | str:
-    """The conv1 output node of a ResnetBlock2D at graph path `path`, or a reason it has none."""
-    exits = _exits(_members(graph, path + ".conv1", innermost=True))
+    """The conv1 output node of a ResnetBlock2D at graph path `path`, or a reason it has none.
+
+    The output of the `conv1` module as a whole, with whatever it holds: a PEFT LoRA wraps the convolution
+    (`conv1.base_layer`) and adds its own path and a dtype cast after it, and FRDiff caches that sum, as the
+    eager method (a hook on `conv1`) does.
+    """
+    members = _members(graph, path + ".conv1", innermost=False)
+    exits = _exits(members)
     if len(exits) != 1:
         return f"conv1 has {len(exits)} outputs in the graph, expected 1"
-    if exits[0].target not in CONV_TARGETS:
-        return f"conv1 output is {exits[0].target}, expected a convolution"
+    if not any(n.target in CONV_TARGETS for n in members):
+        return f"conv1 has no convolution in the graph (its output is {exits[0].target})"
     return exits[0]
 
 
