@@ -226,6 +226,7 @@ def test_lora_hotswap_under_captured_graphs(load):
     CPU, and CUDA kernels take a CPU scalar's value at launch: the new value must make new graphs (the
     fingerprint counts it), never replay the old one. The graphs run uncompiled here: addresses are what
     matter (inductor reads the scalings live too: checked on CPU)."""
+    pytest.importorskip("peft", reason="LoRA adapters need peft (carry its wheel: see benchmarks/gpu_check.sh)")
     unet = make_unet("sd15", layers_per_block=1)
     unet.enable_lora_hotswap(target_rank=8)
     if load == "after_to":
