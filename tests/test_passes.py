@@ -144,3 +144,44 @@ def test_plan_shortfall_names_the_modules_that_run_in_full():
     assert text.startswith("4 of the modules") and "down_blocks.0.resnets.2: conv1 has 2" in text, text
     assert "resnets.3" not in text and "and 1 more" in text, text
     assert "none of the modules" in Plan((), (), counts).shortfall()
+
+
+@torch.no_grad()
+def test_attention_slicing_leaves_no_attention_in_the_reuse_graph(kind):
+    """`enable_attention_slicing()` copies each slice of attention into a `zeros` buffer in place. Plain
+    dead-code elimination keeps in-place ops, so every attention stayed in the reuse graph (SD 1.5 config,
+    32x32 latents: 0.47 of a keyframe call's FLOPs instead of 0.30); writes nothing live reads now go too."""
+    kwargs = dict(sample=torch.randn(2, 4, 8, 8), timestep=torch.tensor(500), **unet_inputs(kind))
+    plain = _build(make_unet(kind), kwargs)[2].report
+    unet = make_unet(kind)
+    unet.set_attention_slice(1)
+    _, plan, pair, tensors = _build(unet, kwargs)
+    expected = unet(**kwargs).sample
+    caches, keyframe_out = _buffers(plan, expected)
+    assert torch.equal(pair.keyframe(*tensors, *caches, keyframe_out), expected)
+    assert torch.equal(pair.reuse(*tensors, *caches, keyframe_out, torch.tensor(1.0)), expected)
+    report = pair.report
+    assert report.keyframe["attention"] > plain.keyframe["attention"], "the UNet did not slice its attention"
+    assert report.reuse == plain.reuse, f"sliced: {report}; plain: {plain}"
+
+
+def test_dead_writes_go_and_live_ones_stay():
+    """Only a tensor the graph made, all of whose views and writes nothing outside them reads, is erased."""
+    from torch import fx
+
+    from frdiff_compile.passes.build import _finish
+
+    aten = torch.ops.aten
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    for _ in range(2):  # the first buffer is dead, the second one is returned
+        buffer = graph.call_function(aten.zeros.default, ([4],), {"dtype": torch.float32})
+        graph.call_function(aten.copy_.default, (graph.call_function(aten.slice.Tensor, (buffer, 0, 0, 2)), x))
+    graph.call_function(aten.mul_.Tensor, (x, 2.0))  # a write into an input: the caller sees it
+    graph.output(buffer)
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    _finish(gm)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets == [aten.zeros.default, aten.slice.Tensor, aten.copy_.default, aten.mul_.Tensor], targets
+    value = torch.tensor([1.0, 2.0])
+    assert torch.equal(gm(value), torch.tensor([1.0, 2.0, 0.0, 0.0])) and torch.equal(value, torch.tensor([2.0, 4.0]))

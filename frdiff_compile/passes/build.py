@@ -9,7 +9,8 @@ Invariants:
 - Reuse graph: `(*inputs, *caches, keyframe_out, weight) -> score_blend(weight, out_fr, keyframe_out)`,
   through the blend op for the graph's device (`score_blend_op`), so AOTAutograd's cache can store it.
   Each cache point's uses read its buffer instead; dead-code elimination then removes everything only the
-  cache points fed. `weight` is a 0-d tensor, so a new blend weight never recompiles a compiled graph.
+  cache points fed, in-place writes into tensors the graph made included when nothing reads them.
+  `weight` is a 0-d tensor, so a new blend weight never recompiles a compiled graph.
 """
 
 from __future__ import annotations
@@ -75,8 +76,66 @@ def _is_impure(node: fx.Node) -> bool:
     return node.is_impure(impure_random=False)
 
 
+# Ops whose output is new memory: a tensor they make can be written only through the graph's own nodes.
+_FRESH = {aten.zeros, aten.empty, aten.ones, aten.full, aten.empty_strided, aten.zeros_like, aten.empty_like,
+          aten.ones_like, aten.full_like, aten.new_zeros, aten.new_empty, aten.new_ones, aten.new_full, aten.clone}
+
+
+def _alias_args(node: fx.Node) -> list[fx.Node]:
+    """The inputs `node` writes into or returns a view of, by its schema's alias annotations."""
+    schema = node.target._schema
+    returned = set().union(*(r.alias_info.before_set for r in schema.returns if r.alias_info is not None))
+    found = []
+    for i, argument in enumerate(schema.arguments):
+        info = argument.alias_info
+        if info is None or not (info.is_write or info.before_set & returned):
+            continue
+        value = node.args[i] if i < len(node.args) else node.kwargs.get(argument.name)
+        found += [v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, fx.Node)]
+    return found
+
+
+def _remove_dead_writes(graph: fx.Graph) -> int:
+    """Erase writes into tensors the graph made itself and nothing live reads; the number of nodes erased.
+
+    Plain dead-code elimination keeps every in-place op, so a tensor filled slice by slice (diffusers'
+    `SlicedAttnProcessor`, under `enable_attention_slicing()`, copies each attention slice into a `zeros`
+    buffer) kept every attention of the reuse graph alive after its transformers' deltas were cached. A
+    group is a fresh tensor (`_FRESH`) with every view of it and every write into it, found through the ops'
+    alias annotations; when no node outside the group reads any of it, the whole group is dead.
+    """
+    root: dict[fx.Node, fx.Node] = {}
+
+    def find(node: fx.Node) -> fx.Node:
+        while root.get(node, node) is not node:
+            node = root[node]
+        return node
+
+    for node in graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            for arg in _alias_args(node):
+                root[find(node)] = find(arg)
+    grouped = set(root) | set(root.values())
+    groups: dict[fx.Node, list[fx.Node]] = collections.defaultdict(list)
+    for node in graph.nodes:  # in graph order, so each group's first member is the tensor the rest alias
+        if node in grouped:
+            groups[find(node)].append(node)
+    erased = 0
+    for members in groups.values():
+        inside, base = set(members), members[0]
+        fresh = base.op == "call_function" and getattr(base.target, "overloadpacket", None) in _FRESH
+        known = all(m.op == "call_function" and isinstance(m.target, torch._ops.OpOverload) for m in members)
+        if fresh and known and len(members) > 1 and all(u in inside for m in members for u in m.users):
+            for member in reversed(members):
+                graph.erase_node(member)
+            erased += len(members)
+    return erased
+
+
 def _finish(gm: fx.GraphModule) -> None:
     gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
+    while _remove_dead_writes(gm.graph):  # what fed the erased writes may be dead now
+        gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
     gm.graph.lint()
     gm.recompile()
 
