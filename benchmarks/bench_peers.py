@@ -85,6 +85,11 @@ class StaticStock:
         return types.SimpleNamespace(sample=self.graph(tensors))
 
 
+def graphs_of(name: str) -> str:
+    """The frdiff provider whose graphs `name` runs where that one was built: M=3 runs M=2's."""
+    return name.replace("frdiff-m3", "frdiff-m2")
+
+
 def build(name: str, unet, scheduler, mode: str, runtimes: dict, deepcache_interval: int = 3) -> Callable:
     """Provider `name`; `mode` "cuda", "cpu" (CPU inductor, no CUDA graphs) or "dry" (nothing compiled)."""
     if name == "eager":
@@ -102,7 +107,7 @@ def build(name: str, unet, scheduler, mode: str, runtimes: dict, deepcache_inter
     interval = 3 if name.startswith("frdiff-m3") else 2
     config = FRDiffConfig(keyframe_interval=interval, cuda_graphs=False if name.endswith("nocg") else None,
                           compile={"dry": False, "cpu": True, "cuda": None}[mode])
-    m2 = name.replace("frdiff-m3", "frdiff-m2")
+    m2 = graphs_of(name)
     if interval == 3 and m2 in runtimes:
         # The graphs do not depend on the schedule: M=3 replays the graphs M=2 compiled and captured, as a
         # user switching M on a live pipeline would (its compile time is M=2's).
@@ -233,7 +238,7 @@ def describe_frdiff(row: dict, fr, before, shared: bool, scheduler, latents, cal
     # itself gains, separate from compilation and CUDA graphs.
     all_keyframes = loop_model_ms({"full": steps, "reuse": 0, "skip": 0}, ms, steps)
     stats = fr.stats.since(before)
-    prefix = f"graphs of {row['provider'].replace('frdiff-m3', 'frdiff-m2')} (reconfigure); " if shared else ""
+    prefix = f"graphs of {graphs_of(row['provider'])} (reconfigure); " if shared else ""
     row.update({
         "keyframe_ms": ms["keyframe"], "reuse_ms": ms["reuse"], "model_ms": model,
         "measured_over_model": row["loop_ms"] / model, "vs_all_keyframes": all_keyframes / row["loop_ms"],
