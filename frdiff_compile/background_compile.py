@@ -148,7 +148,7 @@ def _job(gm: fx.GraphModule, args: tuple[torch.Tensor, ...], options: dict) -> b
     from torch._subclasses import FakeTensorMode
     from torch.fx._graph_pickler import GraphPickler, Options
 
-    from .graph_cache import copy_graph_module
+    from .compiled_graph import copy_graph_module
 
     # A copy over the same nodes whose parameters are fake tensors: pickled as metadata, never as values.
     clone = copy_graph_module(gm)
@@ -176,7 +176,7 @@ def _run_job(path: str) -> None:
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     from . import kernels  # noqa: F401 - registers the blend ops the graph calls
-    from .graph_cache import compile_with_inductor
+    from .compiled_graph import compile_with_inductor
 
     job = pickle.loads(Path(path).read_bytes())
     if job["version"] != JOB_VERSION:

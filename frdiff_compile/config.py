@@ -56,6 +56,11 @@ class FRDiffConfig:
         max_cached_shapes: how many graph pairs, with their cache buffers, are kept: one per input
             signature (batch, resolution, text length, dtype, ...) and module setting (FreeU, LoRA
             adapters, attention processors); the least recently used is dropped past this.
+        max_calls_per_step: how many calls with one input signature a step may make, each with its own
+            feature caches (a call slot): MultiDiffusion's panorama pipeline calls the UNet once per view by
+            default, and some loops call it for cond and uncond apart. Each slot holds a set of caches and a
+            keyframe output (about 95 MiB for SD 1.5 at 512x512 with CFG in fp16); the call past this count
+            runs the eager UNet for the rest of its generation, with a warning.
         policy_fingerprint: set by `from_policy`: the config fingerprint of the UNet the keyframe mask was
             tuned on; `optimize` refuses a UNet with another one.
         version: the configuration format version.
@@ -71,6 +76,7 @@ class FRDiffConfig:
     cuda_graphs: bool | None = None
     background_compile: bool = False
     max_cached_shapes: int = 4
+    max_calls_per_step: int = 32
     policy_fingerprint: str | None = None
     version: int = CONFIG_VERSION
 
@@ -116,6 +122,10 @@ class FRDiffConfig:
             raise ValueError(f"max_cached_shapes must be an int in [1, 64], got {self.max_cached_shapes!r}")
         if not 1 <= self.max_cached_shapes <= 64:
             raise ValueError(f"max_cached_shapes must be in [1, 64], got {self.max_cached_shapes}")
+        if isinstance(self.max_calls_per_step, bool) or not isinstance(self.max_calls_per_step, int):
+            raise ValueError(f"max_calls_per_step must be an int in [1, 1024], got {self.max_calls_per_step!r}")
+        if not 1 <= self.max_calls_per_step <= 1024:
+            raise ValueError(f"max_calls_per_step must be in [1, 1024], got {self.max_calls_per_step}")
         if self.version != CONFIG_VERSION:
             raise ValueError(f"version must be {CONFIG_VERSION} (this release's format), got {self.version!r}")
 

@@ -1,23 +1,26 @@
 """One input signature's graph pair and the buffers it reads and writes (kept by `graph_lru.GraphLRU`).
 
 Invariants:
-- Cache buffers, the keyframe-output buffer and the 0-d blend weight are owned here, allocated per entry
-  (outside inference mode, so a generation run under `torch.inference_mode()` and a later one run
-  without it can both write them) and only ever written in place. They are freed (`release`) when the
-  UNet's parameters move (`relink`) or leave the device, and when the module settings the pair was built
-  under stop being current, and made again, empty, at the pair's next use (`graph_lru.GraphLRU.get`), so no
-  released pair ever runs and device memory is held only by pairs of the current settings.
-- `written_generation` and `written_step` name the generation and step whose keyframe last filled the
-  buffers (-1 after they are made); the runtime runs a reuse or skip step only on buffers its own
-  generation's latest keyframe step filled (`holds`): no stale cache is read, neither another generation's
-  nor an older step's of this one (a signature that comes back mid-generation, e.g. CFG on in an interval).
+- Cache buffers, the keyframe-output buffer and the 0-d blend weight are owned here, one set per call slot
+  (`StepBuffers`): the k-th call of a step with this signature uses slot k, so a pipeline calling the UNet
+  once per view (MultiDiffusion) or cond and uncond apart keeps each call's features apart. Slot 0 is made
+  with the entry, the others at their first use. They are allocated outside inference mode (so a
+  generation run under `torch.inference_mode()` and a later one run without it can both write them) and
+  only ever written in place. They are freed (`release`) when the UNet's parameters move (`relink`) or
+  leave the device, and when the module settings the pair was built under stop being current, and made
+  again, empty, at the pair's next use (`graph_lru.GraphLRU.get`), so no released pair ever runs and device
+  memory is held only by pairs of the current settings.
+- A slot's `written_generation` and `written_step` name the generation and step whose keyframe last filled
+  it (-1 after it is made); the runtime runs a reuse or skip step only on a slot its own generation's latest
+  keyframe step filled (`holds`): no stale cache is read, neither another generation's nor an older step's
+  of this one (a signature that comes back mid-generation, e.g. CFG on in an interval).
 - What a step hands back is always a fresh tensor: the graphs' outputs are new (a CUDA-graph replay's
   static output is cloned), and a skip step returns a clone of the keyframe output, never the buffer the
   next keyframe overwrites.
 - The graphs are inference graphs: they run under `torch.no_grad()` whatever the caller's grad mode, so a
   loop that forgot `no_grad` neither compiles training graphs nor chains autograd history from one step
   to the next through the cache buffers, and no CUDA graph captures autograd state.
-- With CUDA graphs, the keyframe and reuse graphs of an entry are captured lazily at their first use and
+- With CUDA graphs, each slot's keyframe and reuse graphs are captured lazily at their first use and
   share the runtime's memory pool; a capture failure turns CUDA graphs off for that entry only, with one
   warning and a `cudagraph_fallbacks` count, and the step still runs.
 """
@@ -32,23 +35,16 @@ from collections.abc import Callable
 
 import torch
 from torch import fx
-from torch._subclasses import FakeTensorMode
-from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from .background_compile import BackgroundCompile
-from .config import FRDiffConfig, inductor_mode_options
+from .compiled_graph import CompiledGraph
+from .config import FRDiffConfig
 from .cudagraphs import Backend, CaptureError, SharedPool, StaticGraph
 from .passes import BuildReport, CallLayout, Plan, build_graphs, capture, plan_cache_points
 from .passes.capture import UnsupportedCall
 from .warn import warn
 
 logger = logging.getLogger(__name__)
-
-# How long the first reuse step waits for a background compile before compiling the graph itself. The
-# worker starts before the keyframe graph, the larger one, compiles here, so by the first reuse step it
-# is usually done; one still running minutes later is stuck, and compiling here is the way forward.
-BACKGROUND_TIMEOUT_S = 300.0
-
 
 @dataclasses.dataclass
 class RuntimeStats:
@@ -83,117 +79,18 @@ class RuntimeStats:
                                for f in dataclasses.fields(self)})
 
 
-def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A GraphModule over a copy of `gm`'s nodes (names and metadata kept) and the same attributes."""
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    return fx.GraphModule(gm, graph)
+@dataclasses.dataclass
+class StepBuffers:
+    """One call slot's buffers: what the k-th call of a step with this signature writes at keyframes and reads
+    at reuse and skip steps (k = 0 for a pipeline that calls the UNet once per step, the usual case)."""
 
-
-def compile_with_inductor(gm: fx.GraphModule, args: tuple[torch.Tensor, ...], options: dict) -> Callable:
-    """`gm` compiled by inductor directly, with its on-disk caches on (shared with `background_compile`)."""
-    # A tracing context whose fake mode has a shape environment, as inductor's own standalone_compile
-    # sets up: without one inductor bypasses its FX-graph and AOTAutograd caches ("No shape env"), and
-    # every new process would compile cold.
-    context = torch._guards.TracingContext(FakeTensorMode(shape_env=ShapeEnv()))
-    # Contiguous inputs at a storage offset (the step's timestep, a view into `scheduler.timesteps`) are
-    # compiled from an aligned copy with the same strides: inductor keys its caches on which inputs are
-    # aligned, and that would otherwise depend on the step the graph first ran at (and a background
-    # worker's key would differ). The compiled code copies an input that arrives misaligned itself.
-    examples = [a.clone() if a.storage_offset() and a.is_contiguous() else a for a in args]
-    # Inductor rewrites the graph it is given (its output becomes a list); it gets a copy of the nodes
-    # over the same parameters, so `gm` stays the graph the entry was built from.
-    with torch._guards.tracing(context):
-        return torch._inductor.compile(copy_graph_module(gm), examples, options=options)
-
-
-def _dynamo_graphs() -> int:
-    # torch's own count of graphs dynamo compiled in this process; the delta around one call is what that
-    # call compiled (calls are not concurrent).
-    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
-
-
-class _Compiled:
-    """One graph compiled by inductor at its first call, counted into the runtime's stats.
-
-    The graph goes to inductor directly (`torch._inductor.compile`, inductor's entry point for FX graphs
-    captured without dynamo), not through `torch.compile`: it is already a flat ATen graph, so dynamo's
-    retrace of it (about 2000 nodes for SD 1.5) only costs time, and its guards re-check what the entry's
-    signature already fixes (shapes, dtypes, devices, layouts, autocast; grad mode is always off). Inductor's
-    generated code still asserts every input's size and stride, so a mismatch raises instead of computing
-    garbage. Modes whose options make inductor capture its own CUDA graphs ("reduce-overhead", allowed only
-    with the runtime's CUDA graphs off) go through `torch.compile`, which drives inductor's CUDA-graph trees,
-    and so does a graph the direct call fails on (with one warning): on a torch release where that private
-    entry point changed, users get the old path, not an error.
-    """
-
-    def __init__(self, gm: fx.GraphModule, mode: str | None, stats: RuntimeStats, kind: str = "keyframe") -> None:
-        self.gm = gm
-        self.kind = kind  # "keyframe" or "reuse": which share of the compile time this graph's goes to
-        # Never frozen, whatever `torch._inductor.config.freezing` says (users turn it on for CPU inference):
-        # freezing folds the parameters into constants of the compiled code, so in-place updates (a LoRA
-        # fuse, a hotswap) went unseen, 9.1 off stock, and moved parameters would be kept twice. Nor are
-        # inductor's own CUDA graphs on unless the mode asks for them: a global `triton.cudagraphs = True`
-        # would have the direct compile replay graphs inside the runtime's captures.
-        self.options = {"triton.cudagraphs": False, **inductor_mode_options(mode), "freezing": False}
-        self.via_dynamo = bool(self.options.get("triton.cudagraphs"))
-        self.stats = stats
-        self.fn: Callable[..., torch.Tensor] | None = None
-        self.calls = 0
-        self.background: BackgroundCompile | None = None  # a worker compiling this graph into the caches
-
-    def _compile(self, args: tuple[torch.Tensor, ...]) -> Callable[..., torch.Tensor]:
-        if torch._inductor.config.freezing:
-            logger.info("torch._inductor.config.freezing is on: the %s graph is compiled without it, since frozen "
-                        "graphs keep the parameter values of their compile", self.kind)
-        if not self.via_dynamo:
-            try:
-                return self._compile_directly(args)
-            except Exception as exc:  # noqa: BLE001 - torch.compile is the documented way to the same compiler
-                self.via_dynamo = True
-                warn(logger, f"inductor could not compile a graph directly ({type(exc).__name__}: {exc}); "
-                     "compiling it through torch.compile instead")
-        # fullgraph: a graph break inside a graph of pure ATen ops would be a bug worth failing loudly on.
-        # The mode's options with freezing off: torch.compile takes a mode or options, not both.
-        return torch.compile(self.gm, fullgraph=True, dynamic=False, options=self.options)
-
-    def _compile_directly(self, args: tuple[torch.Tensor, ...]) -> Callable[..., torch.Tensor]:
-        return compile_with_inductor(self.gm, args, self.options)
-
-    def _wait_for_background(self) -> None:
-        """Let a worker compiling this graph finish first, so that the compile here is a cache hit."""
-        background, self.background = self.background, None
-        if background is None:
-            return
-        failure = background.wait(timeout=BACKGROUND_TIMEOUT_S)
-        if failure is None:
-            self.stats.background_compiles += 1
-        else:
-            self.stats.background_failures += 1
-            logger.warning("background compile of the %s graph failed, compiling it here: %s", self.kind, failure)
-
-    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
-        before, start = _dynamo_graphs(), time.perf_counter()
-        fresh = self.fn is None
-        if fresh:
-            self._wait_for_background()
-            self.fn = self._compile(args)
-        out = self.fn(*args)
-        compiled = _dynamo_graphs() - before if self.via_dynamo else int(fresh)
-        if compiled:
-            self.stats.compiles += compiled
-            self.stats.recompiles += compiled if self.calls else compiled - 1
-            elapsed = time.perf_counter() - start
-            self.stats.compile_seconds += elapsed
-            if self.kind == "reuse":
-                self.stats.reuse_compile_seconds += elapsed
-            logger.info("compiled the %s graph in %.1f s (%s)", self.kind, elapsed,
-                        "torch.compile" if self.via_dynamo else "inductor directly")
-            if self.calls:
-                logger.warning("a compiled FRDiff graph recompiled (%d graphs); inputs changed in a way the "
-                               "signature did not capture", compiled)
-        self.calls += 1
-        return out
+    caches: list[torch.Tensor]
+    keyframe_out: torch.Tensor
+    weight: torch.Tensor  # the 0-d blend weight, filled in place before every reuse step
+    static_keyframe: StaticGraph | None = None
+    static_reuse: StaticGraph | None = None
+    written_generation: int = -1
+    written_step: int = -1
 
 
 @dataclasses.dataclass
@@ -207,13 +104,7 @@ class GraphEntry:
     stats: RuntimeStats
     graph_backend: Backend | None = None
     pool: SharedPool | None = None
-    caches: list[torch.Tensor] = dataclasses.field(default_factory=list)
-    keyframe_out: torch.Tensor | None = None
-    weight: torch.Tensor | None = None
-    static_keyframe: StaticGraph | None = None
-    static_reuse: StaticGraph | None = None
-    written_generation: int = -1
-    written_step: int = -1
+    slots: list[StepBuffers] = dataclasses.field(default_factory=list)  # empty while released
     build_seconds: float = 0.0
 
     @classmethod
@@ -234,49 +125,71 @@ class GraphEntry:
         keyframe_fn: Callable[..., torch.Tensor] = keyframe
         reuse_fn: Callable[..., torch.Tensor] = reuse
         if compile:
-            keyframe_fn = _Compiled(keyframe, compile_mode, stats)
-            reuse_fn = _Compiled(reuse, compile_mode, stats, kind="reuse")
+            keyframe_fn = CompiledGraph(keyframe, compile_mode, stats)
+            reuse_fn = CompiledGraph(reuse, compile_mode, stats, kind="reuse")
         entry = cls(plan, report, keyframe_fn, reuse_fn, out_meta, device, stats, graph_backend, pool)
         entry.allocate()
         return entry
 
     def allocate(self) -> None:
-        """Make the buffers the graphs write and read, and the (not yet captured) static graphs over them."""
+        """Make the first call slot's buffers; the others are made at their first use (`slot`)."""
+        self.slots = [self._new_slot()]
+
+    def _new_slot(self) -> StepBuffers:
+        """Empty buffers for the graphs to write and read, and the (not yet captured) static graphs over them."""
         with torch.inference_mode(False):
             # In the traced layouts: the reuse graph reads these where the UNet's own values were (a
             # channels_last UNet keeps channels_last caches), and blends its output with keyframe_out.
-            self.caches = [p.empty(self.device) for p in self.plan.points]
-            self.keyframe_out = torch.empty_strided(tuple(self.out_meta.shape), self.out_meta.stride(),
-                                                    dtype=self.out_meta.dtype, device=self.device)
-            self.weight = torch.ones((), dtype=torch.float32, device=self.device)
+            caches = [p.empty(self.device) for p in self.plan.points]
+            keyframe_out = torch.empty_strided(tuple(self.out_meta.shape), self.out_meta.stride(),
+                                               dtype=self.out_meta.dtype, device=self.device)
+            weight = torch.ones((), dtype=torch.float32, device=self.device)
+        buffers = StepBuffers(caches, keyframe_out, weight)
         if self.graph_backend is not None:
-            self.static_keyframe = StaticGraph(self.keyframe, [*self.caches, self.keyframe_out],
-                                               self.graph_backend, self.pool)
-            self.static_reuse = StaticGraph(self.reuse, [*self.caches, self.keyframe_out, self.weight],
-                                            self.graph_backend, self.pool)
-        self.written_generation = self.written_step = -1
+            # A CUDA graph per slot: a captured graph reads and writes the addresses it was captured over.
+            # They share the runtime's pool, so a slot adds its buffers and static inputs, not activations.
+            buffers.static_keyframe = StaticGraph(self.keyframe, [*caches, keyframe_out], self.graph_backend,
+                                                  self.pool)
+            buffers.static_reuse = StaticGraph(self.reuse, [*caches, keyframe_out, weight], self.graph_backend,
+                                               self.pool)
+        return buffers
+
+    def slot(self, k: int) -> StepBuffers:
+        """Call slot `k`'s buffers, made (empty, never written) at its first use."""
+        while len(self.slots) <= k:
+            self.slots.append(self._new_slot())
+        return self.slots[k]
+
+    def keep_slots(self, count: int) -> None:
+        """Free the buffers of call slots `count` and up (a lower `max_calls_per_step`)."""
+        del self.slots[max(count, 1):]
+
+    @property
+    def slot_bytes(self) -> int:
+        """Device memory one call slot's buffers take (feature caches and keyframe output)."""
+        return self.plan.cache_bytes + self.out_meta.numel() * self.out_meta.element_size()
 
     def compile_reuse_in_background(self, tensors: list[torch.Tensor]) -> None:
         """Have a worker process compile the reuse graph (for calls like `tensors`) while the keyframe graph
         compiles here; see `background_compile`. Does nothing for graphs not compiled by inductor directly."""
         reuse = self.reuse
-        if isinstance(reuse, _Compiled) and not reuse.via_dynamo and reuse.fn is None and reuse.background is None:
-            example = (*tensors, *self.caches, self.keyframe_out, self.weight)
+        if isinstance(reuse, CompiledGraph) and not reuse.via_dynamo and reuse.fn is None and reuse.background is None:
+            first = self.slots[0]
+            example = (*tensors, *first.caches, first.keyframe_out, first.weight)
             reuse.background = BackgroundCompile.start(reuse.gm, example, reuse.options)
 
     @property
     def allocated(self) -> bool:
-        return self.keyframe_out is not None
+        return bool(self.slots)
 
     def release(self) -> None:
-        """Free the device memory of this pair (buffers, CUDA graphs); the compiled graphs are kept.
+        """Free the device memory of this pair (every slot's buffers and CUDA graphs); the compiled graphs are
+        kept.
 
         For a UNet that left its device (model CPU offload), or settings switched away from: `allocate`
         makes them again at the pair's next use.
         """
-        self.caches, self.keyframe_out, self.weight = [], None, None
-        self.static_keyframe = self.static_reuse = None
-        self.written_generation = self.written_step = -1
+        self.slots = []
 
     def relink(self) -> bool:
         """Serve parameters that moved to new storage of the same layout; False if this pair cannot.
@@ -298,8 +211,9 @@ class GraphEntry:
         try:
             out = static(tensors)
         except CaptureError as exc:
-            self.static_keyframe = self.static_reuse = None
-            self.graph_backend = None  # and so for buffers made again after a move
+            for buffers in self.slots:
+                buffers.static_keyframe = buffers.static_reuse = None
+            self.graph_backend = None  # and so for slots made later, and buffers made again after a move
             self.stats.cudagraph_fallbacks += 1
             warn(logger, f"CUDA graph capture failed, running the graphs without CUDA graphs for this input "
                  f"signature ({exc})")
@@ -315,39 +229,51 @@ class GraphEntry:
         return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
     @torch.no_grad()
-    def run_full(self, tensors: list[torch.Tensor], generation: int, step: int = 0) -> torch.Tensor:
-        out = self._replay(self.static_keyframe, tensors) if self.static_keyframe else None
+    def run_full(self, tensors: list[torch.Tensor], generation: int, step: int = 0, slot: int = 0) -> torch.Tensor:
+        buffers = self.slot(slot)
+        out = self._replay(buffers.static_keyframe, tensors) if buffers.static_keyframe else None
         if out is None:
             with self._on_device():
-                out = self.keyframe(*tensors, *self.caches, self.keyframe_out)
+                out = self.keyframe(*tensors, *buffers.caches, buffers.keyframe_out)
         else:
             self.stats.full_replays += 1
-        self.written_generation, self.written_step = generation, step
+        buffers.written_generation, buffers.written_step = generation, step
         return out
 
     @torch.no_grad()
-    def run_reuse(self, tensors: list[torch.Tensor], weight: float) -> torch.Tensor:
-        self.weight.fill_(weight)  # in place: same tensor every step, so no recompile, no sync, and replays see it
-        out = self._replay(self.static_reuse, tensors) if self.static_reuse else None
+    def run_reuse(self, tensors: list[torch.Tensor], weight: float, slot: int = 0) -> torch.Tensor:
+        buffers = self.slot(slot)
+        # In place: the same tensor every step, so no recompile, no sync, and replays see it.
+        buffers.weight.fill_(weight)
+        out = self._replay(buffers.static_reuse, tensors) if buffers.static_reuse else None
         if out is None:
             with self._on_device():
-                return self.reuse(*tensors, *self.caches, self.keyframe_out, self.weight)
+                return self.reuse(*tensors, *buffers.caches, buffers.keyframe_out, buffers.weight)
         self.stats.reuse_replays += 1
         return out
 
-    def run_skip(self) -> torch.Tensor:
-        return self.keyframe_out.clone()
+    def run_skip(self, slot: int = 0) -> torch.Tensor:
+        return self.slot(slot).keyframe_out.clone()
 
-    def holds(self, generation: int, keyframe_step: int) -> bool:
-        """Whether the buffers hold what `generation`'s keyframe at `keyframe_step` (or a later forced one)
+    def holds(self, generation: int, keyframe_step: int, slot: int = 0) -> bool:
+        """Whether slot `slot` holds what `generation`'s keyframe at `keyframe_step` (or a later forced one)
         wrote: what a reuse or skip step after that keyframe may read."""
-        return self.written_generation == generation and self.written_step >= keyframe_step
+        if slot >= len(self.slots):
+            return False
+        buffers = self.slots[slot]
+        return buffers.written_generation == generation and buffers.written_step >= keyframe_step
 
-    def builds_at_next_run(self, full: bool) -> bool:
-        """Whether the next keyframe (`full`) or reuse run compiles or CUDA-graph-captures its graph: the graph
-        then keeps the kernels that the numerics flags of that moment pick."""
-        fn, static = (self.keyframe, self.static_keyframe) if full else (self.reuse, self.static_reuse)
-        return (isinstance(fn, _Compiled) and fn.fn is None) or (static is not None and not static.captured)
+    def builds_at_next_run(self, full: bool, slot: int = 0) -> bool:
+        """Whether the next keyframe (`full`) or reuse run in `slot` compiles or CUDA-graph-captures its graph:
+        the graph then keeps the kernels that the numerics flags of that moment pick."""
+        fn = self.keyframe if full else self.reuse
+        if isinstance(fn, CompiledGraph) and fn.fn is None:
+            return True
+        if slot >= len(self.slots):  # made at this run, with static graphs not yet captured
+            return self.graph_backend is not None
+        buffers = self.slots[slot]
+        static = buffers.static_keyframe if full else buffers.static_reuse
+        return static is not None and not static.captured
 
 
 def build_entry(

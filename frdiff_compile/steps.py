@@ -15,7 +15,7 @@ Invariants:
   new one (a cancelled generation, then an img2img start at a later index) would otherwise read as the
   same generation going on, and its reuse steps would read the cancelled generation's caches. The same
   index twice in a row is reported as `repeated` (a pipeline calling the UNet more than once per step),
-  never as a new generation, so a second call can never overwrite the first one's cache unnoticed.
+  never as a new generation: the runtime gives each call of a step caches of its own (`call_slots`).
 - A schedule that comes back, past where it left off, after another one's steps is a generation `resumed`
   (requests stepped in turn through one runtime): still a new generation, whose caches start empty. The
   last `RECENT` schedules are remembered, with their storages, for this and for the address rule above.

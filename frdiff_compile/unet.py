@@ -5,7 +5,8 @@ Invariants:
   `wrapper.UNetWrapper` gives them. A copy or a pickle is a new runtime with no graphs.
 - Every per-step decision (keyframe, reuse or skip; the blend weight) is made here on the host from the
   step position (`steps.StepTracker`) and the generation's `Schedule`; graphs only ever see tensors.
-- A step never reads a cache its generation's latest keyframe did not write (`GraphEntry.holds`); a new
+- A step never reads a cache its generation's latest keyframe did not write (`GraphEntry.holds`), and each
+  call of a step with one signature (a panorama's views) has caches of its own (`call_slots`); a new
   signature, a new generation or a module change (anything `module_state.module_fingerprint` sees:
   replaced parameters, processors, adapters, module values and configs, classes, their code and the
   globals it reads, numerics flags) forces a keyframe or other graphs (those built under the new settings,
@@ -34,6 +35,7 @@ from typing import Any
 
 import torch
 
+from .call_slots import TOO_MANY_CALLS, CallSlots
 from .code_reads import CodeReads
 from .concurrency import StreamOrder
 from .config import FRDiffConfig
@@ -80,11 +82,6 @@ _UNTRACKED = (
     "such as scheduler.timesteps); a loop over plain timesteps calls unet.reset(num_inference_steps=N) first, "
     "and a one-step generation has nothing to reuse"
 )
-_REPEATED = (
-    "the UNet was called more than once for the same step (cond and uncond apart, or one call per tile as "
-    "MultiDiffusion's panorama pipeline makes) and one generation keeps one set of caches; batch a step's calls "
-    "into one (for the panorama pipeline, a view_batch_size of at least its number of views)"
-)
 
 
 @dataclasses.dataclass
@@ -111,6 +108,7 @@ class FRDiffUNet(UNetWrapper):
         self._bind = ArgumentBinder(unet.forward)
         self._graphs = GraphLRU(config.max_cached_shapes)
         self._tracker = StepTracker()
+        self._slots = CallSlots()  # which caches each call of a step uses (one set per call)
         self._generation = _Generation(number=0, schedule=None)
         self._code_reads = CodeReads()  # a memo of which globals each class's code looks up
         self._fingerprint = module_fingerprint(self.unet, self._code_reads)
@@ -212,6 +210,8 @@ class FRDiffUNet(UNetWrapper):
                             len(self._graphs))
                 self._graphs.clear()
             self._graphs.resize(config.max_cached_shapes)
+            for entry in self._graphs.entries():
+                entry.keep_slots(config.max_calls_per_step)
             self.frdiff_config = config
             self.reset()
         logger.info("frdiff_compile.reconfigure: %s", config)
@@ -243,6 +243,7 @@ class FRDiffUNet(UNetWrapper):
         except ValueError as exc:
             raise ValueError(f"frdiff_compile: {exc}") from None
         self._generation = _Generation(number, schedule)
+        self._slots.new_generation()
         self.stats.generations += 1
         logger.debug("generation %d: %s", number, schedule)
         if hooks:
@@ -335,8 +336,8 @@ class FRDiffUNet(UNetWrapper):
             self._interleaved()
         if position.new_generation:
             self._start_generation(position.num_steps)
-        if position.repeated:
-            self._fall_back(_REPEATED)
+        elif not position.repeated and (changed := self._slots.new_step()) is not None:
+            self._fall_back(changed)
         if self._generation.eager_reason is not None:
             return None
         if self._away:  # moved mid-generation: the graphs' buffers were released
@@ -356,34 +357,41 @@ class FRDiffUNet(UNetWrapper):
         if isinstance(entry, str):
             self._fall_back(entry)
             return None
-        return self._run(entry, tensors, position.index)
+        slot, limit = self._slots.assign(layout.signature), self.frdiff_config.max_calls_per_step
+        if isinstance(slot, int) and slot >= limit:
+            slot = TOO_MANY_CALLS.format(limit=limit, calls=layout.describe(), mib=entry.slot_bytes / 2**20)
+        if isinstance(slot, str):
+            self._fall_back(slot)
+            return None
+        return self._run(entry, tensors, position.index, slot)
 
     def _interleaved(self) -> None:
         self.stats.resumed_generations += 1
         if self.stats.resumed_generations == 1:  # once per runtime: a server would otherwise warn every step
             warn(logger, _INTERLEAVED)
 
-    def _run(self, entry: GraphEntry, tensors: list[torch.Tensor], index: int) -> torch.Tensor | None:
+    def _run(self, entry: GraphEntry, tensors: list[torch.Tensor], index: int, slot: int) -> torch.Tensor | None:
         self._streams.follow(entry.device)
         generation = self._generation
         schedule: Schedule = generation.schedule  # type: ignore[assignment]  # set with the generation
         kind = schedule.kinds[index]
-        if kind is not StepKind.FULL and not entry.holds(generation.number, schedule.last_keyframes[index]):
+        if kind is not StepKind.FULL and not entry.holds(generation.number, schedule.last_keyframes[index], slot):
             # First step of an img2img generation, or a signature new this generation or back in it after
             # others' keyframes: no cache from the latest keyframe to read.
             logger.debug("step %d: %s forced to full (no cache from the latest keyframe)", index, kind.value)
             self.stats.forced_keyframes += 1
             kind = StepKind.FULL
-        if (kind is not StepKind.SKIP and entry.builds_at_next_run(kind is StepKind.FULL)
+        if (kind is not StepKind.SKIP and entry.builds_at_next_run(kind is StepKind.FULL, slot)
                 and numerics_key() != self._fingerprint.numerics):  # 30 µs, before a compile or capture
             self._fall_back(_FLAGS_CHANGED_MID_GENERATION)
             return None
-        logger.debug("step %d/%d: %s (lambda=%.3f)", index, schedule.num_steps, kind.value, schedule.weights[index])
+        logger.debug("step %d/%d, call %d: %s (lambda=%.3f)", index, schedule.num_steps, slot, kind.value,
+                     schedule.weights[index])
         if kind is StepKind.FULL:
             self.stats.full_calls += 1
-            return entry.run_full(tensors, generation.number, index)
+            return entry.run_full(tensors, generation.number, index, slot)
         if kind is StepKind.REUSE:
             self.stats.reuse_calls += 1
-            return entry.run_reuse(tensors, schedule.weights[index])
+            return entry.run_reuse(tensors, schedule.weights[index], slot)
         self.stats.skip_steps += 1
-        return entry.run_skip()
+        return entry.run_skip(slot)

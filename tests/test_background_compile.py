@@ -21,7 +21,8 @@ from torch._dynamo.utils import counters
 import frdiff_compile
 from frdiff_compile import FRDiffConfig
 from frdiff_compile.background_compile import BackgroundCompile
-from frdiff_compile.graph_cache import RuntimeStats, _Compiled
+from frdiff_compile.compiled_graph import CompiledGraph
+from frdiff_compile.graph_cache import RuntimeStats
 
 STEPS = 4
 
@@ -78,7 +79,7 @@ def test_a_failing_worker_costs_a_compile_here_and_one_log_line(empty_caches, mo
     gm = torch.fx.symbolic_trace(_Toy())
     x = torch.randn(4, 8)
     stats = RuntimeStats()
-    compiled = _Compiled(gm, None, stats, kind="reuse")
+    compiled = CompiledGraph(gm, None, stats, kind="reuse")
     compiled.background = BackgroundCompile.start(gm, (x,), {})
     with caplog.at_level(logging.WARNING, logger="frdiff_compile"), torch.no_grad():
         torch.testing.assert_close(compiled(x), gm(x))

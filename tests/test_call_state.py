@@ -42,7 +42,7 @@ def test_a_loop_without_no_grad_runs_inference_graphs():
         outputs.append(out)
         x = sched.step(out, t, x).prev_sample
     entry = fr.graph_entries()[0]
-    assert not any(o.requires_grad for o in outputs) and not any(c.requires_grad for c in entry.caches)
+    assert not any(o.requires_grad for o in outputs) and not any(c.requires_grad for c in entry.slots[0].caches)
     assert fr.stats.reuse_calls > 0 and fr.stats.eager_calls == 0, fr.stats
     expected = sample(optimized_fn(frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=2,
                                                                               score_mixing=False)), cond),

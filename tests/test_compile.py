@@ -9,7 +9,8 @@ from torch._dynamo.utils import counters
 
 import frdiff_compile
 from frdiff_compile import FRDiffConfig
-from frdiff_compile.graph_cache import RuntimeStats, _Compiled
+from frdiff_compile.compiled_graph import CompiledGraph
+from frdiff_compile.graph_cache import RuntimeStats
 
 STEPS = 12
 
@@ -71,7 +72,7 @@ def test_only_modes_with_inductor_cuda_graphs_go_through_dynamo_and_all_use_the_
     for mode, dynamo_graphs in ((None, 0), ("max-autotune-no-cudagraphs", 0), ("reduce-overhead", 1)):
         stats = RuntimeStats()
         with torch._inductor.config.patch(user_config):
-            compiled = _Compiled(gm, mode, stats)
+            compiled = CompiledGraph(gm, mode, stats)
         assert compiled.options["triton.cudagraphs"] == (mode == "reduce-overhead"), compiled.options
         counters.clear()
         with torch.no_grad(), torch._inductor.config.patch(user_config):
@@ -96,7 +97,7 @@ def test_a_failing_direct_compile_falls_back_to_torch_compile_with_one_warning(m
     gm = fx.symbolic_trace(_Toy())
     x = torch.randn(4, 8)
     stats = RuntimeStats()
-    compiled = _Compiled(gm, None, stats)
+    compiled = CompiledGraph(gm, None, stats)
     counters.clear()
     with pytest.warns(UserWarning, match="through torch.compile instead") as caught, torch.no_grad():
         for _ in range(3):

@@ -18,6 +18,8 @@ from frdiff_compile.steps import RECENT, StepTracker
         ("mix_bias", 3.0),
         ("mix_slope", 0.0),
         ("max_cached_shapes", 0),
+        ("max_calls_per_step", 0),
+        ("max_calls_per_step", True),
         ("compile", "yes"),
         ("compile_mode", "max-autotune-nocudagraphs"),  # a typo: torch's own list of modes decides
         ("compile_mode", 3),

@@ -110,7 +110,7 @@ def test_offload_round_trips_keep_the_graphs_and_capture_again():
     for trip in range(2):
         fr.double()  # stands in for .to("cpu"): out of the layout the graphs were built for
         (entry,) = fr.graph_entries()
-        assert entry.caches == [] and entry.static_reuse is None and entry.keyframe_out is None
+        assert entry.slots == []
         fr.float()
         assert torch.equal(run(fr), run(eager)), trip
     s = fr.stats
@@ -125,7 +125,7 @@ def test_graphs_compiled_through_dynamo_are_rebuilt_after_a_move_not_relinked():
     run = lambda runtime: sample(optimized_fn(runtime, cond), scheduler("sd15"), 4)  # noqa: E731
     run(fr)
     (entry,) = fr.graph_entries()
-    entry.reuse.via_dynamo = True  # what _Compiled says of such a graph, without its slow compile
+    entry.reuse.via_dynamo = True  # what CompiledGraph says of such a graph, without its slow compile
     fr.double()
     fr.float()
     assert fr.graph_entries() == []

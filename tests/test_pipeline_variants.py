@@ -12,7 +12,7 @@ images of the independent eager reference (`frdiff_reference.EagerFRDiff`) hooke
 import numpy as np
 import pytest
 import torch
-from conftest import make_unet
+from conftest import make_unet, max_rel_error
 from frdiff_reference import EagerFRDiff
 from tiny_pipelines import HIDDEN
 
@@ -186,10 +186,10 @@ def test_sag_pipeline_runs_the_eager_unet_and_equals_stock(sd_pipe):
     assert stats.full_calls == 0 and stats.eager_calls > 0, stats
 
 
-def test_panorama_runs_the_graphs_with_its_views_batched_and_the_eager_unet_with_a_call_per_view(sd_pipe):
+def test_panorama_runs_the_graphs_with_a_call_per_view_or_its_views_batched(sd_pipe):
     """MultiDiffusion's panorama pipeline calls the UNet once per batch of views (windows of the latents) at
-    each step. Batched into one call per step the graphs serve it; a call per view (its default) would need a
-    set of caches per view, so the UNet runs eagerly, equal to stock, and the warning names the remedy."""
+    each step, by default once per view. Each call keeps caches of its own (a call slot), so a call per view
+    gives what one call over all views gives: each view's denoising is the method applied to that view."""
     import diffusers
 
     if not hasattr(diffusers, "StableDiffusionPanoramaPipeline"):  # deprecated in diffusers since 0.33
@@ -201,14 +201,19 @@ def test_panorama_runs_the_graphs_with_its_views_batched_and_the_eager_unet_with
     size = {"height": 16, "width": 576, "output_type": "latent"}
     per_view = lambda: _run(pipe, view_batch_size=1, **size)  # noqa: E731
     batched = lambda: _run(pipe, view_batch_size=2, **size)  # noqa: E731
-    stock = per_view()
-    with pytest.warns(UserWarning, match="more than once for the same step.*view_batch_size"):
-        got, stats = _optimized([pipe], 2, per_view)
-    assert torch.equal(got, stock), "panorama with a call per view differs from stock"
-    assert stats.full_calls == 1 and stats.eager_calls == 2 * STEPS - 1, stats
     stock, reference = batched(), _reference(pipe, batched)
     got, stats = _optimized([pipe], 1, batched)
-    assert torch.equal(got, stock), "batched panorama at M=1 differs from stock"
+    assert torch.equal(got, stock), "panorama, views batched, at M=1 differs from stock"
     got, stats = _optimized([pipe], 2, batched)
-    _assert_close(got, reference, "batched panorama at M=2")
-    assert stats.eager_calls == 0 and stats.reuse_calls > 0, stats
+    _assert_close(got, reference, "panorama, views batched, at M=2")
+    stock_per_view = per_view()
+    got, stats = _optimized([pipe], 1, per_view)
+    assert torch.equal(got, stock_per_view), "panorama, a call per view, at M=1 differs from stock"
+    # Against the batched reference: batching alone moves these latents (up to ~300) by 2.4e-6 of their
+    # largest, through float rounding; caches shared between views would move them by far more than 1e-5.
+    got, stats = _optimized([pipe], 2, per_view)
+    assert max_rel_error(stock_per_view, stock) < 1e-5
+    err = max_rel_error(got, reference)
+    assert err < 1e-5, f"panorama, a call per view, at M=2: differs from the eager reference by {err:.2e} (relative)"
+    assert stats.eager_calls == 0 and stats.reuse_calls > 0 and stats.forced_keyframes == 0, stats
+    assert stats.full_calls == 2 * 5 and stats.reuse_calls + stats.skip_steps == 2 * 5, stats  # 2 views, 10 steps

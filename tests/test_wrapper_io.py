@@ -136,7 +136,7 @@ def test_a_dropped_runtime_frees_its_graphs_and_buffers_at_once():
         fr.graph_backend_override = "emulate"
         run(fr, cond)
         entry = fr.graph_entries()[0]
-        held = [weakref.ref(x) for x in (fr, entry, entry.caches[0], entry.static_keyframe)]
+        held = [weakref.ref(x) for x in (fr, entry, entry.slots[0].caches[0], entry.slots[0].static_keyframe)]
         del fr, entry
         assert all(r() is None for r in held), "a reference cycle keeps the dropped runtime's memory alive"
     finally:

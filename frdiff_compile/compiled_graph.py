@@ -1,0 +1,151 @@
+"""Graphs compiled by inductor at their first call (`CompiledGraph`), and the helpers a background worker
+shares with it.
+
+Invariants:
+- A graph given to inductor is never rewritten: inductor gets a copy of its nodes over the same parameters,
+  so the entry's fx graph stays the one it was built from (a worker pickles that one).
+- Compiled code is never frozen (parameters stay call arguments, read live) and never captures inductor's
+  own CUDA graphs unless the compile mode asks for them, which the config allows only with the runtime's
+  CUDA graphs off.
+- Every compilation is counted into the runtime's `RuntimeStats` (compiles, recompiles, compile seconds),
+  so tests and benchmarks read counts, never logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import fx
+from torch._subclasses import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+from .background_compile import BackgroundCompile
+from .config import inductor_mode_options
+from .warn import warn
+
+if TYPE_CHECKING:
+    from .graph_cache import RuntimeStats
+
+logger = logging.getLogger(__name__)
+
+# How long the first reuse step waits for a background compile before compiling the graph itself. The
+# worker starts before the keyframe graph, the larger one, compiles here, so by the first reuse step it
+# is usually done; one still running minutes later is stuck, and compiling here is the way forward.
+BACKGROUND_TIMEOUT_S = 300.0
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule over a copy of `gm`'s nodes (names and metadata kept) and the same attributes."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return fx.GraphModule(gm, graph)
+
+
+def compile_with_inductor(gm: fx.GraphModule, args: tuple[torch.Tensor, ...], options: dict) -> Callable:
+    """`gm` compiled by inductor directly, with its on-disk caches on (shared with `background_compile`)."""
+    # A tracing context whose fake mode has a shape environment, as inductor's own standalone_compile
+    # sets up: without one inductor bypasses its FX-graph and AOTAutograd caches ("No shape env"), and
+    # every new process would compile cold.
+    context = torch._guards.TracingContext(FakeTensorMode(shape_env=ShapeEnv()))
+    # Contiguous inputs at a storage offset (the step's timestep, a view into `scheduler.timesteps`) are
+    # compiled from an aligned copy with the same strides: inductor keys its caches on which inputs are
+    # aligned, and that would otherwise depend on the step the graph first ran at (and a background
+    # worker's key would differ). The compiled code copies an input that arrives misaligned itself.
+    examples = [a.clone() if a.storage_offset() and a.is_contiguous() else a for a in args]
+    # Inductor rewrites the graph it is given (its output becomes a list); it gets a copy of the nodes
+    # over the same parameters, so `gm` stays the graph the entry was built from.
+    with torch._guards.tracing(context):
+        return torch._inductor.compile(copy_graph_module(gm), examples, options=options)
+
+
+def _dynamo_graphs() -> int:
+    # torch's own count of graphs dynamo compiled in this process; the delta around one call is what that
+    # call compiled (calls are not concurrent).
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+class CompiledGraph:
+    """One graph compiled by inductor at its first call, counted into the runtime's stats.
+
+    The graph goes to inductor directly (`torch._inductor.compile`, inductor's entry point for FX graphs
+    captured without dynamo), not through `torch.compile`: it is already a flat ATen graph, so dynamo's
+    retrace of it (about 2000 nodes for SD 1.5) only costs time, and its guards re-check what the entry's
+    signature already fixes (shapes, dtypes, devices, layouts, autocast; grad mode is always off). Inductor's
+    generated code still asserts every input's size and stride, so a mismatch raises instead of computing
+    garbage. Modes whose options make inductor capture its own CUDA graphs ("reduce-overhead", allowed only
+    with the runtime's CUDA graphs off) go through `torch.compile`, which drives inductor's CUDA-graph trees,
+    and so does a graph the direct call fails on (with one warning): on a torch release where that private
+    entry point changed, users get the old path, not an error.
+    """
+
+    def __init__(self, gm: fx.GraphModule, mode: str | None, stats: RuntimeStats, kind: str = "keyframe") -> None:
+        self.gm = gm
+        self.kind = kind  # "keyframe" or "reuse": which share of the compile time this graph's goes to
+        # Never frozen, whatever `torch._inductor.config.freezing` says (users turn it on for CPU inference):
+        # freezing folds the parameters into constants of the compiled code, so in-place updates (a LoRA
+        # fuse, a hotswap) went unseen, 9.1 off stock, and moved parameters would be kept twice. Nor are
+        # inductor's own CUDA graphs on unless the mode asks for them: a global `triton.cudagraphs = True`
+        # would have the direct compile replay graphs inside the runtime's captures.
+        self.options = {"triton.cudagraphs": False, **inductor_mode_options(mode), "freezing": False}
+        self.via_dynamo = bool(self.options.get("triton.cudagraphs"))
+        self.stats = stats
+        self.fn: Callable[..., torch.Tensor] | None = None
+        self.calls = 0
+        self.background: BackgroundCompile | None = None  # a worker compiling this graph into the caches
+
+    def _compile(self, args: tuple[torch.Tensor, ...]) -> Callable[..., torch.Tensor]:
+        if torch._inductor.config.freezing:
+            logger.info("torch._inductor.config.freezing is on: the %s graph is compiled without it, since frozen "
+                        "graphs keep the parameter values of their compile", self.kind)
+        if not self.via_dynamo:
+            try:
+                return self._compile_directly(args)
+            except Exception as exc:  # noqa: BLE001 - torch.compile is the documented way to the same compiler
+                self.via_dynamo = True
+                warn(logger, f"inductor could not compile a graph directly ({type(exc).__name__}: {exc}); "
+                     "compiling it through torch.compile instead")
+        # fullgraph: a graph break inside a graph of pure ATen ops would be a bug worth failing loudly on.
+        # The mode's options with freezing off: torch.compile takes a mode or options, not both.
+        return torch.compile(self.gm, fullgraph=True, dynamic=False, options=self.options)
+
+    def _compile_directly(self, args: tuple[torch.Tensor, ...]) -> Callable[..., torch.Tensor]:
+        return compile_with_inductor(self.gm, args, self.options)
+
+    def _wait_for_background(self) -> None:
+        """Let a worker compiling this graph finish first, so that the compile here is a cache hit."""
+        background, self.background = self.background, None
+        if background is None:
+            return
+        failure = background.wait(timeout=BACKGROUND_TIMEOUT_S)
+        if failure is None:
+            self.stats.background_compiles += 1
+        else:
+            self.stats.background_failures += 1
+            logger.warning("background compile of the %s graph failed, compiling it here: %s", self.kind, failure)
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        before, start = _dynamo_graphs(), time.perf_counter()
+        fresh = self.fn is None
+        if fresh:
+            self._wait_for_background()
+            self.fn = self._compile(args)
+        out = self.fn(*args)
+        compiled = _dynamo_graphs() - before if self.via_dynamo else int(fresh)
+        if compiled:
+            self.stats.compiles += compiled
+            self.stats.recompiles += compiled if self.calls else compiled - 1
+            elapsed = time.perf_counter() - start
+            self.stats.compile_seconds += elapsed
+            if self.kind == "reuse":
+                self.stats.reuse_compile_seconds += elapsed
+            logger.info("compiled the %s graph in %.1f s (%s)", self.kind, elapsed,
+                        "torch.compile" if self.via_dynamo else "inductor directly")
+            if self.calls:
+                logger.warning("a compiled FRDiff graph recompiled (%d graphs); inputs changed in a way the "
+                               "signature did not capture", compiled)
+        self.calls += 1
+        return out
