@@ -59,7 +59,7 @@ class FRDiffConfig:
         max_calls_per_step: how many calls with one input signature a step may make, each with its own
             feature caches (a call slot): MultiDiffusion's panorama pipeline calls the UNet once per view by
             default, and some loops call it for cond and uncond apart. Each slot holds a set of caches and a
-            keyframe output (about 95 MiB for SD 1.5 at 512x512 with CFG in fp16); the call past this count
+            keyframe output (90 MiB for SD 1.5 at 512x512 with CFG in fp16); the call past this count
             runs the eager UNet for the rest of its generation, with a warning.
         policy_fingerprint: set by `from_policy`: the config fingerprint of the UNet the keyframe mask was
             tuned on; `optimize` refuses a UNet with another one.
