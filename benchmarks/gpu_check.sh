@@ -42,7 +42,9 @@ BUDGET_S=${BUDGET_S:-$(( DRY ? 900 : 560 ))}
 # and with the reuse graph compiled by a background worker: STAGES=bench_compile BUDGET_S=240; about
 # 2.5 minutes expected on an H100 from the 73 s cold compile seen there, an estimate; 160 s in the
 # CPU dry run) and bench_methods (FRDiff M=2 and M=3 and DeepCache at interval 3, all compiled without
-# CUDA graphs, against eager: the two methods on equal footing; STAGES=bench_methods BUDGET_S=300).
+# CUDA graphs, against eager: the two methods on equal footing; STAGES=bench_methods BUDGET_S=300) and
+# bench_calls (SD 1.5 with a UNet call per view, 4 views: call slots under compiled graphs and CUDA graphs;
+# one graph pair to compile; STAGES=bench_calls BUDGET_S=240).
 STAGES=" ${STAGES:-gpu_tests bench_blend bench_peers} "
 START=$(date +%s)
 
@@ -80,6 +82,7 @@ if (( DRY )); then
   BLEND=(--quick)
   UNET=(--small --latent 8 --steps 4 --repeats 1)
   COMPILE=(--dry-run --variants default,background --phases cold)
+  CALLS=(--config tiny --latent 16 --steps 4)
 else
   PY=python3
   export PYTHONUNBUFFERED=1
@@ -97,6 +100,7 @@ else
   PYTEST=(-v -p timeout --timeout 90)
   UNET=(--device cuda --latent 64 --repeats 10)
   COMPILE=(--variants default,background --phases cold)
+  CALLS=(--config sd15 --latent 64 --views 4 --steps 30 --repeats 3 --calls per-view)
 fi
 $PY -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$LOG"
 
@@ -116,6 +120,7 @@ stage bench_methods 300 $PY benchmarks/bench_peers.py "${PEERS[@]}" \
 stage bench_sdxl 240 $PY benchmarks/bench_peers.py "${PEERS[@]}" "${SDXL[@]}" --csv "$OUT/bench_peers_sdxl.csv"
 stage bench_unet 60 $PY benchmarks/bench_unet.py "${UNET[@]}" --csv "$OUT/bench_unet.csv"
 stage bench_compile 300 $PY benchmarks/bench_compile.py "${COMPILE[@]}" --csv "$OUT/bench_compile.csv"
+stage bench_calls 240 $PY benchmarks/bench_calls.py "${CALLS[@]}" --csv "$OUT/bench_calls.csv"
 
 echo "=== total $(( $(date +%s) - START ))s; files in $OUT"
 $PY benchmarks/gpu_summary.py "$OUT" $( (( DRY )) && echo --dry-run )
