@@ -275,7 +275,7 @@ class FRDiffUNet(UNetWrapper):
                  "dropped it: these calls use more input signatures (batch, resolution, text length, module "
                  "settings) than that, and each return to a dropped one exports and compiles again. Raise "
                  "FRDiffConfig(max_cached_shapes=...); each pair of the current settings holds its feature "
-                 f"caches ({entry.plan.cache_bytes / 2**20:.0f} MiB for this one)")
+                 f"caches ({entry.slot_bytes / 2**20:.0f} MiB for this one, per call it serves in a step)")
 
     def prepare(self, *args: Any, **kwargs: Any) -> tuple[GraphEntry, list[torch.Tensor]]:
         """Build the graph pair for calls shaped like this one, without running a step.
