@@ -15,8 +15,8 @@ Invariants:
   per step with a signature is fixed by the first step that makes them, and a step that makes more or fewer
   (cond and uncond apart with the uncond call dropped after an interval) is reported (`assign`, `new_step`),
   and the runtime runs the eager UNet from there. The call past the count is refused before it runs, but
-  the calls before it in its step, and those of a step that made fewer (known only when the next begins),
-  were already served by their order; the warning says so.
+  the calls before it in its step, and those of a step that made fewer (known only when the next step or
+  generation begins), were already served by their order; the warning says so.
 """
 
 from __future__ import annotations
@@ -42,9 +42,11 @@ class CallSlots:
         self._calls: dict[tuple, int] = {}  # this step's calls so far, per signature
         self._per_step: dict[tuple, int] = {}  # the calls per step each signature made in this generation
 
-    def new_generation(self) -> None:
-        self._calls.clear()
+    def new_generation(self) -> str | None:
+        """Close the generation that ended; the reason to warn if its last step made fewer calls."""
+        changed = self.new_step()
         self._per_step.clear()
+        return changed
 
     def new_step(self) -> str | None:
         """Close the step that ended; the reason to stop serving calls if it made fewer than the others."""

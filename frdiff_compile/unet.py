@@ -243,7 +243,8 @@ class FRDiffUNet(UNetWrapper):
         except ValueError as exc:
             raise ValueError(f"frdiff_compile: {exc}") from None
         self._generation = _Generation(number, schedule)
-        self._slots.new_generation()
+        if (changed := self._slots.new_generation()) is not None:  # in the last step of the one before
+            warn(logger, f"in the last generation's last step, {changed}")
         self.stats.generations += 1
         logger.debug("generation %d: %s", number, schedule)
         if hooks:

@@ -3,6 +3,7 @@ place in the step. The panorama pipeline's call per view is tested in test_pipel
 hand-written loop that calls the UNet for the unconditional and the conditional half apart."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -80,6 +81,16 @@ def test_a_step_with_more_calls_is_stopped_before_its_extra_call():
     assert s.full_calls + s.reuse_calls + s.skip_steps == 5 and s.eager_calls == 1 + 2 * (STEPS - 5), s
 
 
+def test_a_last_step_with_fewer_calls_is_reported_when_the_next_generation_starts():
+    fr = frdiff_compile.optimize(make_unet("sd15", layers_per_block=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to report until a step or a generation follows
+        cfg_apart([fr, fr], guided=lambda i: i < STEPS - 1)
+    with pytest.warns(UserWarning, match=r"last generation's last step.*\(2 calls, then 1\)"):
+        cfg_apart([fr, fr])
+    assert fr.stats.eager_calls == 0 and fr.stats.generations == 2, fr.stats
+
+
 def test_max_calls_per_step_bounds_the_slots():
     unet = make_unet("sd15", layers_per_block=1)
     stock = cfg_apart([unet, unet])
@@ -105,5 +116,11 @@ def test_call_slots_count_per_signature_and_step():
     assert slots.new_step() is None  # a step without one of the signatures is not a change
     slots.assign(a)
     assert "2 calls, then 1" in slots.new_step()
-    slots.new_generation()
+    slots.assign(a)
+    slots.assign(a)
+    assert slots.new_generation() is None
+    assert [slots.assign(a) for _ in range(3)] == [0, 1, 2]
+    assert slots.new_step() is None
+    slots.assign(a)  # the generation's last step made fewer calls: known when the next generation starts
+    assert "3 calls, then 1" in slots.new_generation()
     assert [slots.assign(a) for _ in range(3)] == [0, 1, 2]
