@@ -242,9 +242,10 @@ class FRDiffUNet(UNetWrapper):
             schedule = build_schedule(num_steps, self.frdiff_config)
         except ValueError as exc:
             raise ValueError(f"frdiff_compile: {exc}") from None
-        self._generation = _Generation(number, schedule)
-        if (changed := self._slots.new_generation()) is not None:  # in the last step of the one before
+        # The last step of the generation that ended, unless that one had stopped serving calls midway.
+        if (changed := self._slots.new_generation()) is not None and self._generation.eager_reason is None:
             warn(logger, f"in the last generation's last step, {changed}")
+        self._generation = _Generation(number, schedule)
         self.stats.generations += 1
         logger.debug("generation %d: %s", number, schedule)
         if hooks:
