@@ -1,13 +1,15 @@
 """More than one UNet call per step: each call keeps caches of its own (a call slot), matched to it by its
 place in the step. The panorama pipeline's call per view is tested in test_pipeline_variants.py; here a
-hand-written loop that calls the UNet for the unconditional and the conditional half apart."""
+hand-written loop that calls the UNet for the unconditional and the conditional half apart, and (gpu-marked,
+on test_cuda_runtime's compiled fp16 runtime) two calls per step under compiled graphs and CUDA graphs."""
 
 import copy
 import warnings
 
 import pytest
 import torch
-from conftest import make_unet, unet_inputs
+from conftest import make_unet, max_rel_error, unet_inputs
+from test_cuda_runtime import DEVICE, TOLERANCE, eager_graphs, trajectory, use_schedule, warm  # noqa: F401
 from test_runtime import scheduler
 
 import frdiff_compile
@@ -124,3 +126,28 @@ def test_call_slots_count_per_signature_and_step():
     slots.assign(a)  # the generation's last step made fewer calls: known when the next generation starts
     assert "3 calls, then 1" in slots.new_generation()
     assert [slots.assign(a) for _ in range(3)] == [0, 1, 2]
+
+
+@pytest.mark.gpu
+@pytest.mark.cpu_emulation
+def test_two_calls_per_step_under_compiled_graphs_and_cuda_graphs(warm):  # noqa: F811 - the imported fixture
+    """The second call of every step gets buffers and CUDA graphs of its own over the same compiled graphs:
+    no compile, and each call's trajectory is the one it has alone."""
+    unet, cond, fr = warm(torch.float16)
+    use_schedule(fr)
+    trajectory(fr, cond, steps=2)  # the first slot's graphs captured, whatever ran before
+    before = copy.copy(fr.stats)
+    sched = scheduler("sd15")
+    sched.set_timesteps(STEPS, device=DEVICE)
+    xs = [torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(seed)).to(DEVICE, torch.float16)
+          for seed in range(2)]
+    with torch.no_grad():
+        for t in sched.timesteps:  # DDIM's step keeps no state between calls
+            xs = [sched.step(fr(x, t, **cond).sample, t, x).prev_sample for x in xs]
+    for seed, got in enumerate(xs):
+        err = max_rel_error(got.float(), trajectory(eager_graphs(unet), cond, steps=STEPS, seed=seed))
+        assert err < TOLERANCE[torch.float16], f"call {seed}: relative error {err:.2e}"
+    new = fr.stats.since(before)
+    assert (new.compiles, new.recompiles, new.captures, new.cudagraph_fallbacks, new.eager_calls) == (0,) * 5, new
+    assert new.cudagraph_captures == 2, new  # the second slot's keyframe and reuse graphs
+    assert (new.full_replays, new.reuse_replays) == (new.full_calls, new.reuse_calls), new
