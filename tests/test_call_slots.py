@@ -56,7 +56,7 @@ def test_cond_and_uncond_called_apart_keep_their_caches_apart(backend):
     assert len(entry.slots) == 2
     if backend:  # a keyframe and a reuse graph captured per slot, which serve every step
         assert s.cudagraph_captures == 4 and (s.full_replays, s.reuse_replays) == (s.full_calls, s.reuse_calls), s
-    # Shared caches, as before call slots, would have read the cond call's features for the uncond call.
+    # One set of caches for both calls would have served the uncond call the cond call's features.
     shared = frdiff_compile.optimize(unet)
     shared._slots.assign = lambda signature: 0
     assert (cfg_apart([shared, shared]) - expected).abs().max() > 1e-3
