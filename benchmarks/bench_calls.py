@@ -20,7 +20,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from common import RESULTS, append_csv, environment, print_table, synchronize, time_ms
+from common import RESULTS, append_csv, environment, print_table, time_ms
 from diffusers import DDIMScheduler
 from models import build_unet, example_call
 
@@ -77,8 +77,7 @@ def main() -> None:
                     return views_loop(model, DDIMScheduler(), latents, cond, batched_cond, args.steps, batched)
 
             before = fr.stats.eager_calls
-            ms = time_ms(loop, device, repeats=args.repeats, warmup=1)
-            synchronize(device)
+            ms = time_ms(loop, device, repeats=args.repeats, warmup=1)  # synchronizes around each loop
             if name == "stock":
                 stock_ms[batched] = ms
             elif fr.stats.eager_calls != before:
