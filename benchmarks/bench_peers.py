@@ -20,8 +20,10 @@ more, took 7.7, so it is not the strongest baseline); "deepcache-compiled", Deep
 UNet's forward (its block wrappers inside) compiled by inductor, no CUDA graphs (`common.deepcache`): the
 method against frdiff's, both compiled, where "deepcache" compares an eager implementation with compiled
 graphs; set it against frdiff-m3-nocg (the same interval; it runs frdiff-m2-nocg's graphs where that was
-built) and frdiff-m2-nocg. Each provider runs one untimed loop (compilation, capture) and then --loops timed
-loops (CUDA events, median).
+built) and frdiff-m2-nocg; "frdiff-deep3" and "frdiff-deep2" (and "-nocg"), frdiff_compile with
+`cache_point="deep"`: DeepCache's method (branch 0, no score mixing) served by frdiff's two compiled graphs, at
+interval 3 and 2 (deep2 runs deep3's graphs). Each provider runs one untimed loop (compilation, capture) and
+then --loops timed loops (CUDA events, median).
 
 Reports per provider: loop ms, speedup against eager and against compiled stock, first-loop seconds (for
 compiled providers, mostly compilation), peak memory above what was allocated before it was built; for
@@ -55,7 +57,10 @@ from frdiff_compile.passes import CallLayout
 # Run order: the numbers the targets name come first, so a run cut short by its time limit keeps them; the
 # stock compile comes after frdiff M=2 and the speedups against it are filled in at the end.
 DEFAULT = ("eager", "frdiff-m2", "compiled-static", "frdiff-m3", "deepcache", "frdiff-m2-nocg")
-ALL = (*DEFAULT, "compiled", "deepcache-compiled", "frdiff-m3-nocg")
+ALL = (*DEFAULT, "compiled", "deepcache-compiled", "frdiff-m3-nocg", "frdiff-deep3", "frdiff-deep2",
+       "frdiff-deep3-nocg", "frdiff-deep2-nocg")
+# Providers that run another's graphs under their own schedule where that one was built (`reconfigure`).
+SHARES_GRAPHS = {"frdiff-m3": "frdiff-m2", "frdiff-deep2": "frdiff-deep3"}
 BASELINES = ("eager", "compiled-static", "compiled")
 
 
@@ -86,8 +91,19 @@ class StaticStock:
 
 
 def graphs_of(name: str) -> str:
-    """The frdiff provider whose graphs `name` runs where that one was built: M=3 runs M=2's."""
-    return name.replace("frdiff-m3", "frdiff-m2")
+    """The frdiff provider whose graphs `name` runs where that one was built: M=3 runs M=2's, deep2 deep3's."""
+    base = name.removesuffix("-nocg")
+    return SHARES_GRAPHS.get(base, base) + name[len(base):]
+
+
+def frdiff_config(name: str, mode: str) -> FRDiffConfig:
+    """frdiff-m<M>[-nocg] (FRDiff's cache points) or frdiff-deep<N>[-nocg] (DeepCache's deep feature)."""
+    method = name.removeprefix("frdiff-").removesuffix("-nocg")
+    deep = method.startswith("deep")
+    return FRDiffConfig(keyframe_interval=int(method.removeprefix("deep" if deep else "m")),
+                        cache_point="deep" if deep else "features",
+                        cuda_graphs=False if name.endswith("nocg") else None,
+                        compile={"dry": False, "cpu": True, "cuda": None}[mode])
 
 
 def build(name: str, unet, scheduler, mode: str, runtimes: dict, deepcache_interval: int = 3) -> Callable:
@@ -104,14 +120,12 @@ def build(name: str, unet, scheduler, mode: str, runtimes: dict, deepcache_inter
     if name.startswith("deepcache"):
         backend = None if name == "deepcache" else "eager" if mode == "dry" else "inductor"
         return deepcache(unet, scheduler, interval=deepcache_interval, compile_backend=backend)
-    interval = 3 if name.startswith("frdiff-m3") else 2
-    config = FRDiffConfig(keyframe_interval=interval, cuda_graphs=False if name.endswith("nocg") else None,
-                          compile={"dry": False, "cpu": True, "cuda": None}[mode])
-    m2 = graphs_of(name)
-    if interval == 3 and m2 in runtimes:
+    config = frdiff_config(name, mode)
+    owner = graphs_of(name)
+    if owner != name and owner in runtimes:
         # The graphs do not depend on the schedule: M=3 replays the graphs M=2 compiled and captured, as a
         # user switching M on a live pipeline would (its compile time is M=2's).
-        fr = runtimes[m2]
+        fr = runtimes[owner]
         fr.reconfigure(config)
         return fr
     runtimes[name] = frdiff_compile.optimize(unet, config)

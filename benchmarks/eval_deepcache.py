@@ -15,7 +15,9 @@ Cost is in full-UNet-call equivalents: each method's cheap call (DeepCache's sha
 call) is weighted by its time over that method's own full call, both timed here at the harness batch, all
 eager on the CPU (FRDiff's graphs are not compiled on the CPU). So the cost compares the methods, not the
 two implementations. PSNR/SQNR against full 50-step DDIM from the same noise; every row uses the same
-labels and noise. Writes benchmarks/results/eval_deepcache.csv.
+labels and noise. The "deep N=" rows run DeepCache's method (branch 0) on frdiff_compile's two graphs
+(`FRDiffConfig(cache_point="deep")`): their images must equal the package's at the same N, and their cost
+weighs the reuse graph's time over the keyframe graph's. Writes benchmarks/results/eval_deepcache.csv.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import torch
 from common import RESULTS, append_csv, deepcache, environment, print_table, time_ms
-from eval_quality import add_sampling_args, interpolated_ddim, setup
+from eval_quality import add_sampling_args, interpolated_ddim, reuse_cost, setup
 
 import frdiff_compile
 from frdiff_compile import FRDiffConfig, build_schedule
@@ -74,6 +76,8 @@ def rows_to_run(quick: bool) -> list[dict]:
     for branch in (0,) if quick else (0, 3):
         for n in (2, 3) if quick else (2, 3, 4, 5):
             runs.append({"method": f"DeepCache N={n}", "interval": n, "branch": branch})
+    for n in (2, 3) if quick else (2, 3, 4, 5):
+        runs.append({"method": f"frdiff_compile deep N={n}", "interval": n, "cache_point": "deep"})
     return runs
 
 
@@ -84,9 +88,11 @@ def main() -> None:
     args = parser.parse_args()
     unet, embedding, judge, labels, reuse = setup(args)
     partial = {b: deepcache_partial_cost(unet, embedding, args.samples, b) for b in ((0,) if args.quick else (0, 3))}
+    deep_reuse = reuse_cost(unet, embedding, args.samples, FRDiffConfig(cache_point="deep"))
     print(f"eval_deepcache: {args.samples} samples, seed {args.seed}; a FRDiff reuse call = {reuse:.3f} of its "
           f"keyframe call, a DeepCache shallow call = "
-          + ", ".join(f"{r:.3f} (branch {b})" for b, r in partial.items()) + " of its full call")
+          + ", ".join(f"{r:.3f} (branch {b})" for b, r in partial.items()) + " of its full call, "
+          f"frdiff_compile's deep reuse graph = {deep_reuse:.3f} of its keyframe graph")
     reference = DigitsPipeline(unet, embedding)(labels, STEPS, args.guidance, seed=args.seed)
     rows = []
     for run in rows_to_run(args.quick):
@@ -98,20 +104,24 @@ def main() -> None:
             ratio = partial[run["branch"]]
             cost = deepcache_cost(steps, run["interval"], ratio)
         else:
-            config = FRDiffConfig(keyframe_interval=run["interval"], score_mixing=run["mixing"])
-            model, ratio = frdiff_compile.optimize(unet, config), reuse
-            cost = build_schedule(steps, config).cost(reuse)
+            deep = run.get("cache_point") == "deep"
+            config = FRDiffConfig(keyframe_interval=run["interval"], score_mixing=None if deep else run["mixing"],
+                                  cache_point=run.get("cache_point", "features"))
+            model, ratio = frdiff_compile.optimize(unet, config), deep_reuse if deep else reuse
+            cost = build_schedule(steps, config).cost(ratio)
         start = time.perf_counter()
         images = DigitsPipeline(model, embedding)(labels, steps, args.guidance, seed=args.seed)
         wall = time.perf_counter() - start
-        rows.append({**run, "steps": steps, "partial_cost": ratio, "cost": cost, "wall_s": wall,
+        # frdiff_compile's wall time includes building its graphs at this shape (export and passes), once.
+        build = getattr(getattr(model, "stats", None), "build_seconds", None)
+        rows.append({**run, "steps": steps, "partial_cost": ratio, "cost": cost, "wall_s": wall, "build_s": build,
                      "psnr_db": psnr(images, reference), "sqnr_db": sqnr(images, reference),
                      "accuracy": judge.accuracy(images, labels), "fid_proxy": judge.fid_proxy(images)})
     fewer_steps = [r for r in rows if r["steps"] < STEPS]  # full compute is the reference: its PSNR is inf
     for row in rows:
         row["ddim_psnr_at_cost"] = None if row["method"] == "DDIM" else interpolated_ddim(
             fewer_steps, row["cost"], "psnr_db")
-    print_table(rows, ["method", "branch", "steps", "partial_cost", "cost", "wall_s", "psnr_db", "sqnr_db",
+    print_table(rows, ["method", "branch", "steps", "partial_cost", "cost", "wall_s", "build_s", "psnr_db", "sqnr_db",
                        "accuracy", "fid_proxy", "ddim_psnr_at_cost"], "eval_deepcache (digits model, CPU)")
     path = append_csv(Path(args.csv), [{**row, "samples": args.samples, "seed": args.seed} for row in rows],
                       environment(CPU))

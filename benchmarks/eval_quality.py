@@ -31,9 +31,10 @@ from frdiff_compile.policy import KeyframePolicy
 from frdiff_compile.quality import DigitsJudge, psnr, sqnr
 
 
-def reuse_cost(unet, embedding, batch: int) -> float:
-    """Measured reuse-call time over keyframe-call time at this batch (the cost model's reuse weight)."""
-    fr = frdiff_compile.optimize(unet)
+def reuse_cost(unet, embedding, batch: int, config: FRDiffConfig | None = None) -> float:
+    """Measured reuse-call time over keyframe-call time at this batch (the cost model's reuse weight), for the
+    graphs `config` builds (its cache point)."""
+    fr = frdiff_compile.optimize(unet, config)
     x = torch.randn(2 * batch, 1, IMAGE_SIZE, IMAGE_SIZE)
     cond = embedding(torch.full((2 * batch,), NULL_LABEL))
     t = torch.tensor(500)

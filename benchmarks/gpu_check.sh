@@ -16,9 +16,9 @@
 #                                      CUDA graphs emulated), all but the two that inspect the Triton kernel
 #
 # Everything goes to $OUT (a temporary folder when unset): gpu_check.log (every stage's output), the CSVs
-# bench_blend.csv and bench_peers.csv (bench_unet.csv, bench_compile.csv and bench_methods.csv when those
-# stages are asked for), gpu_tests.txt and stages.txt. Each stage has its own time limit inside one overall deadline
-# (BUDGET_S, 560 s by default, the install included); a failing or timed-out stage is reported and the
+# bench_blend.csv and bench_peers.csv (bench_unet.csv, bench_compile.csv, bench_methods.csv and bench_deep.csv
+# when those stages are asked for), gpu_tests.txt and stages.txt. Each stage has its own time limit inside
+# one overall deadline (BUDGET_S, 560 s by default, the install included); a failing or timed-out stage is reported and the
 # next one still runs. STAGES picks stages for a partial rerun, e.g. STAGES="bench_blend" BUDGET_S=120.
 # Seen on an H100 (2026-11-26): the machine's start about 30 s; 8 of the then 9 GPU tests in about 190 s
 # (mostly inductor compiling tiny UNets); bench_blend 49 s (before it timed graph replays); bench_peers
@@ -44,7 +44,9 @@ BUDGET_S=${BUDGET_S:-$(( DRY ? 900 : 560 ))}
 # CPU dry run) and bench_methods (FRDiff M=2 and M=3 and DeepCache at interval 3, all compiled without
 # CUDA graphs, against eager: the two methods on equal footing; STAGES=bench_methods BUDGET_S=300) and
 # bench_calls (SD 1.5 with a UNet call per view, 4 views: call slots under compiled graphs and CUDA graphs;
-# one graph pair to compile; STAGES=bench_calls BUDGET_S=240).
+# one graph pair to compile; STAGES=bench_calls BUDGET_S=240) and bench_deep (cache_point="deep", DeepCache's
+# method on frdiff's graphs, at intervals 3 and 2 with CUDA graphs, against eager and compiled stock;
+# STAGES=bench_deep BUDGET_S=300).
 STAGES=" ${STAGES:-gpu_tests bench_blend bench_peers} "
 START=$(date +%s)
 
@@ -116,7 +118,9 @@ fi
 stage bench_blend 100 $PY benchmarks/bench_blend.py "${BLEND[@]}" --csv "$OUT/bench_blend.csv"
 stage bench_peers 240 $PY benchmarks/bench_peers.py "${PEERS[@]}" --csv "$OUT/bench_peers.csv"
 stage bench_methods 300 $PY benchmarks/bench_peers.py "${PEERS[@]}" \
-  --providers eager,frdiff-m2-nocg,frdiff-m3-nocg,deepcache-compiled --csv "$OUT/bench_methods.csv"
+  --providers eager,frdiff-m2-nocg,frdiff-m3-nocg,frdiff-deep3-nocg,deepcache-compiled --csv "$OUT/bench_methods.csv"
+stage bench_deep 300 $PY benchmarks/bench_peers.py "${PEERS[@]}" \
+  --providers eager,frdiff-deep3,frdiff-deep2,compiled-static --csv "$OUT/bench_deep.csv"
 stage bench_sdxl 240 $PY benchmarks/bench_peers.py "${PEERS[@]}" "${SDXL[@]}" --csv "$OUT/bench_peers_sdxl.csv"
 stage bench_unet 60 $PY benchmarks/bench_unet.py "${UNET[@]}" --csv "$OUT/bench_unet.csv"
 stage bench_compile 300 $PY benchmarks/bench_compile.py "${COMPILE[@]}" --csv "$OUT/bench_compile.csv"

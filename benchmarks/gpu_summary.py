@@ -2,9 +2,9 @@
 
 Usage: python benchmarks/gpu_summary.py OUT_DIR [--dry-run]
 Reads OUT_DIR/stages.txt, gpu_tests.txt, bench_blend.csv, bench_peers.csv and, when present,
-bench_peers_sdxl.csv, bench_compile.csv and bench_methods.csv (the newest run in each), and prints one line
-per target: measured value, target, and whether it is met. Missing files or rows print as "missing" rather
-than failing, so a partial run still reports what it has.
+bench_peers_sdxl.csv, bench_compile.csv, bench_methods.csv and bench_deep.csv (the newest run in each), and
+prints one line per target: measured value, target, and whether it is met. Missing files or rows print as
+"missing" rather than failing, so a partial run still reports what it has.
 """
 
 from __future__ import annotations
@@ -133,9 +133,17 @@ def summary(out: Path) -> list[tuple[str, str, str, str]]:
                 lines.append(line(f"sdxl {name} vs {label}", base / own, "", None))
     # FRDiff and DeepCache both compiled without CUDA graphs (optional stage): reported, no target.
     methods = {r["provider"]: number(r.get("loop_ms")) for r in newest(out / "bench_methods.csv")}
-    for name in ("frdiff-m2-nocg", "frdiff-m3-nocg", "deepcache-compiled"):
+    for name in ("frdiff-m2-nocg", "frdiff-m3-nocg", "frdiff-deep3-nocg", "deepcache-compiled"):
         if methods.get("eager") and methods.get(name):
             lines.append(line(f"methods: {name} vs eager", methods["eager"] / methods[name], "", None))
+    # DeepCache's method on frdiff's graphs (optional stage): reported, no target.
+    deep = {r["provider"]: number(r.get("loop_ms")) for r in newest(out / "bench_deep.csv")}
+    deep_base = baselines(deep)
+    for name in ("frdiff-deep3", "frdiff-deep2"):
+        for baseline, label in (("eager", "eager"), ("compiled", "best compiled stock")):
+            base, own = deep_base[baseline], deep.get(name)
+            if base and own:
+                lines.append(line(f"deep: {name} vs {label}", base / own, "", None))
     return lines
 
 

@@ -131,12 +131,12 @@ class _Trajectory:
         scheduler.set_timesteps(num_steps)
         self.problem, self.scheduler, self.config = problem, scheduler, config
         self.timesteps = [int(t) for t in scheduler.timesteps]
-        self.lambdas = [mix_weight(i, num_steps, config.mix_bias, config.mix_slope) if config.score_mixing else 1.0
+        self.lambdas = [mix_weight(i, num_steps, config.mix_bias, config.mix_slope) if config.mixes_scores else 1.0
                         for i in range(num_steps)]
         latents, kwargs = example
         layout, tensors = CallLayout.from_call(self._call(latents, self.timesteps[0], kwargs))
         captured = capture(unet, layout, tensors)
-        self.plan = plan_cache_points(captured.graph_module, unet)
+        self.plan = plan_cache_points(captured.graph_module, unet, cache_point=config.cache_point)
         self.graph = build_search_graph(captured.graph_module, self.plan)
 
     @staticmethod
@@ -232,8 +232,8 @@ def search(
         "method": "penalty" if target_keyframes is None else "swap", "iterations": iterations, "lr": lr,
         "weight": weight, "target_keyframes": target_keyframes, "reuse_cost": reuse_cost,
         "validation_draws": validation_draws, "seed": seed,
-        "guidance_scale": problem.guidance_scale, "score_mixing": config.score_mixing, "mix_bias": config.mix_bias,
-        "mix_slope": config.mix_slope,
+        "guidance_scale": problem.guidance_scale, "score_mixing": config.mixes_scores, "mix_bias": config.mix_bias,
+        "mix_slope": config.mix_slope, "cache_point": config.cache_point,
     }
     policy = KeyframePolicy(num_steps, mask, unet_fingerprint(unet), settings, tuple(history))
     logger.info("Auto-FR: %d of %d steps are keyframes after %d iterations", policy.num_keyframes, num_steps,

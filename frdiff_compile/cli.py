@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--interval", type=_positive, default=2, help="keyframe interval M (default 2)")
     demo.add_argument("--bias", type=float, default=0.5, help="score-mixing bias b (default 0.5)")
     demo.add_argument("--no-mixing", action="store_true", help="pure feature reuse, no score mixing")
+    demo.add_argument("--cache-point", choices=("features", "deep"), default="features",
+                      help="features: FRDiff's (default); deep: DeepCache's, on the same graphs (no score mixing)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--rows", type=_positive, default=4, help="digits model: rows of 0-9 in the grid (default 4)")
     demo.add_argument("--guidance", type=float, default=None,
@@ -67,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate without a budget (default 5e-3)")
     tune.add_argument("--bias", type=float, default=0.5, help="score-mixing bias b used in the search")
     tune.add_argument("--no-mixing", action="store_true", help="search for pure feature reuse")
+    tune.add_argument("--cache-point", choices=("features", "deep"), default="features",
+                      help="what reuse steps read: FRDiff's features (default) or DeepCache's deep feature")
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--out", type=Path, default=Path("frdiff_policy.json"), help="policy JSON to write")
     return parser
@@ -80,7 +84,8 @@ def run_tune(args: argparse.Namespace) -> None:
         raise CLIError(f"--target-keyframes {args.target_keyframes} exceeds --steps {args.steps}")
     if args.reuse_cost is not None and (args.target_keyframes is None or not 0.0 <= args.reuse_cost <= 1.0):
         raise CLIError(f"--reuse-cost {args.reuse_cost} needs --target-keyframes and a value in [0, 1]")
-    config = FRDiffConfig(mix_bias=args.bias, score_mixing=not args.no_mixing)
+    config = FRDiffConfig(mix_bias=args.bias, score_mixing=False if args.no_mixing else None,
+                          cache_point=args.cache_point)
     unet, embedding = load_digits_model()
     start = time.perf_counter()
     result = search(unet, digits_problem(embedding, batch=args.batch), args.steps, iterations=args.iterations,
@@ -95,7 +100,8 @@ def run_tune(args: argparse.Namespace) -> None:
 
 def _config(args: argparse.Namespace) -> FRDiffConfig:
     try:
-        return FRDiffConfig(keyframe_interval=args.interval, mix_bias=args.bias, score_mixing=not args.no_mixing)
+        return FRDiffConfig(keyframe_interval=args.interval, mix_bias=args.bias,
+                            score_mixing=False if args.no_mixing else None, cache_point=args.cache_point)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
 

@@ -48,6 +48,11 @@ def _print_table(rows: list[dict[str, str]]) -> None:
         print("  ".join(r[c].ljust(w) for c, w in zip(columns, widths)))
 
 
+def _label(config: FRDiffConfig) -> str:
+    deep = ", deep cache point" if config.cache_point == "deep" else ""
+    return f"frdiff M={config.keyframe_interval}{deep}"
+
+
 def _kinds(config: FRDiffConfig, steps: int) -> str:
     counts = build_schedule(steps, config).counts()
     return f"{counts['full']}/{counts['reuse']}/{counts['skip']}"
@@ -72,7 +77,7 @@ def run_digits_demo(args: argparse.Namespace, config: FRDiffConfig) -> None:
     _print_table([
         {"unet": "stock", "ms/image": f"{1e3 * stock_s / n:.1f}", "speedup": "1.00x", "PSNR dB": "ref",
          "SQNR dB": "ref", "accuracy": f"{judge.accuracy(stock, labels):.3f}", "full/reuse/skip": f"{args.steps}/0/0"},
-        {"unet": f"frdiff M={config.keyframe_interval}", "ms/image": f"{1e3 * ours_s / n:.1f}",
+        {"unet": _label(config), "ms/image": f"{1e3 * ours_s / n:.1f}",
          "speedup": f"{stock_s / ours_s:.2f}x", "PSNR dB": f"{psnr(ours, stock):.2f}", "SQNR dB": f"{sqnr(ours, stock):.2f}",
          "accuracy": f"{judge.accuracy(ours, labels):.3f}", "full/reuse/skip": _kinds(config, args.steps)},
     ])
@@ -121,7 +126,7 @@ def run_pipeline_demo(args: argparse.Namespace, config: FRDiffConfig) -> None:
     print(f"pipeline demo: {args.model} '{args.prompt}' {size}x{size}, {args.steps} steps, {config}")
     _print_table([
         {"unet": "stock", "s/image": f"{stock_s:.2f}", "speedup": "1.00x", "PSNR dB": "ref", "full/reuse/skip": f"{args.steps}/0/0"},
-        {"unet": f"frdiff M={config.keyframe_interval}", "s/image": f"{ours_s:.2f}", "speedup": f"{stock_s / ours_s:.2f}x",
+        {"unet": _label(config), "s/image": f"{ours_s:.2f}", "speedup": f"{stock_s / ours_s:.2f}x",
          "PSNR dB": f"{psnr(got, ref):.2f}", "full/reuse/skip": _kinds(config, args.steps)},
     ])
     print(f"graph build (once per input shape): {build_s:.2f} s")

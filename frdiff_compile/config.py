@@ -17,7 +17,8 @@ from typing import Any
 CONFIG_VERSION = 1
 # The fields the built graphs depend on. The others only shape the host-side schedule, so a change of
 # schedule keeps every compiled graph and CUDA graph (`FRDiffUNet.reconfigure`).
-GRAPH_FIELDS = ("compile", "compile_mode", "cuda_graphs")
+GRAPH_FIELDS = ("cache_point", "compile", "compile_mode", "cuda_graphs")
+CACHE_POINTS = ("features", "deep")  # what a keyframe caches (passes/plan.py finds them in the graph)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,9 +35,17 @@ class FRDiffConfig:
         score_mixing: blend the reuse output with the last keyframe output by the weight
             lambda(i/N) = clip(mix_slope * (i/N - mix_bias) + 0.5, 0, 1); where lambda is 0 the UNet is not
             called at all. Off = pure feature reuse on every non-keyframe step (slower, sometimes sharper).
+            None (default) means on with `cache_point="features"` and off with "deep", where the reuse call
+            is so cheap that the no-call steps save little and the blend costs quality (README, DeepCache).
         mix_bias: b. Larger b keeps more early steps as "jumps" on the keyframe output (faster, blurrier);
             smaller b uses feature reuse earlier.
         mix_slope: how fast lambda goes from 0 to 1 around b (the paper's tau=30 is slope 7.5).
+        cache_point: what a keyframe caches and a reuse step reads. "features" (default) is FRDiff's: every
+            ResnetBlock2D's conv1 output and every Transformer2DModel's residual delta, so a reuse step
+            recomputes everything else (about 0.27 of a full call's FLOPs for SD 1.5). "deep" is DeepCache's
+            (its branch 0): one tensor, the hidden state the last up block's last layer concatenates with
+            conv_in's output, so a reuse step computes only conv_in, the time embedding, that layer and
+            conv_out (about 0.08 for SD 1.5, 0.015 for SDXL); the keyframe schedule is the same.
         compile: compile both graphs with inductor (torch.compile's compiler; the graphs go to it directly,
             since they are ATen graphs already). None (default) means on for CUDA models, off elsewhere;
             eager graphs are still the fast path on CPU because they skip the cached work.
@@ -68,9 +77,10 @@ class FRDiffConfig:
 
     keyframe_interval: int = 2
     keyframes: tuple[bool, ...] | None = None
-    score_mixing: bool = True
+    score_mixing: bool | None = None
     mix_bias: float = 0.5
     mix_slope: float = 7.5
+    cache_point: str = "features"
     compile: bool | None = None
     compile_mode: str | None = None
     cuda_graphs: bool | None = None
@@ -102,8 +112,10 @@ class FRDiffConfig:
             if not low <= value <= high:
                 raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
             object.__setattr__(self, name, float(value))
-        if not isinstance(self.score_mixing, bool):
-            raise ValueError(f"score_mixing must be a bool, got {self.score_mixing!r}")
+        if self.score_mixing is not None and not isinstance(self.score_mixing, bool):
+            raise ValueError(f"score_mixing must be None, True or False, got {self.score_mixing!r}")
+        if self.cache_point not in CACHE_POINTS:
+            raise ValueError(f"cache_point must be one of {CACHE_POINTS}, got {self.cache_point!r}")
         if self.compile is not None and not isinstance(self.compile, bool):
             raise ValueError(f"compile must be None, True or False, got {self.compile!r}")
         if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
@@ -128,6 +140,11 @@ class FRDiffConfig:
             raise ValueError(f"max_calls_per_step must be in [1, 1024], got {self.max_calls_per_step}")
         if self.version != CONFIG_VERSION:
             raise ValueError(f"version must be {CONFIG_VERSION} (this release's format), got {self.version!r}")
+
+    @property
+    def mixes_scores(self) -> bool:
+        """Whether score mixing is on, its default resolved from the cache point."""
+        return self.score_mixing if self.score_mixing is not None else self.cache_point == "features"
 
     def resolve(self, device_type: str) -> tuple[bool, bool]:
         """(compile, cuda_graphs) for graphs whose inputs live on a `device_type` device, defaults resolved.
@@ -175,7 +192,8 @@ class FRDiffConfig:
 
         policy = KeyframePolicy.load(path)
         fields = {f.name for f in dataclasses.fields(cls)}
-        settings = {k: v for k, v in policy.settings.items() if k in ("score_mixing", "mix_bias", "mix_slope")}
+        searched = ("score_mixing", "mix_bias", "mix_slope", "cache_point")
+        settings = {k: v for k, v in policy.settings.items() if k in searched}
         data = {**settings, "keyframes": policy.keyframes, "policy_fingerprint": policy.unet_fingerprint, **overrides}
         unknown = sorted(set(data) - fields)
         if unknown:

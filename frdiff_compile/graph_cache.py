@@ -296,7 +296,7 @@ def build_entry(
     start = time.perf_counter()
     try:
         captured = capture(unet, layout, tensors)
-        plan = plan_cache_points(captured.graph_module, unet, captured.module_prefix)
+        plan = plan_cache_points(captured.graph_module, unet, captured.module_prefix, config.cache_point)
         pair = build_graphs(captured.graph_module, plan)
         out = captured.graph_module.graph.find_nodes(op="output")[0].args[0].meta["val"]
         entry: GraphEntry | str = GraphEntry.create(pair.keyframe, pair.reuse, plan, pair.report, out, device,

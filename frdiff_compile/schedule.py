@@ -89,7 +89,7 @@ def build_schedule(num_steps: int, config: FRDiffConfig) -> Schedule:
             kinds.append(StepKind.FULL)
             weights.append(1.0)
             continue
-        weight = mix_weight(step, num_steps, config.mix_bias, config.mix_slope) if config.score_mixing else 1.0
+        weight = mix_weight(step, num_steps, config.mix_bias, config.mix_slope) if config.mixes_scores else 1.0
         kinds.append(StepKind.REUSE if weight > 0.0 else StepKind.SKIP)
         weights.append(weight)
     return Schedule(kinds=tuple(kinds), weights=tuple(weights))

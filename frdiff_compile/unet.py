@@ -197,8 +197,8 @@ class FRDiffUNet(UNetWrapper):
         """Use `config` from the next generation on, keeping the built graphs where they still apply.
 
         A new keyframe schedule (interval, mask, score mixing, mix bias/slope) keeps every captured,
-        compiled and CUDA-graph-captured graph: they do not depend on it. A change of `compile`,
-        `compile_mode` or `cuda_graphs` drops them (rebuilt on next use). The generation in progress, if
+        compiled and CUDA-graph-captured graph: they do not depend on it. A change of `cache_point`,
+        `compile`, `compile_mode` or `cuda_graphs` drops them (rebuilt on next use). The generation in progress, if
         any, ends here; the next call starts a new one, whose first step is always a keyframe.
         """
         if not isinstance(config, FRDiffConfig):
@@ -206,7 +206,7 @@ class FRDiffUNet(UNetWrapper):
         check_policy_fingerprint(self.unet, config.policy_fingerprint)
         with self._lock:
             if not config.same_graphs(self.frdiff_config):
-                logger.info("reconfigure: compile or CUDA-graph settings changed, dropping %d graph pairs",
+                logger.info("reconfigure: cache point, compile or CUDA-graph settings changed, dropping %d graph pairs",
                             len(self._graphs))
                 self._graphs.clear()
             self._graphs.resize(config.max_cached_shapes)

@@ -70,6 +70,23 @@ def test_policy_round_trip_and_use(tmp_path, digits):
         DigitsPipeline(fr, embedding)([3], 6)
 
 
+def test_a_search_under_the_deep_cache_point_records_it_in_the_policy(tmp_path, digits, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the torch reference; see the text-embedding test
+    unet, embedding = digits
+    config = FRDiffConfig(cache_point="deep")
+    result = search(unet, digits_problem(embedding), STEPS, iterations=2, lr=0.2, weight=0.0, config=config,
+                    progress=False)
+    assert result.policy.settings["cache_point"] == "deep" and result.policy.settings["score_mixing"] is False
+    loaded = FRDiffConfig.from_policy(str(result.policy.save(tmp_path / "deep.json")))
+    assert (loaded.cache_point, loaded.mixes_scores) == ("deep", False)
+    fr = frdiff_compile.optimize(unet, loaded)
+    from frdiff_compile.digits import DigitsPipeline
+
+    DigitsPipeline(fr, embedding)([3, 5], STEPS)
+    (entry,) = fr.graph_entries()
+    assert [p.kind for p in entry.plan.points] == ["deep_feature"] and fr.stats.skip_steps == 0
+
+
 def test_refused_policies(tmp_path, digits):
     unet, _ = digits
     good = KeyframePolicy(3, (True, False, True), unet_fingerprint(unet))

@@ -21,6 +21,8 @@ from frdiff_compile.steps import RECENT, StepTracker
         ("max_calls_per_step", 0),
         ("max_calls_per_step", True),
         ("compile", "yes"),
+        ("score_mixing", 1),
+        ("cache_point", "shallow"),
         ("compile_mode", "max-autotune-nocudagraphs"),  # a typo: torch's own list of modes decides
         ("compile_mode", 3),
         ("version", 99),
@@ -61,6 +63,18 @@ def test_schedule_without_mixing_and_with_mask():
     assert masked.last_keyframes == (0, 0, 0, 3, 4)
     with pytest.raises(ValueError, match="5 entries but this generation has 6 steps"):
         build_schedule(6, FRDiffConfig(keyframes=mask))
+
+
+def test_score_mixing_defaults_to_the_cache_points_method():
+    """FRDiff mixes scores; DeepCache does not (its shallow call is too cheap for no-call steps to pay for the
+    quality they cost); an explicit setting wins either way, and is what JSON keeps."""
+    counts = {cache: build_schedule(50, FRDiffConfig(cache_point=cache)).counts() for cache in ("features", "deep")}
+    assert counts == {"features": {"full": 25, "reuse": 14, "skip": 11}, "deep": {"full": 25, "reuse": 25, "skip": 0}}
+    mixed = FRDiffConfig(cache_point="deep", score_mixing=True)
+    assert build_schedule(50, mixed).counts() == counts["features"]
+    assert not FRDiffConfig(score_mixing=False).mixes_scores
+    assert FRDiffConfig.from_json(mixed.to_json()) == mixed and FRDiffConfig.from_json(
+        FRDiffConfig(cache_point="deep").to_json()).score_mixing is None
 
 
 def test_m1_is_all_full():

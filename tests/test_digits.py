@@ -57,6 +57,10 @@ def test_demo_writes_png_and_table(tmp_path, capsys):
     assert out.is_file() and out.stat().st_size > 0
     for column in ("ms/image", "speedup", "PSNR dB", "accuracy", "full/reuse/skip", "frdiff M=2", "4/2/2"):
         assert column in printed, f"{column!r} missing from the demo table:\n{printed}"
+    # DeepCache's cache point: no score mixing by default, so every non-keyframe step is a reuse call.
+    assert main(["demo", "--steps", "8", "--rows", "1", "--cache-point", "deep", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "frdiff M=2, deep cache point" in printed and "4/4/0" in printed, printed
 
 
 def test_demo_on_a_saved_tiny_pipeline(tmp_path, capsys, sd_pipe):
@@ -75,6 +79,7 @@ def test_demo_on_a_saved_tiny_pipeline(tmp_path, capsys, sd_pipe):
         (["demo", "--model", "/nonexistent/folder"], "no such folder"),
         (["demo", "--steps", "0"], "must be >= 1"),
         (["demo", "--bias", "9"], "mix_bias"),
+        (["demo", "--cache-point", "shallow"], "invalid choice"),
         (["demo", "--model", "."], "not a diffusers pipeline folder"),
         (["nonsense"], "invalid choice"),
     ],

@@ -89,14 +89,16 @@ def test_bench_peers_dry_run_measures_every_requested_provider(tmp_path):
     out = tmp_path / "peers.csv"
     result = subprocess.run(
         [sys.executable, str(BENCH / "bench_peers.py"), "--dry-run",
-         "--providers", "eager,compiled-static,frdiff-m2,frdiff-m3,frdiff-m2-nocg,frdiff-m3-nocg",
+         "--providers",
+         "eager,compiled-static,frdiff-m2,frdiff-m3,frdiff-m2-nocg,frdiff-m3-nocg,frdiff-deep3,frdiff-deep2",
          "--csv", str(out)],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     with out.open() as f:
         rows = {r["provider"]: r for r in csv.DictReader(f)}
-    assert set(rows) == {"eager", "compiled-static", "frdiff-m2", "frdiff-m3", "frdiff-m2-nocg", "frdiff-m3-nocg"}
+    assert set(rows) == {"eager", "compiled-static", "frdiff-m2", "frdiff-m3", "frdiff-m2-nocg", "frdiff-m3-nocg",
+                         "frdiff-deep3", "frdiff-deep2"}
     assert all(float(r["loop_ms"]) > 0 for r in rows.values()), rows
     frdiff = rows["frdiff-m2"]
     assert float(frdiff["keyframe_ms"]) > 0 and float(frdiff["model_ms"]) > 0
@@ -109,6 +111,10 @@ def test_bench_peers_dry_run_measures_every_requested_provider(tmp_path):
     assert m3.startswith("graphs of frdiff-m2 (reconfigure); 2/1/1 full/reuse/skip") and "0 graphs" in m3, m3
     m3 = rows["frdiff-m3-nocg"]["note"]  # without CUDA graphs: on the graphs of frdiff-m2-nocg
     assert m3.startswith("graphs of frdiff-m2-nocg (reconfigure); 2/1/1") and "0 graphs" in m3, m3
+    # DeepCache's method on frdiff's graphs: no score mixing, so no skip steps; interval 2 on interval 3's graphs.
+    assert rows["frdiff-deep3"]["note"].startswith("2/2/0 full/reuse/skip"), rows["frdiff-deep3"]["note"]
+    deep2 = rows["frdiff-deep2"]["note"]
+    assert deep2.startswith("graphs of frdiff-deep3 (reconfigure); 2/2/0") and "0 graphs" in deep2, deep2
 
 
 def test_direct_graph_loop_follows_the_runtimes_schedule():

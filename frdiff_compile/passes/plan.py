@@ -1,9 +1,11 @@
 """Plan: find the feature-reuse cache points of a captured UNet graph (read-only).
 
 Invariants:
-- Cache points are found by module path, from each node's `nn_module_stack`, never by node order or name:
-  the conv1 output of every `ResnetBlock2D` and the residual delta of every `Transformer2DModel` in the
-  down, mid and up blocks.
+- Cache points are found by module path, from each node's `nn_module_stack`, never by node order or name.
+  FRDiff's points ("features"): the conv1 output of every `ResnetBlock2D` and the residual delta of every
+  `Transformer2DModel` in the down, mid and up blocks. DeepCache's ("deep", its branch 0): one point, the
+  hidden state the last up block's last layer concatenates with its skip, so a reuse step computes only
+  conv_in, the time embedding, that last layer and conv_out.
 - A transformer's delta is the operand its final residual add takes from inside the module, so
   `input + delta` at a reuse step is the same operation the keyframe performed (bit-identical when fed the
   keyframe's own input).
@@ -20,12 +22,15 @@ import logging
 import torch
 from torch import fx
 
+from ..config import CACHE_POINTS
+
 logger = logging.getLogger(__name__)
 
 aten = torch.ops.aten
 
 RESNET_CONV1 = "resnet_conv1"
 TRANSFORMER_DELTA = "transformer_delta"
+DEEP_FEATURE = "deep_feature"
 
 ATTENTION_TARGETS = (aten.scaled_dot_product_attention.default, aten.bmm.default, aten.baddbmm.default)
 CONV_TARGETS = (aten.conv2d.default, aten.convolution.default)
@@ -34,7 +39,7 @@ CONV_TARGETS = (aten.conv2d.default, aten.convolution.default)
 @dataclasses.dataclass(frozen=True)
 class CachePoint:
     module: str  # UNet module path, e.g. "down_blocks.0.resnets.1"
-    kind: str  # RESNET_CONV1 or TRANSFORMER_DELTA
+    kind: str  # RESNET_CONV1, TRANSFORMER_DELTA or DEEP_FEATURE
     node: str  # name of the graph node whose value is cached
     shape: tuple[int, ...]
     dtype: torch.dtype
@@ -68,6 +73,7 @@ class Plan:
     points: tuple[CachePoint, ...]
     skipped: tuple[tuple[str, str], ...]  # (module path, reason)
     node_counts: dict[str, int]
+    cache_point: str = "features"
 
     @property
     def cache_bytes(self) -> int:
@@ -77,7 +83,14 @@ class Plan:
         return sum(p.kind == kind for p in self.points)
 
     def shortfall(self) -> str | None:
-        """Why reuse steps save less on this graph than FRDiff's method does, or None if they do not."""
+        """Why reuse steps save less on this graph than the method does, or None if they do not."""
+        if self.cache_point == "deep" and self.skipped:
+            module, reason = self.skipped[0]
+            return (
+                f"cache_point='deep' found no deep feature to cache ({module}: {reason}), so a reuse step runs the "
+                "whole network and only the no-call steps of score mixing save time; use cache_point='features' "
+                "for this UNet"
+            )
         if self.skipped:
             shown = "; ".join(f"{module}: {reason}" for module, reason in self.skipped[:3])
             more = f"; and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
@@ -96,7 +109,8 @@ class Plan:
     def __str__(self) -> str:
         lines = [
             f"Plan: {len(self.points)} cache points ({self.count(RESNET_CONV1)} resnet conv1, "
-            f"{self.count(TRANSFORMER_DELTA)} transformer delta), cache {self.cache_bytes / 2**20:.2f} MiB, "
+            f"{self.count(TRANSFORMER_DELTA)} transformer delta, {self.count(DEEP_FEATURE)} deep feature), "
+            f"cache {self.cache_bytes / 2**20:.2f} MiB, "
             f"graph {self.node_counts['ops']} ops / {self.node_counts['conv']} conv / "
             f"{self.node_counts['attention']} attention"
         ]
@@ -163,20 +177,60 @@ def _transformer_point(graph: fx.Graph, path: str) -> fx.Node | str:
     return inside[0]
 
 
-def plan_cache_points(gm: fx.GraphModule, unet: torch.nn.Module, module_prefix: str = "unet.") -> Plan:
-    """Find every cache point of `unet` in its captured graph `gm` (whose module paths start with prefix)."""
+def _deep_point(graph: fx.Graph, unet: torch.nn.Module, prefix: str) -> tuple[str, fx.Node | str]:
+    """(module path, node or reason): the hidden state the last up block's last resnet takes, concatenated
+    with the first skip (conv_in's output), as DeepCache's branch 0 reads it from its cache.
+
+    The first operand of that concatenation, not the resnet's input: the skip is recomputed from the current
+    input at every step, as DeepCache does.
+    """
+    blocks = getattr(unet, "up_blocks", None)
+    if not blocks:
+        return "up_blocks", "the UNet has no up blocks"
+    resnets = getattr(blocks[-1], "resnets", None)
+    if not resnets:
+        return f"up_blocks.{len(blocks) - 1}", "the last up block has no resnets"
+    path = f"up_blocks.{len(blocks) - 1}.resnets.{len(resnets) - 1}"
+    members = _members(graph, prefix + path, innermost=False)
+    if not members:
+        return path, "the last resnet is not in the graph"
+    cats = {arg for n in members for arg in n.all_input_nodes if arg not in members and arg.target is aten.cat.default}
+    if len(cats) != 1:
+        return path, f"its input is not one concatenation with a skip (found {len(cats)} concatenations)"
+    operands = next(iter(cats)).args[0]
+    if len(operands) != 2 or not all(isinstance(a, fx.Node) for a in operands):
+        return path, f"its input concatenates {len(operands)} tensors, expected the hidden state and a skip"
+    return path, operands[0]
+
+
+def _feature_points(graph: fx.Graph, unet: torch.nn.Module, prefix: str) -> list[tuple[str, str, fx.Node | str]]:
+    """(module path, kind, node or reason) for every module whose feature FRDiff caches."""
     from diffusers.models.resnet import ResnetBlock2D
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-    points: list[CachePoint] = []
-    skipped: list[tuple[str, str]] = []
+    found: list[tuple[str, str, fx.Node | str]] = []
     for name, module in unet.named_modules():
         if isinstance(module, ResnetBlock2D):
-            kind, found = RESNET_CONV1, _resnet_point(gm.graph, module_prefix + name)
+            found.append((name, RESNET_CONV1, _resnet_point(graph, prefix + name)))
         elif isinstance(module, Transformer2DModel):
-            kind, found = TRANSFORMER_DELTA, _transformer_point(gm.graph, module_prefix + name)
-        else:
-            continue
+            found.append((name, TRANSFORMER_DELTA, _transformer_point(graph, prefix + name)))
+    return found
+
+
+def plan_cache_points(gm: fx.GraphModule, unet: torch.nn.Module, module_prefix: str = "unet.",
+                      cache_point: str = "features") -> Plan:
+    """Find the cache points of `unet` in its captured graph `gm` (whose module paths start with prefix):
+    FRDiff's (`cache_point="features"`) or DeepCache's deep feature (`"deep"`)."""
+    if cache_point not in CACHE_POINTS:
+        raise ValueError(f"cache_point must be one of {CACHE_POINTS}, got {cache_point!r}")
+    if cache_point == "deep":
+        path, node = _deep_point(gm.graph, unet, module_prefix)
+        candidates: list[tuple[str, str, fx.Node | str]] = [(path, DEEP_FEATURE, node)]
+    else:
+        candidates = _feature_points(gm.graph, unet, module_prefix)
+    points: list[CachePoint] = []
+    skipped: list[tuple[str, str]] = []
+    for name, kind, found in candidates:
         if isinstance(found, str):
             logger.debug("no cache point in %s: %s", name, found)
             skipped.append((name, found))
@@ -186,4 +240,5 @@ def plan_cache_points(gm: fx.GraphModule, unet: torch.nn.Module, module_prefix: 
             skipped.append((name, f"node {found.name} has no tensor metadata"))
             continue
         points.append(CachePoint(name, kind, found.name, tuple(val.shape), val.dtype, tuple(val.stride())))
-    return Plan(points=tuple(points), skipped=tuple(skipped), node_counts=count_nodes(gm.graph))
+    return Plan(points=tuple(points), skipped=tuple(skipped), node_counts=count_nodes(gm.graph),
+                cache_point=cache_point)
