@@ -197,9 +197,9 @@ class FRDiffUNet(UNetWrapper):
         """Use `config` from the next generation on, keeping the built graphs where they still apply.
 
         A new keyframe schedule (interval, mask, score mixing, mix bias/slope) keeps every captured,
-        compiled and CUDA-graph-captured graph: they do not depend on it. A change of `cache_point`,
-        `compile`, `compile_mode` or `cuda_graphs` drops them (rebuilt on next use). The generation in progress, if
-        any, ends here; the next call starts a new one, whose first step is always a keyframe.
+        compiled and CUDA-graph-captured graph: they do not depend on it. A change of `cache_point`, `compile`,
+        `compile_mode` or `cuda_graphs` drops them (rebuilt on next use). The generation in progress, if any,
+        ends here; the next call starts a new one, whose first step is always a keyframe.
         """
         if not isinstance(config, FRDiffConfig):
             raise ValueError(f"reconfigure() takes an FRDiffConfig, got {type(config).__name__}")

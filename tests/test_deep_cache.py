@@ -5,6 +5,7 @@ must give its trajectories bit for bit, while its reuse graph computes only the 
 test runs the deep cache point under compiled graphs and CUDA graphs (test_cuda_runtime's helpers).
 """
 
+import functools
 import sys
 import types
 from pathlib import Path
@@ -23,24 +24,27 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from bench_flops import counted, deepcache_shallow  # noqa: E402
 from common import deepcache  # noqa: E402
 from test_cuda_runtime import TOLERANCE, compiled, device_inputs, device_unet, eager_graphs, trajectory  # noqa: E402
+from test_runtime import controlnet_residuals, non_sd_unet  # noqa: E402
 
 STEPS = 9
 
 
 def two_generations(model, scheduler, cond, latents):
+    """Two DDIM generations; `cond` is the conditioning, or a function of the timestep giving it."""
     finals = []
     with torch.no_grad():
         for _ in range(2):
             scheduler.set_timesteps(STEPS)
             x = latents.clone()
             for t in scheduler.timesteps:
-                x = scheduler.step(model(x, t, **cond).sample, t, x).prev_sample
+                eps = model(x, t, **(cond(t) if callable(cond) else cond)).sample[:, :x.shape[1]]  # noise half
+                x = scheduler.step(eps, t, x).prev_sample
             finals.append(x)
     return finals
 
 
-def deepcache_reference(unet, cond, latents, interval):
-    scheduler = DDIMScheduler()
+def deepcache_reference(unet, cond, latents, interval, scheduler_type=DDIMScheduler):
+    scheduler = scheduler_type()
     return two_generations(deepcache(unet, scheduler, interval=interval), scheduler, cond, latents)
 
 
@@ -60,6 +64,24 @@ def test_deep_cache_point_gives_deepcaches_trajectories(kind, layers, backend):
     assert (s.full_calls, s.reuse_calls, s.skip_steps, s.eager_calls, s.captures) == (6, 12, 0, 0, 1), s
     if backend:
         assert s.cudagraph_captures == 2 and (s.full_replays, s.reuse_replays) == (6, 12), s
+
+
+@pytest.mark.parametrize("variant", ["deepfloyd_if", "kandinsky22", "controlnet"])
+def test_deep_cache_point_on_other_unets_and_with_controlnet_residuals(variant):
+    """Scale-shift resnets that resample inside and simple cross-attention (IF, Kandinsky 2.2): the last up
+    block's concatenation is the same; ControlNet's residuals enter the skip the last layer reads, fresh."""
+    pytest.importorskip("DeepCache")
+    if variant == "controlnet":
+        unet, cond = make_unet("sd15"), lambda t: {**unet_inputs("sd15"), **controlnet_residuals(t)}
+    else:
+        unet, cond = non_sd_unet(variant)
+    latents = torch.randn(2, unet.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    scheduler_type = functools.partial(DDIMScheduler, clip_sample=False)
+    expected = deepcache_reference(unet, cond, latents, interval=3, scheduler_type=scheduler_type)
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(cache_point="deep", keyframe_interval=3))
+    got = two_generations(fr, scheduler_type(), cond, latents)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected)), [(a - b).abs().max() for a, b in zip(got, expected)]
+    assert (fr.stats.reuse_calls, fr.stats.eager_calls) == (12, 0), fr.stats
 
 
 def _captured(unet, kwargs):

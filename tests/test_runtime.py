@@ -300,19 +300,21 @@ def test_optimize_rejects_what_it_cannot_accelerate():
         frdiff_compile.optimize(unet, {"keyframe_interval": 2})
 
 
+def controlnet_residuals(t):
+    """A ControlNet's residuals for the tiny SD 1.5 UNet at timestep t (new at every step)."""
+    shapes = [(32, 8, 8)] * 3 + [(32, 4, 4)] + [(64, 4, 4)] * 2  # conv_in, block 0 (+ downsample), block 1
+    g = torch.Generator().manual_seed(int(t))
+    down = tuple(torch.randn(2, *s, generator=g) * 0.1 for s in shapes)
+    mid = torch.randn(2, 64, 4, 4, generator=g) * 0.1
+    return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+
 @pytest.mark.parametrize("interval", [1, 2])
 def test_controlnet_residuals_stay_fresh(interval):
     # ControlNet residuals are graph inputs: recomputed paths add the current step's residuals.
     unet = make_unet("sd15")
     cond = unet_inputs("sd15")
-    shapes = [(32, 8, 8)] * 3 + [(32, 4, 4)] + [(64, 4, 4)] * 2  # conv_in, block 0 (+ downsample), block 1
-
-    def residuals(t):
-        g = torch.Generator().manual_seed(int(t))
-        down = tuple(torch.randn(2, *s, generator=g) * 0.1 for s in shapes)
-        mid = torch.randn(2, 64, 4, 4, generator=g) * 0.1
-        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
-
+    residuals = controlnet_residuals
     ref = EagerFRDiff(unet, interval=interval)
     expected = sample(lambda i, n, x, t: ref.step(i, n, x, t, **cond, **residuals(t)), scheduler("sd15"), STEPS)
     ref.remove()
@@ -344,8 +346,8 @@ NON_SD_UNETS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(NON_SD_UNETS))
-def test_non_sd_unets_match_the_eager_reference(name):
+def non_sd_unet(name):
+    """(unet, conditioning) of a tiny NON_SD_UNETS model, random weights on every path."""
     config, make_cond = NON_SD_UNETS[name]
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -359,7 +361,13 @@ def test_non_sd_unets_match_the_eager_reference(name):
     with torch.no_grad():
         for p in unet.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    cond = make_cond()
+    return unet, make_cond()
+
+
+@pytest.mark.parametrize("name", sorted(NON_SD_UNETS))
+def test_non_sd_unets_match_the_eager_reference(name):
+    config, _ = NON_SD_UNETS[name]
+    unet, cond = non_sd_unet(name)
     channels = config["in_channels"]
 
     @torch.no_grad()
