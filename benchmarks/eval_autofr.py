@@ -4,12 +4,14 @@ Run (CPU, the shipped digits model; the two searches dominate the time):
     python benchmarks/eval_autofr.py                      # searches for 17 and 25 keyframes of 50 steps
     python benchmarks/eval_autofr.py --iterations 20      # a shorter search
     python benchmarks/eval_autofr.py --reuse-cost 0.25    # no mask costlier than uniform (a reuse call = 0.25)
+    python benchmarks/eval_autofr.py --cache-point deep   # masks for DeepCache's cache point (no score mixing,
+                                                          # so every mask with K keyframes costs the same)
 
-Each search writes its policy to benchmarks/results/policy_digits_50steps_<K>kf.json (eval_quality.py adds
-these to its Pareto plot). Evaluation uses seeds the search never saw (--eval-seed, 200 samples): PSNR and
-SQNR against full-compute 50-step DDIM from the same noise, accuracy and FID-proxy, for the Auto-FR mask
-and for uniform keyframes with the same count (M=3 has 17 keyframes of 50, M=2 has 25). Appends rows to
-benchmarks/results/eval_autofr.csv.
+Each search writes its policy to benchmarks/results/policy_digits_50steps_<K>kf[_capped][_deep].json
+(eval_quality.py adds these to its Pareto plot). Evaluation uses seeds the search never saw (--eval-seed, 200
+samples): PSNR and SQNR against full-compute 50-step DDIM from the same noise, accuracy and FID-proxy, for the
+Auto-FR mask and for uniform keyframes with the same count (M=3 has 17 keyframes of 50, M=2 has 25). Appends
+rows to benchmarks/results/eval_autofr.csv.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def main() -> None:
     parser.add_argument("--reuse-cost", type=float, default=None,
                         help="cap each search at the uniform mask's cost, a reuse call costing this much of a "
                              "keyframe call (policies then go to ..._<K>kf_capped.json)")
+    parser.add_argument("--cache-point", choices=("features", "deep"), default="features")
     parser.add_argument("--csv", default=str(RESULTS / "eval_autofr.csv"))
     args = parser.parse_args()
     unet, embedding = load_digits_model()
@@ -54,14 +57,17 @@ def main() -> None:
         start = time.perf_counter()
         result = search(unet, digits_problem(embedding, batch=args.batch), STEPS, iterations=args.iterations,
                         target_keyframes=target, validation_draws=args.validation_draws, seed=args.search_seed,
-                        reuse_cost=args.reuse_cost)
+                        reuse_cost=args.reuse_cost, config=FRDiffConfig(cache_point=args.cache_point))
         search_s = time.perf_counter() - start
-        suffix = "" if args.reuse_cost is None else "_capped"
+        deep = args.cache_point == "deep"
+        suffix = ("" if args.reuse_cost is None else "_capped") + ("_deep" if deep else "")
         path = result.policy.save(RESULTS / f"policy_digits_{STEPS}steps_{target}kf{suffix}.json")
         learned = "Auto-FR" if args.reuse_cost is None else f"Auto-FR, cost cap r={args.reuse_cost}"
+        learned += ", deep" if deep else ""
         candidates = {learned: FRDiffConfig.from_policy(str(path))}
         if target in UNIFORM:
-            candidates[f"uniform M={UNIFORM[target]}"] = FRDiffConfig(keyframe_interval=UNIFORM[target])
+            uniform = FRDiffConfig(keyframe_interval=UNIFORM[target], cache_point=args.cache_point)
+            candidates[f"uniform M={UNIFORM[target]}" + (", deep" if deep else "")] = uniform
         for name, config in candidates.items():
             images = DigitsPipeline(frdiff_compile.optimize(unet, config), embedding)(labels, STEPS, seed=args.eval_seed)
             counts = build_schedule(STEPS, config).counts()

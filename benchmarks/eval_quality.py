@@ -75,6 +75,7 @@ def rows_to_run(quick: bool) -> list[dict]:
             method = "Auto-FR, paper's search"
         else:
             method = "Auto-FR" if policy.settings.get("reuse_cost") is None else "Auto-FR, cost cap"
+        method += ", deep" if policy.settings.get("cache_point") == "deep" else ""
         runs.append({"method": method, "steps": policy.num_steps, "b": None, "policy": str(path)})
     return runs
 
@@ -124,6 +125,7 @@ def main() -> None:
     print(f"eval_quality: {args.samples} samples, seed {args.seed}, reuse call = {r:.3f} of a keyframe call")
     reference = DigitsPipeline(unet, embedding)(labels, 50, args.guidance, seed=args.seed)
     rows = []
+    ratios = {"features": r}  # a reuse call's cost by cache point; the deep one's measured if a policy needs it
     for run in rows_to_run(args.quick):
         if run["method"] == "DDIM":
             model, cost = unet, float(run["steps"])
@@ -133,7 +135,9 @@ def main() -> None:
             else:
                 config = FRDiffConfig(keyframe_interval=run["M"], mix_bias=run["b"] or 0.5, score_mixing=run["mixing"])
             model = frdiff_compile.optimize(unet, config)
-            cost = build_schedule(run["steps"], config).cost(r)
+            if config.cache_point not in ratios:
+                ratios[config.cache_point] = reuse_cost(unet, embedding, args.samples, config)
+            cost = build_schedule(run["steps"], config).cost(ratios[config.cache_point])
         start = time.perf_counter()
         images = DigitsPipeline(model, embedding)(labels, run["steps"], args.guidance, seed=args.seed)
         wall = time.perf_counter() - start
