@@ -186,11 +186,19 @@ class FRDiffConfig:
 
     @classmethod
     def from_policy(cls, path: str, **overrides: Any) -> FRDiffConfig:
-        """The config of a saved Auto-FR policy: its keyframe mask and the score-mixing settings it was
-        searched with (`overrides` replace any field)."""
+        """The config of a saved Auto-FR policy: its keyframe mask and the score-mixing settings and cache
+        point it was searched with (`overrides` replace any field but the cache point: a mask searched for
+        one cache point is not tuned for the other)."""
         from .policy import KeyframePolicy
 
         policy = KeyframePolicy.load(path)
+        searched_point = policy.settings.get("cache_point", "features")  # policies before the field: FRDiff's
+        if overrides.get("cache_point", searched_point) != searched_point:
+            raise ValueError(
+                f"policy file {path} was searched with cache_point={searched_point!r}, not "
+                f"{overrides['cache_point']!r}; search a policy for it (frdiff-compile tune --cache-point "
+                f"{overrides['cache_point']}) or use keyframe_interval"
+            )
         fields = {f.name for f in dataclasses.fields(cls)}
         searched = ("score_mixing", "mix_bias", "mix_slope", "cache_point")
         settings = {k: v for k, v in policy.settings.items() if k in searched}

@@ -79,6 +79,11 @@ def test_a_search_under_the_deep_cache_point_records_it_in_the_policy(tmp_path, 
     assert result.policy.settings["cache_point"] == "deep" and result.policy.settings["score_mixing"] is False
     loaded = FRDiffConfig.from_policy(str(result.policy.save(tmp_path / "deep.json")))
     assert (loaded.cache_point, loaded.mixes_scores) == ("deep", False)
+    with pytest.raises(ValueError, match="searched with cache_point='deep', not 'features'"):
+        FRDiffConfig.from_policy(str(tmp_path / "deep.json"), cache_point="features")
+    older = KeyframePolicy(STEPS, result.policy.keyframes, unet_fingerprint(unet))  # no cache point recorded
+    with pytest.raises(ValueError, match="searched with cache_point='features'"):
+        FRDiffConfig.from_policy(str(older.save(tmp_path / "older.json")), cache_point="deep")
     fr = frdiff_compile.optimize(unet, loaded)
     from frdiff_compile.digits import DigitsPipeline
 
