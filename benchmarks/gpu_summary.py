@@ -124,26 +124,26 @@ def summary(out: Path) -> list[tuple[str, str, str, str]]:
                           None if seconds is None or not cold else seconds <= COMPILE_TARGET_S))
 
     # SDXL (optional stage): reported, no target.
-    sdxl = {r["provider"]: number(r.get("loop_ms")) for r in newest(out / "bench_peers_sdxl.csv")}
-    sdxl_base = baselines(sdxl)
-    for name in ("frdiff-m2", "frdiff-m3"):
-        for baseline, label in (("eager", "eager"), ("compiled", "best compiled stock")):
-            base, own = sdxl_base[baseline], sdxl.get(name)
-            if base and own:
-                lines.append(line(f"sdxl {name} vs {label}", base / own, "", None))
+    lines += speedup_lines(out / "bench_peers_sdxl.csv", ("frdiff-m2", "frdiff-m3"), "sdxl")
     # FRDiff and DeepCache both compiled without CUDA graphs (optional stage): reported, no target.
     methods = {r["provider"]: number(r.get("loop_ms")) for r in newest(out / "bench_methods.csv")}
     for name in ("frdiff-m2-nocg", "frdiff-m3-nocg", "frdiff-deep3-nocg", "deepcache-compiled"):
         if methods.get("eager") and methods.get(name):
             lines.append(line(f"methods: {name} vs eager", methods["eager"] / methods[name], "", None))
     # DeepCache's method on frdiff's graphs (optional stage): reported, no target.
-    deep = {r["provider"]: number(r.get("loop_ms")) for r in newest(out / "bench_deep.csv")}
-    deep_base = baselines(deep)
-    for name in ("frdiff-deep3", "frdiff-deep2"):
+    lines += speedup_lines(out / "bench_deep.csv", ("frdiff-deep3", "frdiff-deep2"), "deep:")
+    return lines
+
+
+def speedup_lines(path: Path, names: tuple[str, ...], prefix: str) -> list[tuple[str, str, str, str]]:
+    """Speedups of `names` against eager and the best compiled stock in one optional stage's CSV (no target)."""
+    loop = {r["provider"]: number(r.get("loop_ms")) for r in newest(path)}
+    base_ms, lines = baselines(loop), []
+    for name in names:
         for baseline, label in (("eager", "eager"), ("compiled", "best compiled stock")):
-            base, own = deep_base[baseline], deep.get(name)
+            base, own = base_ms[baseline], loop.get(name)
             if base and own:
-                lines.append(line(f"deep: {name} vs {label}", base / own, "", None))
+                lines.append(line(f"{prefix} {name} vs {label}", base / own, "", None))
     return lines
 
 
