@@ -1,6 +1,8 @@
 """A real client: unmodified diffusers SD and SDXL pipelines, built from tiny components, run the
 optimized UNet."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -49,6 +51,29 @@ def test_pipeline_runs_optimized_unet(name, request):
         assert stats.reuse_calls > 0 and stats.forced_keyframes == 0, stats
     finally:
         pipe.unet = stock
+
+
+@pytest.mark.parametrize("name", ["sd_pipe", "sdxl_pipe"])
+def test_deep_cache_point_in_a_pipeline_gives_deepcaches_own_images(name, request):
+    """DeepCache as its README uses it (the helper on the pipeline) and `cache_point="deep"` make the same images."""
+    pytest.importorskip("DeepCache")
+    from DeepCache import DeepCacheSDHelper
+
+    pipe = request.getfixturevalue(name)
+    stock = pipe.unet
+    try:
+        pipe.unet = copy.deepcopy(stock)  # the helper replaces module forwards for good
+        helper = DeepCacheSDHelper(pipe=pipe)
+        helper.set_params(cache_interval=3, cache_branch_id=0)
+        helper.enable()
+        expected = generate(pipe, 10, 16)
+        pipe.unet = frdiff_compile.optimize(stock, FRDiffConfig(cache_point="deep", keyframe_interval=3))
+        got = generate(pipe, 10, 16)
+        assert pipe.unet.stats.reuse_calls == 6 and pipe.unet.stats.eager_calls == 0, pipe.unet.stats
+    finally:
+        pipe.unet = stock
+    assert np.array_equal(got, expected), np.abs(got - expected).max()
+    assert not np.allclose(got, generate(pipe, 10, 16), atol=1e-3)  # the shallow steps read the cache
 
 
 def test_pag_and_plain_pipelines_sharing_the_unet_switch_graphs_without_rebuilding(sd_pipe):
