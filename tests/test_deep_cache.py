@@ -5,6 +5,7 @@ must give its trajectories bit for bit, while its reuse graph computes only the 
 test runs the deep cache point under compiled graphs and CUDA graphs (test_cuda_runtime's helpers).
 """
 
+import copy
 import functools
 import sys
 import types
@@ -82,6 +83,42 @@ def test_deep_cache_point_on_other_unets_and_with_controlnet_residuals(variant):
     got = two_generations(fr, scheduler_type(), cond, latents)
     assert all(torch.equal(a, b) for a, b in zip(got, expected)), [(a - b).abs().max() for a, b in zip(got, expected)]
     assert (fr.stats.reuse_calls, fr.stats.eager_calls) == (12, 0), fr.stats
+
+
+def hooked_deep_reference(unet, interval):
+    """DeepCache's branch 0 as module hooks, for STEPS-step generations: at a keyframe the module feeding the last
+    up layer's concatenation keeps a copy of its output; at other steps it returns a copy of that copy."""
+    state = {"calls": 0, "cache": None}
+
+    def count(module, args):
+        state["calls"] += 1
+
+    def feed(module, args, output):  # the up block calls its transformers with return_dict=False
+        if (state["calls"] - 1) % STEPS % interval == 0:
+            state["cache"] = output[0].clone()
+            return None
+        return (state["cache"].clone(),)
+
+    unet.register_forward_pre_hook(count)
+    unet.up_blocks[-1].attentions[-2].register_forward_hook(feed)
+    return unet
+
+
+def test_a_deep_point_written_in_place_later_is_read_through_a_copy():
+    """FreeU scales half the hidden state's channels in place just before the last layer's concatenation (on a
+    UNet with two up blocks its second stage is the last block): a reuse step must scale a copy of the cache,
+    once, as the keyframe scaled the computed tensor. Before, the reuse graph scaled the cache itself, again at
+    every step. (So does the DeepCache package, which keeps the very tensor FreeU scales; hence hooks here.)"""
+    unet, cond = make_unet("sd15", layers_per_block=1), unet_inputs("sd15")
+    unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(cache_point="deep", keyframe_interval=3))
+    got = two_generations(fr, DDIMScheduler(), cond, latents)
+    expected = two_generations(hooked_deep_reference(copy.deepcopy(unet), 3), DDIMScheduler(), cond, latents)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected)), [(a - b).abs().max() for a, b in zip(got, expected)]
+    (entry,) = fr.graph_entries()
+    assert [p.written for p in entry.plan.points] == [True], entry.plan
+    assert not torch.allclose(got[0], two_generations(unet, DDIMScheduler(), cond, latents)[0], atol=1e-3)
 
 
 def _captured(unet, kwargs):

@@ -8,8 +8,8 @@ Invariants:
   dead-code elimination keeps it). `out` is a fresh tensor, never a buffer.
 - Reuse graph: `(*inputs, *caches, keyframe_out, weight) -> score_blend(weight, out_fr, keyframe_out)`,
   through the blend op for the graph's device (`score_blend_op`), so AOTAutograd's cache can store it.
-  Each cache point's uses read its buffer instead; dead-code elimination then removes everything only the
-  cache points fed, in-place writes into tensors the graph made included when nothing reads them.
+  Each cache point's uses read its buffer instead (a copy of it where the graph writes into the value later,
+  so no graph ever writes a cache); dead-code elimination then removes everything only the cache points fed, in-place writes into tensors the graph made included when nothing reads them.
   `weight` is a 0-d tensor, so a new blend weight never recompiles a compiled graph.
 """
 
@@ -22,7 +22,7 @@ import torch
 from torch import fx
 
 from ..kernels.blend import score_blend_op
-from .plan import Plan, count_nodes
+from .plan import CachePoint, Plan, alias_args, count_nodes
 
 aten = torch.ops.aten
 
@@ -81,20 +81,6 @@ _FRESH = {aten.zeros, aten.empty, aten.ones, aten.full, aten.empty_strided, aten
           aten.ones_like, aten.full_like, aten.new_zeros, aten.new_empty, aten.new_ones, aten.new_full, aten.clone}
 
 
-def _alias_args(node: fx.Node) -> list[fx.Node]:
-    """The inputs `node` writes into or returns a view of, by its schema's alias annotations."""
-    schema = node.target._schema
-    returned = set().union(*(r.alias_info.before_set for r in schema.returns if r.alias_info is not None))
-    found = []
-    for i, argument in enumerate(schema.arguments):
-        info = argument.alias_info
-        if info is None or not (info.is_write or info.before_set & returned):
-            continue
-        value = node.args[i] if i < len(node.args) else node.kwargs.get(argument.name)
-        found += [v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, fx.Node)]
-    return found
-
-
 def _remove_dead_writes(graph: fx.Graph) -> int:
     """Erase writes into tensors the graph made itself and nothing live reads; the number of nodes erased.
 
@@ -113,7 +99,7 @@ def _remove_dead_writes(graph: fx.Graph) -> int:
 
     for node in graph.nodes:
         if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
-            for arg in _alias_args(node):
+            for arg in sum(alias_args(node), []):
                 root[find(node)] = find(arg)
     grouped = set(root) | set(root.values())
     groups: dict[fx.Node, list[fx.Node]] = collections.defaultdict(list)
@@ -154,12 +140,23 @@ def build_keyframe_graph(captured: fx.GraphModule, plan: Plan) -> fx.GraphModule
     return gm
 
 
+def _read(gm: fx.GraphModule, point: CachePoint, value: fx.Node, source: fx.Node) -> fx.Node:
+    """What the graph reads in place of `value`: `source`, or a copy of it where the graph writes into the value
+    later (FreeU's in-place scaling), so those writes land on a copy, as they did on the computed tensor, and
+    never on a cache or memory that later steps read."""
+    if not point.written:
+        return source
+    with gm.graph.inserting_after(source if source.op != "placeholder" else value):
+        return gm.graph.call_function(aten.clone.default, (source,))
+
+
 def build_reuse_graph(captured: fx.GraphModule, plan: Plan) -> fx.GraphModule:
     gm, nodes = _copy(captured)
     names = [f"cache_{i}" for i in range(len(plan.points))] + ["keyframe_out", "weight"]
     placeholders = _add_placeholders(gm, names)
     for point, buffer in zip(plan.points, placeholders):
-        nodes[point.node].replace_all_uses_with(buffer)
+        value = nodes[point.node]
+        value.replace_all_uses_with(_read(gm, point, value, buffer))
     output = gm.graph.find_nodes(op="output")[0]
     with gm.graph.inserting_before(output):
         blend = score_blend_op(output.args[0].meta["val"].device)
@@ -186,8 +183,9 @@ def build_search_graph(captured: fx.GraphModule, plan: Plan) -> fx.GraphModule:
         users = list(value.users)
         with gm.graph.inserting_after(value):
             total = gm.graph.call_function(score_blend_op(value.meta["val"].device), (gate, value, memory))
+        read = _read(gm, point, value, total)
         for user in users:
-            user.replace_input_with(value, total)
+            user.replace_input_with(value, read)
         blended.append(total)
     output = gm.graph.find_nodes(op="output")[0]
     output.args = ((output.args[0], *blended),)

@@ -46,6 +46,9 @@ class CachePoint:
     # The value's strides as traced: a channels_last UNet caches channels_last tensors, and the reuse graph
     # (and the blend, which takes one layout for both operands) must read them in that layout.
     stride: tuple[int, ...]
+    # A later op writes into the value in place (FreeU scales half the channels of the hidden state the deep
+    # point caches): the reuse graph then reads a copy of the cache, which those writes may change.
+    written: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -139,6 +142,40 @@ def _members(graph: fx.Graph, path: str, innermost: bool) -> set[fx.Node]:
         elif any(p == path or p.startswith(path + ".") for p in paths):
             found.add(node)
     return found
+
+
+def alias_args(node: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
+    """(inputs `node` writes into, inputs it returns a view of), by its op schema's alias annotations."""
+    schema = node.target._schema
+    returned = set().union(*(r.alias_info.before_set for r in schema.returns if r.alias_info is not None))
+    writes: list[fx.Node] = []
+    views: list[fx.Node] = []
+    for i, argument in enumerate(schema.arguments):
+        info = argument.alias_info
+        if info is None or not (info.is_write or info.before_set & returned):
+            continue
+        value = node.args[i] if i < len(node.args) else node.kwargs.get(argument.name)
+        found = [v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, fx.Node)]
+        (writes if info.is_write else views).extend(found)
+    return writes, views
+
+
+def _written_in_place(node: fx.Node) -> bool:
+    """Whether a later op writes into `node`'s tensor, directly or through a view of it."""
+    seen: set[fx.Node] = set()
+    todo = [node]
+    while todo:
+        current = todo.pop()
+        for user in current.users:
+            if user in seen or user.op != "call_function" or not isinstance(user.target, torch._ops.OpOverload):
+                continue
+            writes, views = alias_args(user)
+            if current in writes:
+                return True
+            if current in views:
+                seen.add(user)
+                todo.append(user)
+    return False
 
 
 def _exits(members: set[fx.Node]) -> list[fx.Node]:
@@ -239,6 +276,7 @@ def plan_cache_points(gm: fx.GraphModule, unet: torch.nn.Module, module_prefix: 
         if not isinstance(val, torch.Tensor):
             skipped.append((name, f"node {found.name} has no tensor metadata"))
             continue
-        points.append(CachePoint(name, kind, found.name, tuple(val.shape), val.dtype, tuple(val.stride())))
+        points.append(CachePoint(name, kind, found.name, tuple(val.shape), val.dtype, tuple(val.stride()),
+                                 _written_in_place(found)))
     return Plan(points=tuple(points), skipped=tuple(skipped), node_counts=count_nodes(gm.graph),
                 cache_point=cache_point)
