@@ -4,6 +4,8 @@ Run (CPU, the SD 1.5 config at 32x32 latents, CFG batch 2; a few minutes on 2 co
     python benchmarks/bench_unet.py
 Quick run on a scaled-down config with the same block structure (about a minute on 2 cores):
     python benchmarks/bench_unet.py --small
+DeepCache's cache point (`FRDiffConfig(cache_point="deep")`, no score mixing) instead of FRDiff's:
+    python benchmarks/bench_unet.py --cache-point deep
 
 Prints a table and appends rows to benchmarks/results/bench_unet.csv (device, versions, git revision on
 every row). Random weights: speed does not depend on them. Measures, in one process: ms per call of the
@@ -47,6 +49,7 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or float16 (CUDA default)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile both graphs (default: on for CUDA, off on CPU)")
+    parser.add_argument("--cache-point", choices=("features", "deep"), default="features")
     parser.add_argument("--csv", default=str(RESULTS / "bench_unet.csv"))
     args = parser.parse_args()
 
@@ -68,7 +71,9 @@ def main() -> None:
     print(f"bench_unet: {shape}, {args.steps} DDIM steps on {env['device']} (torch {env['torch']}, git {env['git']})")
 
     with torch.no_grad():
-        fr = {m: frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=m, compile=args.compile)) for m in (2, 3)}
+        configs = {m: FRDiffConfig(keyframe_interval=m, compile=args.compile, cache_point=args.cache_point)
+                   for m in (2, 3)}
+        fr = {m: frdiff_compile.optimize(unet, configs[m]) for m in (2, 3)}
         start = time.perf_counter()
         entry, tensors = fr[2].prepare(latents, t, **cond)
         entry.run_full(tensors, -1)
@@ -105,17 +110,18 @@ def main() -> None:
         {"item": "graph build + warm-up", "ms": build_s * 1e3, "note": "capture, plan, build (+ compile)"},
     ]
     for m in (2, 3):
-        counts = build_schedule(args.steps, FRDiffConfig(keyframe_interval=m)).counts()
+        counts = build_schedule(args.steps, configs[m]).counts()
         model = loop_model_ms(counts, ms, args.steps)
         rows.insert(-1, {
-            "item": f"loop FRDiff M={m} x{args.steps}", "ms": loops[f"M={m}"], "model_ms": model,
+            "item": f"loop {'deep' if args.cache_point == 'deep' else 'FRDiff'} M={m} x{args.steps}", "ms": loops[f"M={m}"], "model_ms": model,
             "ratio": loops["stock"] / loops[f"M={m}"],
             "note": f"{counts['full']} full / {counts['reuse']} reuse / {counts['skip']} skip; "
                     f"measured/model {loops[f'M={m}'] / model:.3f}; stats {fr[m].stats.full_calls}/"
                     f"{fr[m].stats.reuse_calls}/{fr[m].stats.skip_steps}",
         })
     print_table(rows, ["item", "ms", "model_ms", "GFLOP", "ratio", "note"], f"bench_unet ({shape})")
-    extra = {"config": config_name, "shape": shape, "steps": args.steps, "compile": args.compile}
+    extra = {"config": config_name, "shape": shape, "steps": args.steps, "compile": args.compile,
+             "cache_point": args.cache_point}
     path = append_csv(Path(args.csv), [{**extra, **row} for row in rows], env)
     print(f"\nappended {len(rows)} rows to {path}")
 
