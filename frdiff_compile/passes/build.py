@@ -9,7 +9,8 @@ Invariants:
 - Reuse graph: `(*inputs, *caches, keyframe_out, weight) -> score_blend(weight, out_fr, keyframe_out)`,
   through the blend op for the graph's device (`score_blend_op`), so AOTAutograd's cache can store it.
   Each cache point's uses read its buffer instead (a copy of it where the graph writes into the value later,
-  so no graph ever writes a cache); dead-code elimination then removes everything only the cache points fed, in-place writes into tensors the graph made included when nothing reads them.
+  so no graph ever writes a cache); dead-code elimination then removes everything only the cache points
+  fed, in-place writes into tensors the graph made included when nothing reads them.
   `weight` is a 0-d tensor, so a new blend weight never recompiles a compiled graph.
 """
 
@@ -140,13 +141,13 @@ def build_keyframe_graph(captured: fx.GraphModule, plan: Plan) -> fx.GraphModule
     return gm
 
 
-def _read(gm: fx.GraphModule, point: CachePoint, value: fx.Node, source: fx.Node) -> fx.Node:
-    """What the graph reads in place of `value`: `source`, or a copy of it where the graph writes into the value
-    later (FreeU's in-place scaling), so those writes land on a copy, as they did on the computed tensor, and
-    never on a cache or memory that later steps read."""
+def _read(gm: fx.GraphModule, point: CachePoint, source: fx.Node, after: fx.Node) -> fx.Node:
+    """What the graph reads in place of the point's value: `source`, or a copy of it made after node `after`
+    where the graph writes into the value later (FreeU's in-place scaling), so those writes land on a copy, as
+    they did on the computed tensor, and never on a cache or memory that later steps read."""
     if not point.written:
         return source
-    with gm.graph.inserting_after(source if source.op != "placeholder" else value):
+    with gm.graph.inserting_after(after):
         return gm.graph.call_function(aten.clone.default, (source,))
 
 
@@ -156,7 +157,7 @@ def build_reuse_graph(captured: fx.GraphModule, plan: Plan) -> fx.GraphModule:
     placeholders = _add_placeholders(gm, names)
     for point, buffer in zip(plan.points, placeholders):
         value = nodes[point.node]
-        value.replace_all_uses_with(_read(gm, point, value, buffer))
+        value.replace_all_uses_with(_read(gm, point, buffer, after=value))
     output = gm.graph.find_nodes(op="output")[0]
     with gm.graph.inserting_before(output):
         blend = score_blend_op(output.args[0].meta["val"].device)
@@ -183,7 +184,7 @@ def build_search_graph(captured: fx.GraphModule, plan: Plan) -> fx.GraphModule:
         users = list(value.users)
         with gm.graph.inserting_after(value):
             total = gm.graph.call_function(score_blend_op(value.meta["val"].device), (gate, value, memory))
-        read = _read(gm, point, value, total)
+        read = _read(gm, point, total, after=total)
         for user in users:
             user.replace_input_with(value, read)
         blended.append(total)
