@@ -80,7 +80,7 @@ if (( DRY )); then
   SDXL=()
   export FRDIFF_EMULATE_GPU=1
   TESTS_LIMIT=420  # CPU inductor on 2 cores: about 300 s for the 17 emulated GPU tests (2026-11-27)
-  PYTEST=(-q)
+  PYTEST=(-q -n 2 --dist load)
   BLEND=(--quick)
   UNET=(--small --latent 8 --steps 4 --repeats 1)
   COMPILE=(--dry-run --variants default,background --phases cold)
@@ -98,8 +98,11 @@ else
   SDXL=(--config sdxl --latent 128 --steps 30 --loops 3 --providers eager,frdiff-m2,compiled-static,frdiff-m3)
   BLEND=()
   # pytest-timeout (in the GPU image): a slow test fails with its traceback instead of the stage's kill
-  # swallowing every failure report.
-  PYTEST=(-v -p timeout --timeout 90)
+  # swallowing every failure report. pytest-xdist (in the image too): most of the stage is inductor
+  # compiling tiny UNets on the host, so 4 workers on the 16 cores share it out; per test file
+  # (loadfile) would leave test_cuda_runtime.py's 22 tests on one worker. Module-scoped runtimes are
+  # then compiled once per worker that needs them, in parallel.
+  PYTEST=(-v -p timeout --timeout 90 -n 4 --dist load)
   UNET=(--device cuda --latent 64 --repeats 10)
   COMPILE=(--variants default,background --phases cold)
   CALLS=(--config sd15 --latent 64 --views 4 --steps 30 --repeats 3 --calls per-view)
