@@ -93,6 +93,26 @@ def numerics_key() -> tuple:
     return tuple(numerics_settings().items())
 
 
+def numerics_changes(before: tuple, after: tuple) -> str:
+    """What differs between two `numerics_key()`s, as "name: old -> new" (for warnings and logs)."""
+    changes = []
+    old, new = dict(before), dict(after)
+    for name in dict.fromkeys([*old, *new]):
+        a, b = old.get(name), new.get(name)
+        if a != b and _named_pairs(a) and _named_pairs(b):  # one level down: the flag, not the whole group
+            sub_a, sub_b = dict(a), dict(b)
+            changes += [f"{name}.{k}: {sub_a.get(k)} -> {sub_b.get(k)}" for k in dict.fromkeys([*sub_a, *sub_b])
+                        if sub_a.get(k) != sub_b.get(k)]
+        elif a != b:
+            changes.append(f"{name}: {a} -> {b}")
+    return "; ".join(changes) or "no difference"
+
+
+def _named_pairs(value: object) -> bool:
+    return isinstance(value, tuple) and all(isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str)
+                                            for v in value)
+
+
 def apply_numerics_settings(settings: dict) -> None:
     """Set the flags `settings` (a `numerics_settings()`) holds where they differ from this process's."""
     current = numerics_settings()

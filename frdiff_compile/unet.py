@@ -43,46 +43,16 @@ from .cudagraphs import Backend, SharedPool
 from .graph_cache import GraphEntry, RuntimeStats, build_entry
 from .graph_lru import GraphLRU
 from .module_state import hooks_reason, module_fingerprint, module_snapshot, tensor_addresses, tensor_placement
-from .numerics import numerics_key
+from .numerics import numerics_changes, numerics_key
 from .passes import CallLayout
 from .passes.capture import ArgumentBinder, UnsupportedCall
 from .policy import check_policy_fingerprint
 from .schedule import Schedule, StepKind, build_schedule
 from .steps import StepTracker
-from .warn import warn
+from .warn import CHANGED_MID_GENERATION, FLAGS_CHANGED_MID_GENERATION, INTERLEAVED, OPAQUE, UNTRACKED, warn
 from .wrapper import UNetWrapper
 
 logger = logging.getLogger(__name__)
-
-_INTERLEAVED = (
-    "generations are interleaved on this UNet (requests stepped in turn through it, e.g. a server's threads "
-    "sharing one pipeline's UNet): each step of one follows another's and starts with a keyframe, so these "
-    "steps run the full UNet, correctly but without feature reuse; give each worker its own runtime, "
-    "`copy.copy(pipe.unet)`, made once"
-)
-_OPAQUE = (
-    "frdiff_compile's runtime is not traceable: it picks the step's graph on the host and runs graphs it has "
-    "compiled itself (FRDiffConfig(compile=..., compile_mode=...)). torch.compile(pipe.unet) after optimize() "
-    "runs it as it is, which fullgraph=True does not allow: drop fullgraph=True, or the torch.compile call, "
-    "which adds nothing here"
-)
-# Graphs built now would trace the new state under the old settings, which a later generation would be served.
-_CHANGED_MID_GENERATION = (
-    "the UNet's module state changed during this generation (FreeU, a LoRA scale or an attention processor set "
-    "from a step callback, ...) and these inputs need new graphs; the next generation builds them"
-)
-# A graph compiles or is captured at its first run, the reuse graph a step or more after the keyframe's: it
-# keeps the kernels the flags of that moment pick, and later generations under the old flags would run them.
-_FLAGS_CHANGED_MID_GENERATION = (
-    "numerics flags (TF32, determinism, cuDNN, attention backends) changed during this generation before one of "
-    "its graphs was compiled or captured at its first run; the next generation builds graphs under its own flags"
-)
-_UNTRACKED = (
-    "the step index cannot be told from this timestep (not a view into a schedule of two or more timesteps, "
-    "such as scheduler.timesteps); a loop over plain timesteps calls unet.reset(num_inference_steps=N) first, "
-    "and a one-step generation has nothing to reuse"
-)
-
 
 @dataclasses.dataclass
 class _Generation:
@@ -262,12 +232,28 @@ class FRDiffUNet(UNetWrapper):
         if found is not None:
             return found
         if module_fingerprint(self.unet, self._code_reads) != self._fingerprint:  # 2 ms, before seconds of build
-            return _CHANGED_MID_GENERATION
+            return CHANGED_MID_GENERATION
         entry = build_entry(self.unet, layout, tensors, self.frdiff_config, self.stats,
                             self.graph_backend_override, self._pool)
+        if (numerics := numerics_key()) != self._fingerprint.numerics:
+            self._settle_numerics(numerics)
         if self._graphs.put(layout.signature, entry) and isinstance(entry, GraphEntry):
             self._evicted_rebuild(layout, entry)
         return entry
+
+    def _settle_numerics(self, numerics: tuple) -> None:
+        """File the graph pair just built under the numerics flags torch itself set while tracing it.
+
+        Only the build ran since the fingerprint was checked (in this call, under the lock), so torch set
+        them. On an H200 (torch 2.11) every first generation of a process ran the eager UNet and the next built
+        its graphs again; the flag, by torch's source (`sdp_utils.cpp`): on a Hopper or Blackwell GPU with
+        cuDNN past 9.15, the first attention dispatch of a process puts cuDNN first in the SDPA priority order.
+        The trace dispatched its attention under the new order, and the graphs compile and capture under it.
+        """
+        logger.info("torch set numerics flags while the UNet was traced (%s): graphs filed under them",
+                    numerics_changes(self._fingerprint.numerics, numerics))
+        self._fingerprint = self._fingerprint._replace(numerics=numerics)
+        self._graphs.use_settings(self._fingerprint.settings)
 
     def _evicted_rebuild(self, layout: CallLayout, entry: GraphEntry) -> None:
         self.stats.evicted_rebuilds += 1
@@ -311,7 +297,7 @@ class FRDiffUNet(UNetWrapper):
     # graph a dozen times and compiles fragments of it (measured on CPU: 13 graphs, 51 s for 6 tiny steps
     # against 2 s). The graphs this method runs are compiled already, so an outer torch.compile adds nothing.
     # Under fullgraph=True dynamo raises at the first call instead of skipping, with this reason in its message.
-    @torch.compiler.disable(reason=_OPAQUE)
+    @torch.compiler.disable(reason=OPAQUE)
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         arguments = self._bind(args, kwargs)
         return_dict = arguments.pop("return_dict", True)
@@ -330,9 +316,9 @@ class FRDiffUNet(UNetWrapper):
         """Run one step through the graphs; None means 'run the eager UNet'."""
         position = self._tracker.locate(arguments.get("timestep"))
         if position is None:
-            if self._generation.eager_reason != _UNTRACKED:
+            if self._generation.eager_reason != UNTRACKED:
                 self._generation = _Generation(self._generation.number + 1, None)
-                self._fall_back(_UNTRACKED)
+                self._fall_back(UNTRACKED)
             return None
         if position.resumed:
             self._interleaved()
@@ -370,7 +356,7 @@ class FRDiffUNet(UNetWrapper):
     def _interleaved(self) -> None:
         self.stats.resumed_generations += 1
         if self.stats.resumed_generations == 1:  # once per runtime: a server would otherwise warn every step
-            warn(logger, _INTERLEAVED)
+            warn(logger, INTERLEAVED)
 
     def _run(self, entry: GraphEntry, tensors: list[torch.Tensor], index: int, slot: int) -> torch.Tensor | None:
         self._streams.follow(entry.device)
@@ -385,7 +371,8 @@ class FRDiffUNet(UNetWrapper):
             kind = StepKind.FULL
         if (kind is not StepKind.SKIP and entry.builds_at_next_run(kind is StepKind.FULL, slot)
                 and numerics_key() != self._fingerprint.numerics):  # 30 µs, before a compile or capture
-            self._fall_back(_FLAGS_CHANGED_MID_GENERATION)
+            changed = numerics_changes(self._fingerprint.numerics, numerics_key())
+            self._fall_back(f"{FLAGS_CHANGED_MID_GENERATION} (changed: {changed})")
             return None
         logger.debug("step %d/%d, call %d: %s (lambda=%.3f)", index, schedule.num_steps, slot, kind.value,
                      schedule.weights[index])

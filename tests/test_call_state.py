@@ -135,6 +135,40 @@ def test_numerics_flags_set_mid_generation_build_no_graph_under_the_old_flags(bu
         apply_numerics_settings(first)
 
 
+def test_flags_torch_sets_while_the_unet_is_traced_are_the_graphs_own(monkeypatch):
+    # Seen on an H200: every first generation of a process ran the eager UNet (a "flags changed" warning) and
+    # the next built everything again. By torch's source, on a Hopper GPU with cuDNN past 9.15 the first
+    # attention dispatch of a process puts cuDNN first in the SDPA priority order, and in a fresh process that
+    # dispatch is inside the runtime's first trace. Here the build changes the order.
+    from frdiff_compile import unet as runtime_module
+    from frdiff_compile.numerics import apply_numerics_settings, numerics_settings
+
+    first = numerics_settings()
+    order = dict(first["sdpa"]).get("priority")
+    if order is None:
+        pytest.skip("this torch has no SDPA priority order")
+    build = runtime_module.build_entry
+
+    def build_and_reorder(*args, **kwargs):
+        entry = build(*args, **kwargs)
+        torch._C._set_sdp_priority_order(list(reversed(order)))
+        return entry
+
+    monkeypatch.setattr(runtime_module, "build_entry", build_and_reorder)
+    unet, cond = make_unet("sd15", layers_per_block=1), unet_inputs("sd15")
+    config = FRDiffConfig(keyframe_interval=2, compile=False)
+    fr, fresh = frdiff_compile.optimize(unet, config), frdiff_compile.optimize(unet, config)
+    fr.graph_backend_override = fresh.graph_backend_override = "emulate"  # captured at first run, as on CUDA
+    try:
+        got = [sample(optimized_fn(fr, cond), scheduler("sd15"), STEPS) for _ in range(2)]
+        assert fr.stats.eager_calls == 0 and fr.stats.reuse_replays == fr.stats.reuse_calls > 0, fr.stats
+        assert fr.stats.captures == 1 and fr.stats.cudagraph_captures == 2, fr.stats  # the second built nothing
+        assert torch.equal(got[0], got[1])
+        assert torch.equal(got[0], sample(optimized_fn(fresh, cond), scheduler("sd15"), STEPS))
+    finally:
+        apply_numerics_settings(first)
+
+
 @pytest.mark.gpu
 @pytest.mark.cpu_emulation
 def test_tf32_set_between_generations_is_captured_anew():
