@@ -10,7 +10,8 @@ Invariants:
 - Capture happens at the first call, after `warmup` eager runs on a side stream (they compile the graph
   and let cuBLAS and Triton set themselves up outside the capture), and the capture itself runs on that
   private stream with thread-local capture errors, so other threads' CUDA work neither enters the graph
-  nor fails while it is captured; the graphs of one runtime share one memory pool. Those warm-up runs and
+  nor fails while it is captured, and, begun without `torch.cuda.graph`'s device-wide synchronize, two
+  runtimes can capture in two threads at once; the graphs of one runtime share one memory pool. Those warm-up runs and
   the capture run are real calls on the same inputs, so the buffers the keyframe graph writes hold this
   step's values afterwards either way. Capture and replay run on the inputs' device whichever device is
   current, so a UNet on cuda:1 driven from a thread whose current device is cuda:0 is captured, not run
@@ -22,6 +23,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 from collections.abc import Callable, Sequence
@@ -111,9 +113,19 @@ class StaticGraph:
         # On the private side stream, not torch's default capture stream (one per process, so runtimes
         # capturing in two threads would record into one another's graphs); "thread_local" because in
         # "global" mode another thread's unsafe call during the capture (a scheduler step's host sync in
-        # another request) would fail there, while no other thread can queue work on this stream.
-        with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
-            self._output = self.fn(*args)
+        # another request) would fail there, while no other thread can queue work on this stream. Begun and
+        # ended directly, not through `torch.cuda.graph`, whose entry synchronizes the whole device and empties
+        # the allocator's cache: in a thread beside another runtime's capture that fails this capture
+        # ("operation not permitted when stream is capturing") and invalidates the other (seen on an H200).
+        with torch.cuda.stream(side):
+            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+            try:
+                self._output = self.fn(*args)
+            except BaseException:
+                with contextlib.suppress(Exception):  # ends the capture and the pool's use; the first error tells
+                    graph.capture_end()
+                raise
+            graph.capture_end()
         return graph
 
     def __call__(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
