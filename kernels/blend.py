@@ -10,9 +10,11 @@ Invariants:
   captured CUDA graph picks it up.
 - Loads in the storage dtype, math in fp32, store cast back to the output dtype (fp32, fp16, bf16). For
   finite inputs w == 1 gives exactly `a` and w == 0 exactly `b`.
-- Elementwise in memory order: `a`, `b` and `out` must share one dense layout (contiguous or channels_last
-  with identical strides); anything else raises `ValueError` instead of blending the wrong elements.
-  `out` may alias `a` or `b`: each element is read before it is written, by the same program.
+- Elementwise in memory order: the launchers take `a`, `b` and `out` in one dense layout (all contiguous,
+  or all channels_last) and raise `ValueError` on anything else instead of blending the wrong elements.
+  `out` may alias `a` or `b`: each element is read before it is written, by the same program. The ops
+  allocate `out` like `a` and first copy an operand of another layout into `a`'s (contiguous where `a`
+  is not dense): a channels_last UNet's output meets a keyframe output kept contiguous (seen on an H200).
 - Where the Triton kernel cannot run (no CUDA tensor and no `TRITON_INTERPRET=1`, or no triton), the ops
   compute the reference; results agree exactly in fp32 and fp16 (bf16 under the interpreter: 2^-7).
 - `score_blend` is differentiable in all three inputs (torch-op backward), so the Auto-FR search runs its
@@ -71,12 +73,28 @@ def _check(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Te
         )
     if len({a.device, b.device, out.device, weight.device}) != 1:
         raise ValueError(f"blend tensors must share a device, got {a.device}, {b.device}, {out.device}, {weight.device}")
-    dense = a.is_contiguous() or (a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last))
-    if not dense or a.stride() != b.stride() or a.stride() != out.stride():
+    layout = _dense_layout(a)
+    if layout is None or _dense_layout(b) != layout or _dense_layout(out) != layout:
         raise ValueError(
-            f"blend needs a, b and out in one dense layout (contiguous or channels_last, identical strides); got "
-            f"strides {a.stride()}, {b.stride()}, {out.stride()}. Call .contiguous() on the inputs first."
+            f"blend needs a, b and out in one dense layout (all contiguous or all channels_last); got strides "
+            f"{a.stride()}, {b.stride()}, {out.stride()}. Call .contiguous() on the inputs first."
         )
+
+
+def _dense_layout(t: torch.Tensor) -> torch.memory_format | None:
+    """The dense layout `t` is in, contiguous first (a tensor in both, e.g. with H = W = 1, is in the same
+    memory order either way), or None."""
+    if t.is_contiguous():
+        return torch.contiguous_format
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return None
+
+
+def _op_layout(a: torch.Tensor) -> torch.memory_format:
+    """The layout the ops blend in and return: `a`'s dense layout, contiguous where `a` has none. Real and
+    fake implementations both allocate `out` in it, so inductor's strides for the result are the real ones."""
+    return _dense_layout(a) or torch.contiguous_format
 
 
 # Triton reads TRITON_INTERPRET when a kernel is decorated, that is when this module is imported: kernels
@@ -140,14 +158,16 @@ def arena_blend_reference(weights: torch.Tensor, segments: torch.Tensor, a: torc
 
 @torch.library.custom_op("frdiff::score_blend", mutates_args=())
 def _score_blend_op(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    layout = _op_layout(a)
     if kernel_available(a):
-        return launch_blend(weight, a, b, torch.empty_like(a))
-    return score_blend_reference(weight, a, b)
+        a, b = a.contiguous(memory_format=layout), b.contiguous(memory_format=layout)
+        return launch_blend(weight, a, b, torch.empty_like(a, memory_format=layout))
+    return score_blend_reference(weight, a, b).contiguous(memory_format=layout)
 
 
 @_score_blend_op.register_fake
 def _(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(a)
+    return torch.empty_like(a, memory_format=_op_layout(a))
 
 
 @torch.library.custom_op("frdiff::arena_blend_", mutates_args=("out",))
@@ -198,7 +218,9 @@ if triton is not None:
     # custom op above.
     @torch.library.triton_op("frdiff::score_blend_triton", mutates_args={})
     def _score_blend_triton(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(a)
+        layout = _op_layout(a)
+        a, b = a.contiguous(memory_format=layout), b.contiguous(memory_format=layout)
+        out = torch.empty_like(a, memory_format=layout)
         _check(weight, a, b, out)
         n = out.numel()
         torch.library.wrap_triton(_blend_kernel)[(triton.cdiv(n, BLOCK),)](weight, a, b, out, n, BLOCK=BLOCK)

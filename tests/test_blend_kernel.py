@@ -68,6 +68,20 @@ def test_channels_last_and_bad_layouts():
     cl_a, cl_b = a.to(memory_format=torch.channels_last), b.to(memory_format=torch.channels_last)
     got = score_blend(weight, cl_a, cl_b)
     assert close(got, score_blend_reference(weight, a, b), torch.float16)
+    # The op takes operands of two layouts (a channels_last UNet's output and a contiguous keyframe output,
+    # seen on an H200): the result is in a's layout, contiguous where a is not dense, as the fake op says.
+    for x, y, layout in ((cl_a, b, torch.channels_last), (a, cl_b, torch.contiguous_format),
+                         (a.transpose(1, 2), cl_b.transpose(1, 2), torch.contiguous_format)):
+        got = score_blend(weight, x, y)
+        assert got.is_contiguous(memory_format=layout), got.stride()
+        assert close(got, score_blend_reference(weight, x.contiguous(), y.contiguous()), torch.float16)
+        with torch._subclasses.FakeTensorMode() as mode:
+            fake = score_blend(mode.from_tensor(weight), mode.from_tensor(x), mode.from_tensor(y))
+        assert fake.stride() == got.stride()
+    # A tensor that is both contiguous and channels_last (H = W = 1) is in one memory order either way.
+    flat, flat_cl = a[:, :, :1, :1].contiguous(), a[:, :, :1, :1].contiguous(memory_format=torch.channels_last)
+    out = launch_blend(weight, flat, flat_cl, torch.empty_like(flat))
+    assert close(out, score_blend_reference(weight, flat, flat_cl), torch.float16)
     with pytest.raises(ValueError, match="dense layout"):
         launch_blend(weight, a.transpose(1, 2), b.transpose(1, 2), torch.empty_like(a.transpose(1, 2)))
     with pytest.raises(ValueError, match="dense layout"):
