@@ -20,11 +20,10 @@
 # when those stages are asked for), gpu_tests.txt and stages.txt. Each stage has its own time limit inside
 # one overall deadline (BUDGET_S, 560 s by default, the install included); a failing or timed-out stage is reported and the
 # next one still runs. STAGES picks stages for a partial rerun, e.g. STAGES="bench_blend" BUDGET_S=120.
-# Seen on an H100 (2026-11-26): the machine's start about 30 s; 8 of the then 9 GPU tests in about 190 s
-# (mostly inductor compiling tiny UNets); bench_blend 49 s (before it timed graph replays); bench_peers
-# 226 s. A full check was then about 10 minutes of a 15-minute lease. Since then the GPU tests build one
-# compiled runtime per dtype and switch schedules with reconfigure (8 graph pairs compiled, not 18),
-# and bench_peers' M=3 runs M=2's graphs; the time this saves has not been measured on a GPU.
+# Seen on an H200 (2026-11-28, b491c71): the 32 GPU tests on 4 xdist workers 164 s (pytest: 138 s);
+# bench_blend 63 s; bench_peers cut by its then 240 s limit after five of its six providers (now 300 s);
+# bench_deep alone 129 s. Run 1 (tests, blend, peers) and run 2 (bench_deep) held the machine 727 s of the
+# 900 s lease, its start included.
 set -uo pipefail
 DRY=0
 [[ "${1:-}" == "--dry-run" ]] && DRY=1
@@ -119,7 +118,7 @@ if [[ "$STAGES" == *" gpu_tests "* ]]; then
   fi
 fi
 stage bench_blend 100 $PY benchmarks/bench_blend.py "${BLEND[@]}" --csv "$OUT/bench_blend.csv"
-stage bench_peers 240 $PY benchmarks/bench_peers.py "${PEERS[@]}" --csv "$OUT/bench_peers.csv"
+stage bench_peers 300 $PY benchmarks/bench_peers.py "${PEERS[@]}" --csv "$OUT/bench_peers.csv"
 stage bench_methods 300 $PY benchmarks/bench_peers.py "${PEERS[@]}" \
   --providers eager,frdiff-m2-nocg,frdiff-m3-nocg,frdiff-deep3-nocg,deepcache-compiled --csv "$OUT/bench_methods.csv"
 stage bench_deep 300 $PY benchmarks/bench_peers.py "${PEERS[@]}" \
