@@ -16,10 +16,11 @@
 #                                      CUDA graphs emulated), all but the two that inspect the Triton kernel
 #
 # Everything goes to $OUT (a temporary folder when unset): gpu_check.log (every stage's output), the CSVs
-# bench_blend.csv and bench_peers.csv (bench_unet.csv, bench_compile.csv, bench_methods.csv and bench_deep.csv
-# when those stages are asked for), gpu_tests.txt and stages.txt. Each stage has its own time limit inside
-# one overall deadline (BUDGET_S, 560 s by default, the install included); a failing or timed-out stage is reported and the
-# next one still runs. STAGES picks stages for a partial rerun, e.g. STAGES="bench_blend" BUDGET_S=120.
+# bench_blend.csv and bench_peers.csv (bench_unet.csv, bench_compile.csv, bench_methods.csv, bench_deep.csv and
+# profile_graphs.csv when those stages are asked for), gpu_tests.txt and stages.txt. Each stage has its own
+# time limit inside one overall deadline (BUDGET_S, 560 s by default, the install included); a failing or
+# timed-out stage is reported and the next one still runs. Stages run in this script's order, whatever
+# the order of STAGES. STAGES picks stages for a partial rerun, e.g. STAGES="bench_blend" BUDGET_S=120.
 # Seen on an H200 (2026-11-28, b491c71): the 32 GPU tests on 4 xdist workers 164 s (pytest: 138 s);
 # bench_blend 63 s; bench_peers cut by its then 240 s limit after five of its six providers (now 300 s);
 # bench_deep alone 129 s. Run 1 (tests, blend, peers) and run 2 (bench_deep) held the machine 727 s of the
@@ -36,7 +37,7 @@ LOG="$OUT/gpu_check.log"
 : > "$OUT/stages.txt"
 BUDGET_S=${BUDGET_S:-$(( DRY ? 900 : 560 ))}
 # STAGES: the stages to run. Left out by default: bench_sdxl (bench_peers on the SDXL config at 1024x1024,
-# 30 steps, for a lease with time to spare), bench_unet (the M sweep and the per-op profile) and
+# 30 steps, for a lease with time to spare), bench_unet (the M sweep) and
 # bench_compile (cold compile of both graphs over empty caches, each in a fresh process, as inductor comes
 # and with the reuse graph compiled by a background worker: STAGES=bench_compile BUDGET_S=240; about
 # 2.5 minutes expected on an H100 from the 73 s cold compile seen there, an estimate; 160 s in the
@@ -45,7 +46,9 @@ BUDGET_S=${BUDGET_S:-$(( DRY ? 900 : 560 ))}
 # bench_calls (SD 1.5 with a UNet call per view, 4 views: call slots under compiled graphs and CUDA graphs;
 # one graph pair to compile; STAGES=bench_calls BUDGET_S=240) and bench_deep (cache_point="deep", DeepCache's
 # method on frdiff's graphs, at intervals 3 and 2 with CUDA graphs, against eager and compiled stock;
-# STAGES=bench_deep BUDGET_S=300).
+# STAGES=bench_deep BUDGET_S=300) and profile_graphs (each kernel's launches and device time in one keyframe
+# and one reuse call, both cache points, compiled without CUDA graphs: where the reuse call's time goes;
+# STAGES="gpu_tests profile_graphs bench_peers" puts it before bench_peers, which then compiles warm).
 STAGES=" ${STAGES:-gpu_tests bench_blend bench_peers} "
 START=$(date +%s)
 
@@ -84,6 +87,7 @@ if (( DRY )); then
   UNET=(--small --latent 8 --steps 4 --repeats 1)
   COMPILE=(--dry-run --variants default,background --phases cold)
   CALLS=(--config tiny --latent 16 --steps 4)
+  PROFILE=(--small --latent 8 --calls 2)
 else
   PY=python3
   export PYTHONUNBUFFERED=1
@@ -105,6 +109,7 @@ else
   UNET=(--device cuda --latent 64 --repeats 10)
   COMPILE=(--variants default,background --phases cold)
   CALLS=(--config sd15 --latent 64 --views 4 --steps 30 --repeats 3 --calls per-view)
+  PROFILE=(--latent 64 --calls 10)
 fi
 $PY -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$LOG"
 
@@ -118,6 +123,8 @@ if [[ "$STAGES" == *" gpu_tests "* ]]; then
   fi
 fi
 stage bench_blend 100 $PY benchmarks/bench_blend.py "${BLEND[@]}" --csv "$OUT/bench_blend.csv"
+stage profile_graphs 240 bash -c "$PY benchmarks/profile_graphs.py ${PROFILE[*]} --csv $OUT/profile_graphs.csv \
+  && $PY benchmarks/profile_graphs.py ${PROFILE[*]} --cache-point deep --csv $OUT/profile_graphs.csv"
 stage bench_peers 300 $PY benchmarks/bench_peers.py "${PEERS[@]}" --csv "$OUT/bench_peers.csv"
 stage bench_methods 300 $PY benchmarks/bench_peers.py "${PEERS[@]}" \
   --providers eager,frdiff-m2-nocg,frdiff-m3-nocg,frdiff-deep3-nocg,deepcache-compiled --csv "$OUT/bench_methods.csv"

@@ -2,8 +2,9 @@
 
 Usage: python benchmarks/gpu_summary.py OUT_DIR [--dry-run]
 Reads OUT_DIR/stages.txt, gpu_tests.txt, bench_blend.csv, bench_peers.csv and, when present,
-bench_peers_sdxl.csv, bench_compile.csv, bench_methods.csv and bench_deep.csv (the newest run in each), and
-prints one line per target: measured value, target, and whether it is met. Missing files or rows print as
+bench_peers_sdxl.csv, bench_compile.csv, bench_methods.csv, bench_deep.csv and profile_graphs.csv (the newest
+run in each; in profile_graphs.csv, of each cache point), and prints one line per target: measured value,
+target, and whether it is met. Missing files or rows print as
 "missing" rather than failing, so a partial run still reports what it has.
 """
 
@@ -132,6 +133,29 @@ def summary(out: Path) -> list[tuple[str, str, str, str]]:
             lines.append(line(f"methods: {name} vs eager", methods["eager"] / methods[name], "", None))
     # DeepCache's method on frdiff's graphs (optional stage): reported, no target.
     lines += speedup_lines(out / "bench_deep.csv", ("frdiff-deep3", "frdiff-deep2"), "deep:")
+    lines += profile_lines(out / "profile_graphs.csv")
+    return lines
+
+
+def profile_lines(path: Path) -> list[tuple[str, str, str, str]]:
+    """Per graph and cache point (optional stage): device ms and launches per call, and the longest kernel."""
+    if not path.exists():
+        return []
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    last = {}  # each cache point is profiled by a process of its own: the newest run of each
+    for r in rows:
+        last[r["cache_point"]] = max(last.get(r["cache_point"], ""), r["date"])
+    graphs: dict[tuple[str, str], list[dict[str, str]]] = {}
+    for r in rows:
+        if r["date"] == last[r["cache_point"]]:
+            graphs.setdefault((r["cache_point"], r["graph"]), []).append(r)
+    lines = []
+    for (cache_point, graph), rows in graphs.items():
+        top = min(rows, key=lambda r: int(r["rank"]))
+        value = f"{number(top['profiled_ms']):.3g} ms, {number(top['launches_per_call']):.0f} launches"
+        longest = f"longest: {top['kernel'][:48]} ({number(top['share']):.0%})"
+        lines.append((f"profile: {cache_point} {graph} call", value, longest, "-"))
     return lines
 
 

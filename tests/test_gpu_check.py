@@ -202,3 +202,25 @@ def test_static_stock_baseline_returns_the_stock_unet_output():
             assert torch.allclose(got, unet(sample, t, **call).sample, atol=1e-5)
             kept.append((got, got.clone()))
     assert all(torch.equal(a, b) for a, b in kept), "a later call overwrote an output already returned"
+
+
+def test_profile_graphs_lists_each_graphs_work_and_the_summary_reads_both_cache_points(tmp_path):
+    out = tmp_path / "profile_graphs.csv"
+    for cache_point in ("features", "deep"):  # on CPU: aten ops by self time instead of kernels
+        result = subprocess.run(
+            [sys.executable, str(BENCH / "profile_graphs.py"), "--small", "--latent", "8", "--calls", "2",
+             "--cache-point", cache_point, "--csv", str(out)],
+            capture_output=True, text=True, timeout=600,
+        )
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    with out.open() as f:
+        rows = list(csv.DictReader(f))
+    launches = {(r["cache_point"], r["graph"]): float(r["launches_per_call"]) for r in rows}
+    assert launches[("deep", "reuse")] < launches[("features", "reuse")] < launches[("features", "keyframe")]
+    for key in launches:
+        shares = [float(r["share"]) for r in rows if (r["cache_point"], r["graph"]) == key]
+        assert abs(sum(shares) - 1) < 1e-6 and shares == sorted(shares, reverse=True), key
+    lines = {row[0]: row for row in summary(tmp_path)}
+    for cache_point in ("features", "deep"):
+        for graph in ("keyframe", "reuse"):
+            assert lines[f"profile: {cache_point} {graph} call"][2].startswith("longest: aten::"), lines

@@ -1,0 +1,114 @@
+"""Where one keyframe call and one reuse call of frdiff's compiled graphs spend their device time, kernel by kernel.
+
+Run (CUDA; SD 1.5 config with random weights, 64x64 latents, CFG batch 2, fp16, compiled graphs):
+    python benchmarks/profile_graphs.py
+    python benchmarks/profile_graphs.py --cache-point deep
+    python benchmarks/profile_graphs.py --small --latent 8 --calls 2   # CPU: checks the script (aten ops, CPU time)
+
+Why: on an H200 (2026-11-28) a reuse call took 0.47 of a keyframe call's time for 0.27 of its FLOPs, where an
+H100 run two days earlier had measured 0.28 of the time; the loop times cannot say why. This lists each graph's
+kernels with their launches and device time per call, so one GPU run tells layout copies or unfused
+elementwise work from the convolutions. The graphs run without CUDA graphs, so the profiler sees every launch;
+they are the kernels a capture replays. The event-timed call beside the profile shows how far the launches
+alone (the host) set the pace.
+
+Prints per graph the call time, the device time and launches per call and the top kernels; appends one row per
+kernel to benchmarks/results/profile_graphs.csv (or --csv), its graph's totals on every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from common import RESULTS, append_csv, environment, print_table, synchronize, time_ms
+from diffusers import DDIMScheduler
+from models import build_unet, example_call
+from torch.profiler import ProfilerActivity
+
+import frdiff_compile
+from frdiff_compile import FRDiffConfig
+
+
+def profile(fn, device: torch.device, calls: int) -> list[dict[str, object]]:
+    """Kernels (CUDA) or aten ops by self time (CPU) of `calls` runs of `fn`, per call, longest first."""
+    fn()
+    synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+    totals: dict[str, list[float]] = {}
+    if device.type == "cuda":
+        for event in prof.events():  # every kernel, memcpy and memset the device ran
+            if event.device_type == torch.autograd.DeviceType.CUDA:
+                total = totals.setdefault(event.name, [0, 0.0])
+                total[0] += 1
+                total[1] += event.time_range.elapsed_us()
+    else:
+        for event in prof.key_averages():  # self time, so nested aten calls are not counted twice
+            if event.key.startswith("aten::") and event.self_cpu_time_total > 0:
+                totals[event.key] = [event.count, event.self_cpu_time_total]
+    rows = [{"kernel": name if len(name) <= 110 else name[:107] + "...", "launches": n / calls, "us": us / calls}
+            for name, (n, us) in totals.items()]
+    rows.sort(key=lambda r: -r["us"])
+    whole = sum(r["us"] for r in rows) or 1.0
+    for rank, row in enumerate(rows, 1):
+        row.update(rank=rank, share=row["us"] / whole)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--small", action="store_true", help="scaled-down config with the SD 1.5 block layout")
+    parser.add_argument("--latent", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="float16 on CUDA, float32 on CPU by default")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="compile both graphs (default: on for CUDA, off on CPU)")
+    parser.add_argument("--cache-point", choices=("features", "deep"), default="features")
+    parser.add_argument("--calls", type=int, default=10, help="profiled (and timed) calls per graph")
+    parser.add_argument("--top", type=int, default=15, help="kernels printed per graph (the CSV has them all)")
+    parser.add_argument("--csv", default=str(RESULTS / "profile_graphs.csv"))
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    torch.manual_seed(0)
+    config_name = "small" if args.small else "sd15"
+    unet = build_unet(config_name, args.latent).to(device=device, dtype=dtype)
+    call = example_call(unet, args.batch, args.latent, device, dtype)
+    scheduler = DDIMScheduler()
+    scheduler.set_timesteps(50, device=device)
+    env = environment(device)
+    shape = f"{config_name} {args.batch}x4x{args.latent}x{args.latent} {str(dtype).replace('torch.', '')}"
+    print(f"profile_graphs: {shape}, cache point {args.cache_point}, on {env['device']} (torch {env['torch']}, "
+          f"git {env['git']})")
+    config = FRDiffConfig(keyframe_interval=2, cuda_graphs=False, compile=args.compile, cache_point=args.cache_point)
+    fr = frdiff_compile.optimize(unet, config)
+    with torch.no_grad():
+        sample = call.pop("sample")
+        entry, tensors = fr.prepare(sample, scheduler.timesteps[25], **call)
+        graphs = {"keyframe": lambda: entry.run_full(tensors, -1), "reuse": lambda: entry.run_reuse(tensors, 0.5)}
+        for fn in graphs.values():  # compiles both graphs
+            fn()
+        csv_rows = []
+        for name, fn in graphs.items():
+            call_ms = time_ms(fn, device, repeats=args.calls)
+            rows = profile(fn, device, args.calls)
+            device_ms, launches = sum(r["us"] for r in rows) / 1e3, sum(r["launches"] for r in rows)
+            what = "device" if device.type == "cuda" else "aten self CPU"
+            print_table(rows[: args.top], ["rank", "kernel", "launches", "us", "share"],
+                        f"{name} graph: call {call_ms:.3f} ms (median of {args.calls}), {what} {device_ms:.3f} ms "
+                        f"in {launches:.0f} launches per call")
+            totals = {"graph": name, "call_ms": call_ms, "profiled_ms": device_ms, "launches_per_call": launches}
+            csv_rows += [{"shape": shape, "cache_point": args.cache_point, **totals, **row} for row in rows]
+    path = append_csv(Path(args.csv), csv_rows, env)
+    print(f"\nappended {len(csv_rows)} rows to {path}")
+
+
+if __name__ == "__main__":
+    main()
