@@ -22,7 +22,17 @@ from pathlib import Path
 
 import torch
 from common import (
-    RESULTS, append_csv, environment, frdiff_step_ms, loop_model_ms, loop_ms, print_table, synchronize, time_ms,
+    RESULTS,
+    add_unet_arguments,
+    append_csv,
+    device_dtype,
+    environment,
+    frdiff_step_ms,
+    loop_model_ms,
+    loop_ms,
+    print_table,
+    synchronize,
+    time_ms,
 )
 from diffusers import DDIMScheduler
 from models import build_unet
@@ -40,21 +50,13 @@ def gflop(fn) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--small", action="store_true", help="scaled-down config with the SD 1.5 block layout")
-    parser.add_argument("--latent", type=int, default=32, help="latent height and width (default 32)")
-    parser.add_argument("--batch", type=int, default=2, help="UNet batch (2 = classifier-free guidance)")
+    add_unet_arguments(parser, latent=32)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per call measurement")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="float32 (CPU default) or float16 (CUDA default)")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile both graphs (default: on for CUDA, off on CPU)")
-    parser.add_argument("--cache-point", choices=("features", "deep"), default="features")
     parser.add_argument("--csv", default=str(RESULTS / "bench_unet.csv"))
     args = parser.parse_args()
 
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    device, dtype = device_dtype(args)
     torch.manual_seed(0)
     config_name = "small" if args.small else "sd15"
     unet = build_unet(config_name, args.latent)

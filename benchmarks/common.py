@@ -9,6 +9,7 @@ Invariants:
 
 from __future__ import annotations
 
+import argparse
 import copy
 import csv
 import datetime
@@ -27,6 +28,24 @@ from frdiff_compile.passes import CallLayout
 from frdiff_compile.schedule import StepKind
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def add_unet_arguments(parser: argparse.ArgumentParser, latent: int) -> None:
+    """The model and runtime arguments bench_unet and profile_graphs share (SD 1.5 config, random weights)."""
+    parser.add_argument("--small", action="store_true", help="scaled-down config with the SD 1.5 block layout")
+    parser.add_argument("--latent", type=int, default=latent, help=f"latent height and width (default {latent})")
+    parser.add_argument("--batch", type=int, default=2, help="UNet batch (2 = classifier-free guidance)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="float32 (CPU default) or float16 (CUDA default)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="compile both graphs (default: on for CUDA, off on CPU)")
+    parser.add_argument("--cache-point", choices=("features", "deep"), default="features")
+
+
+def device_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """`--device` and `--dtype` (fp16 on CUDA, fp32 elsewhere unless given), for `add_unet_arguments`."""
+    device = torch.device(args.device)
+    return device, getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
 
 
 def device_name(device: torch.device) -> str:

@@ -22,7 +22,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from common import RESULTS, append_csv, environment, print_table, synchronize, time_ms
+from common import RESULTS, add_unet_arguments, append_csv, device_dtype, environment, print_table, synchronize, time_ms
 from diffusers import DDIMScheduler
 from models import build_unet, example_call
 from torch.profiler import ProfilerActivity
@@ -62,21 +62,13 @@ def profile(fn, device: torch.device, calls: int) -> list[dict[str, object]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--small", action="store_true", help="scaled-down config with the SD 1.5 block layout")
-    parser.add_argument("--latent", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="float16 on CUDA, float32 on CPU by default")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="compile both graphs (default: on for CUDA, off on CPU)")
-    parser.add_argument("--cache-point", choices=("features", "deep"), default="features")
+    add_unet_arguments(parser, latent=64)
     parser.add_argument("--calls", type=int, default=10, help="profiled (and timed) calls per graph")
     parser.add_argument("--top", type=int, default=15, help="kernels printed per graph (the CSV has them all)")
     parser.add_argument("--csv", default=str(RESULTS / "profile_graphs.csv"))
     args = parser.parse_args()
 
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    device, dtype = device_dtype(args)
     torch.manual_seed(0)
     config_name = "small" if args.small else "sd15"
     unet = build_unet(config_name, args.latent).to(device=device, dtype=dtype)
