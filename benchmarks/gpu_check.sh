@@ -48,7 +48,8 @@ BUDGET_S=${BUDGET_S:-$(( DRY ? 900 : 560 ))}
 # method on frdiff's graphs, at intervals 3 and 2 with CUDA graphs, against eager and compiled stock;
 # STAGES=bench_deep BUDGET_S=300) and profile_graphs (each kernel's launches and device time in one keyframe
 # and one reuse call, both cache points, compiled without CUDA graphs: where the reuse call's time goes;
-# STAGES="gpu_tests profile_graphs bench_peers" puts it before bench_peers, which then compiles warm).
+# STAGES="gpu_tests profile_graphs bench_peers" puts it before bench_peers, which should then find the
+# graphs in inductor's cache).
 STAGES=" ${STAGES:-gpu_tests bench_blend bench_peers} "
 START=$(date +%s)
 
