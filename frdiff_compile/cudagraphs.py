@@ -7,15 +7,15 @@ Invariants:
   keyframe graph writes them in place and the reuse graph reads them in place.
 - What a call returns is a clone of the static output, never the static output itself: schedulers such as
   PNDM and multistep DPM keep earlier model outputs, and the next replay overwrites the static one.
-- Capture happens at the first call, after `warmup` eager runs on a side stream (they compile the graph
-  and let cuBLAS and Triton set themselves up outside the capture), and the capture itself runs on that
-  private stream with thread-local capture errors, so other threads' CUDA work neither enters the graph
-  nor fails while it is captured, and, begun without `torch.cuda.graph`'s device-wide synchronize, two
-  runtimes can capture in two threads at once; the graphs of one runtime share one memory pool. Those warm-up runs and
-  the capture run are real calls on the same inputs, so the buffers the keyframe graph writes hold this
-  step's values afterwards either way. Capture and replay run on the inputs' device whichever device is
-  current, so a UNet on cuda:1 driven from a thread whose current device is cuda:0 is captured, not run
-  beside an empty capture.
+- Capture happens at the first call, after `warmup` eager runs on a side stream (they compile the graph and
+  let cuBLAS and Triton set themselves up outside the capture), and the capture itself runs on that private
+  stream with thread-local capture errors, so other threads' CUDA work neither enters the graph nor fails
+  while it is captured, and, begun without `torch.cuda.graph`'s device-wide synchronize, two runtimes can
+  capture in two threads at once; the graphs of one runtime share one memory pool. Those warm-up runs and the
+  capture run are real calls on the same inputs, so the buffers the keyframe graph writes hold this step's
+  values afterwards either way. Capture and replay run on the inputs' device whichever device is current, so a
+  UNet on cuda:1 driven from a thread whose current device is cuda:0 is captured, not run beside an empty
+  capture.
 - Two backends: "cuda" (`torch.cuda.CUDAGraph`) and "emulate", which keeps the same buffer discipline on
   any device by re-running the function and copying into the static output, so the CPU test suite can
   check the copying and aliasing rules that a real replay depends on.
