@@ -25,13 +25,18 @@ COMPILE_TARGET_S = 60.0
 DEFAULT_CONFIG = "BLOCK=1024 warps=4"  # the blend kernel's launch configuration (kernels/blend.py)
 
 
-def newest(path: Path) -> list[dict[str, str]]:
+def newest(path: Path, per: str | None = None) -> list[dict[str, str]]:
+    """The rows of the newest run in `path`, or of the newest run of each value of column `per` (a stage
+    whose runs are processes of their own, one per value)."""
     if not path.exists():
         return []
     with path.open() as f:
         rows = list(csv.DictReader(f))
-    last = max((r["date"] for r in rows), default=None)
-    return [r for r in rows if r["date"] == last]
+    last: dict[str | None, str] = {}
+    for r in rows:
+        key = r[per] if per else None
+        last[key] = max(last.get(key, ""), r["date"])
+    return [r for r in rows if r["date"] == last[r[per] if per else None]]
 
 
 def number(value: str | None) -> float | None:
@@ -139,17 +144,9 @@ def summary(out: Path) -> list[tuple[str, str, str, str]]:
 
 def profile_lines(path: Path) -> list[tuple[str, str, str, str]]:
     """Per graph and cache point (optional stage): device ms and launches per call, and the longest kernel."""
-    if not path.exists():
-        return []
-    with path.open() as f:
-        rows = list(csv.DictReader(f))
-    last = {}  # each cache point is profiled by a process of its own: the newest run of each
-    for r in rows:
-        last[r["cache_point"]] = max(last.get(r["cache_point"], ""), r["date"])
     graphs: dict[tuple[str, str], list[dict[str, str]]] = {}
-    for r in rows:
-        if r["date"] == last[r["cache_point"]]:
-            graphs.setdefault((r["cache_point"], r["graph"]), []).append(r)
+    for r in newest(path, per="cache_point"):  # each cache point is profiled by a process of its own
+        graphs.setdefault((r["cache_point"], r["graph"]), []).append(r)
     lines = []
     for (cache_point, graph), rows in graphs.items():
         top = min(rows, key=lambda r: int(r["rank"]))

@@ -370,8 +370,8 @@ class FRDiffUNet(UNetWrapper):
             self.stats.forced_keyframes += 1
             kind = StepKind.FULL
         if (kind is not StepKind.SKIP and entry.builds_at_next_run(kind is StepKind.FULL, slot)
-                and numerics_key() != self._fingerprint.numerics):  # 30 µs, before a compile or capture
-            changed = numerics_changes(self._fingerprint.numerics, numerics_key())
+                and (now := numerics_key()) != self._fingerprint.numerics):  # 30 µs, before a compile or capture
+            changed = numerics_changes(self._fingerprint.numerics, now)
             self._fall_back(f"{FLAGS_CHANGED_MID_GENERATION} (changed: {changed})")
             return None
         logger.debug("step %d/%d, call %d: %s (lambda=%.3f)", index, schedule.num_steps, slot, kind.value,
