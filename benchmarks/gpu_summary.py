@@ -138,16 +138,28 @@ def summary(out: Path) -> list[tuple[str, str, str, str]]:
             lines.append(line(f"methods: {name} vs eager", methods["eager"] / methods[name], "", None))
     # DeepCache's method on frdiff's graphs (optional stage): reported, no target.
     lines += speedup_lines(out / "bench_deep.csv", ("frdiff-deep3", "frdiff-deep2"), "deep:")
-    lines += profile_lines(out / "profile_graphs.csv")
+    ran = [stage.split()[0] for stage in filter(None, stages)]  # in the order they ran
+    peers_first = {"bench_peers", "profile_graphs"} <= set(ran) and ran.index("bench_peers") < ran.index(
+        "profile_graphs")
+    lines += profile_lines(out / "profile_graphs.csv", peers_first)
     return lines
 
 
-def profile_lines(path: Path) -> list[tuple[str, str, str, str]]:
-    """Per graph and cache point (optional stage): device ms and launches per call, and the longest kernel."""
+def profile_lines(path: Path, peers_first: bool = False) -> list[tuple[str, str, str, str]]:
+    """Per graph and cache point (optional stage): device ms and launches per call, and the longest kernel;
+    per cache point, the seconds the runtime spent building and compiling the pair (`peers_first`: bench_peers
+    had compiled the features graphs in this run, so inductor's caches were warm for them)."""
     graphs: dict[tuple[str, str], list[dict[str, str]]] = {}
     for r in newest(path, per="cache_point"):  # each cache point is profiled by a process of its own
         graphs.setdefault((r["cache_point"], r["graph"]), []).append(r)
     lines = []
+    for cache_point in dict.fromkeys(cp for cp, _ in graphs):
+        row = graphs[(cache_point, "keyframe")][0] if (cache_point, "keyframe") in graphs else {}
+        if number(row.get("compile_s")) is not None:  # older rows have no compile columns
+            warm = " (after bench_peers: warm caches)" if peers_first and cache_point == "features" else ""
+            value = f"{number(row['export_s']):.3g} / {number(row['compile_s']):.3g}"
+            lines.append((f"profile: {cache_point} export / compile s{warm}", value,
+                          f"reuse graph {number(row['reuse_compile_s']):.3g} s", "-"))
     for (cache_point, graph), rows in graphs.items():
         top = min(rows, key=lambda r: int(r["rank"]))
         value = f"{number(top['profiled_ms']):.3g} ms, {number(top['launches_per_call']):.0f} launches"

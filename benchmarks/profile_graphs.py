@@ -12,8 +12,9 @@ elementwise work from the convolutions. The graphs run without CUDA graphs, so t
 they are the kernels a capture replays. The event-timed call beside the profile shows how far the launches
 alone (the host) set the pace.
 
-Prints per graph the call time, the device time and launches per call and the top kernels; appends one row per
-kernel to benchmarks/results/profile_graphs.csv (or --csv), its graph's totals on every row.
+Prints per graph the call time, the device time and launches per call and the top kernels, and the seconds the
+runtime counted building and compiling the pair; appends one row per kernel to benchmarks/results/profile_graphs.csv
+(or --csv), its graph's totals and those seconds on every row.
 """
 
 from __future__ import annotations
@@ -87,6 +88,13 @@ def main() -> None:
         graphs = {"keyframe": lambda: entry.run_full(tensors, -1), "reuse": lambda: entry.run_reuse(tensors, 0.5)}
         for fn in graphs.values():  # compiles both graphs
             fn()
+        stats = fr.stats
+        # As the runtime counts them: cold on a fresh machine, warm when another run compiled these graphs
+        # before (gpu_check runs this after bench_peers, which compiles the same ones).
+        built = {"export_s": stats.build_seconds, "compile_s": stats.compile_seconds,
+                 "reuse_compile_s": stats.reuse_compile_seconds}
+        print(f"export and passes {stats.build_seconds:.1f} s; compile of both graphs {stats.compile_seconds:.1f} s "
+              f"(reuse graph {stats.reuse_compile_seconds:.1f} s, {stats.compiles} graphs)")
         csv_rows = []
         for name, fn in graphs.items():
             call_ms = time_ms(fn, device, repeats=args.calls)
@@ -96,7 +104,8 @@ def main() -> None:
             print_table(rows[: args.top], ["rank", "kernel", "launches", "us", "share"],
                         f"{name} graph: call {call_ms:.3f} ms (median of {args.calls}), {what} {device_ms:.3f} ms "
                         f"in {launches:.0f} launches per call")
-            totals = {"graph": name, "call_ms": call_ms, "profiled_ms": device_ms, "launches_per_call": launches}
+            totals = {"graph": name, "call_ms": call_ms, "profiled_ms": device_ms, "launches_per_call": launches,
+                      **built}
             csv_rows += [{"shape": shape, "cache_point": args.cache_point, **totals, **row} for row in rows]
     path = append_csv(Path(args.csv), csv_rows, env)
     print(f"\nappended {len(csv_rows)} rows to {path}")

@@ -220,7 +220,15 @@ def test_profile_graphs_lists_each_graphs_work_and_the_summary_reads_both_cache_
     for key in launches:
         shares = [float(r["share"]) for r in rows if (r["cache_point"], r["graph"]) == key]
         assert abs(sum(shares) - 1) < 1e-6 and shares == sorted(shares, reverse=True), key
+    built = {r["cache_point"]: (float(r["export_s"]), float(r["compile_s"])) for r in rows}
+    assert all(export > 0 and compile_s == 0 for export, compile_s in built.values()), built  # eager graphs on CPU
     lines = {row[0]: row for row in summary(tmp_path)}
     for cache_point in ("features", "deep"):
         for graph in ("keyframe", "reuse"):
             assert lines[f"profile: {cache_point} {graph} call"][2].startswith("longest: aten::"), lines
+        assert lines[f"profile: {cache_point} export / compile s"][1].endswith(" / 0"), lines
+    # Run after bench_peers (gpu_check's order), the features graphs were compiled there: the line says so.
+    (tmp_path / "stages.txt").write_text("bench_peers 0 200\nprofile_graphs 0 40\nprofile_deep 0 90\n")
+    lines = {row[0]: row for row in summary(tmp_path)}
+    assert "profile: features export / compile s (after bench_peers: warm caches)" in lines, lines
+    assert "profile: deep export / compile s" in lines, lines
