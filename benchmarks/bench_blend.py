@@ -10,12 +10,14 @@ launch of the arena kernel over all SD 1.5 cache points against a loop of single
 --quick), a sweep of the kernel's launch configuration (block size, warps) at 8-128 MB fp16.
 
 Two times per provider and case. "us" is device time per launch, from CUDA-graph replays of back-to-back
-launches that rotate over enough input sets to spill the L2 cache: the kernel's own speed, as it runs inside
-the runtime's captured graphs. "call us" is one call timed on its own, host dispatch included: what the op
-costs when called eagerly. GB/s counts 3 bytes moved per element byte (read a, read b, write out), from
-"us", and "% copy" compares it with a device-to-device copy timed the same way in the same run. Targets on an
-H100: >= 90% of copy bandwidth for tensors >= 8 MB and >= 80% for the arena launch. Appends rows to
-benchmarks/results/bench_blend.csv.
+launches that rotate over enough input sets to spill the L2 cache: the kernel's own speed, as it runs inside the
+runtime's captured graphs. "call us" is one call timed on its own, host dispatch included: what the op costs
+when called eagerly. GB/s counts 3 bytes moved per element byte (read a, read b, write out), from "us", and "%
+copy" compares it with a 256 MB device-to-device copy timed the same way in the same run: the targets on an H100
+are >= 90% of that copy bandwidth for tensors >= 8 MB and >= 80% for the arena launch. Each sweep, cache-shape
+and (on CUDA) configuration case also times a copy of its own size ("device copy", 2 bytes moved per element
+byte) and "% same-size copy" compares with that: how far a size's shortfall is the kernel's, and how far any
+kernel's at that size. Appends rows to benchmarks/results/bench_blend.csv.
 """
 
 from __future__ import annotations
@@ -63,6 +65,22 @@ def timed(fn, sets, weight, device: torch.device, repeats: int) -> tuple[float, 
     return graph_time_ms(calls, device, repeats), time_ms(lambda: fn(weight, a, b), device, repeats)
 
 
+def same_size_copy(sets, device: torch.device, repeats: int) -> tuple[float, float]:
+    """`timed` for a device-to-device copy of each set's `a` into a buffer of its own."""
+    pairs = [(torch.empty_like(a), a) for a, _ in sets]
+    calls = [lambda dst=dst, src=src: dst.copy_(src) for dst, src in pairs]
+    return graph_time_ms(calls, device, repeats), time_ms(calls[0], device, repeats)
+
+
+def same_size(rows: list[dict], case: str, dtype: torch.dtype) -> None:
+    """Fill "% same-size copy" into the rows of one case and dtype from its "device copy" row."""
+    name = str(dtype).replace("torch.", "")
+    mine = [r for r in rows if r["case"] == case and r["dtype"] == name]
+    copy_gbs = next(r["GB/s"] for r in mine if r["provider"] == "device copy")
+    for r in mine:
+        r["% same-size copy"] = 100 * r["GB/s"] / copy_gbs
+
+
 def providers(device: torch.device) -> dict:
     found = {"torch eager": score_blend_reference}
     # dynamic=True: one compiled kernel serves every size of the sweep (a static compile per shape would
@@ -98,16 +116,21 @@ def main() -> None:
     weight = torch.tensor(0.37, device=device)
     rows = []
 
-    def row(case, dtype, provider, mbytes, ms, call_ms):
-        gbs = 3 * mbytes * 2**20 / ms / 1e6
+    def row(case, dtype, provider, mbytes, ms, call_ms, moved=3):
+        gbs = moved * mbytes * 2**20 / ms / 1e6
         rows.append({"case": case, "dtype": str(dtype).replace("torch.", ""), "provider": provider, "MB": mbytes,
                      "us": ms * 1e3, "GB/s": gbs, "% copy": 100 * gbs / copy_gbs, "call us": call_ms * 1e3})
 
     for dtype in (torch.float16, torch.bfloat16):
         for label, shape in cases:
             sets = input_sets(shape, dtype, device)
+            mbytes = math.prod(shape) * dtype.itemsize / 2**20
             for name, fn in funcs.items():
-                row(label, dtype, name, math.prod(shape) * dtype.itemsize / 2**20, *timed(fn, sets, weight, device, repeats))
+                row(label, dtype, name, mbytes, *timed(fn, sets, weight, device, repeats))
+            # The same-size copy (2 bytes moved per element byte), timed the same way: how much of the
+            # bandwidth a kernel of this size can reach at all, beside the 256 MB copy "% copy" divides by.
+            row(label, dtype, "device copy", mbytes, *same_size_copy(sets, device, repeats), moved=2)
+            same_size(rows, label, dtype)
             del sets
         arena = [BlendArena(sd15, dtype, device) for _ in range(2)]
         for x in arena:
@@ -132,8 +155,10 @@ def main() -> None:
                          for (a, b), o in zip(sets, outs)]
                 row(f"config {mb} MB", torch.float16, f"triton BLOCK={block} warps={warps}", mb,
                     graph_time_ms(calls, device, repeats), time_ms(calls[0], device, repeats))
+            row(f"config {mb} MB", torch.float16, "device copy", mb, *same_size_copy(sets, device, repeats), moved=2)
+            same_size(rows, f"config {mb} MB", torch.float16)
             del sets, outs
-    print_table(rows, ["case", "dtype", "provider", "MB", "us", "GB/s", "% copy", "call us"],
+    print_table(rows, ["case", "dtype", "provider", "MB", "us", "GB/s", "% copy", "% same-size copy", "call us"],
                 "bench_blend (us: device time per launch, from CUDA-graph replays; call us: one call, dispatch included)")
     path = append_csv(Path(args.csv), [{**row, "copy GB/s": copy_gbs} for row in rows], env)
     print(f"\nappended {len(rows)} rows to {path}")

@@ -76,6 +76,14 @@ def summary(out: Path) -> list[tuple[str, str, str, str]]:
     worst = min(large) if large else None
     lines.append(line("blend >= 8 MB, worst % of copy BW", worst, f">= {BLEND_TARGET:g}",
                       None if worst is None else worst >= BLEND_TARGET))
+    # No target: against a copy of the same size, and that copy against the 256 MB one (newer runs only),
+    # to tell a size's shortfall that is the kernel's from one any kernel of that size has.
+    for provider, column, what in (("triton", "% same-size copy", "blend >= 8 MB, worst % of same-size copy"),
+                                   ("device copy", "% copy", "copy >= 8 MB, worst % of the 256 MB copy")):
+        values = [number(r.get(column)) for r in blend if r["provider"] == provider and (number(r["MB"]) or 0) >= 8]
+        values = [v for v in values if v is not None]
+        if values:
+            lines.append(line(what, min(values), "", None))
     # bench_blend's launch-configuration sweep (no target): the configuration whose worst size does best.
     configs: dict[str, list[float]] = {}
     for r in blend:

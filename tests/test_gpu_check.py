@@ -26,8 +26,9 @@ def test_summary_judges_the_newest_run_against_the_targets(tmp_path):
     old, new = "2026-01-01T00:00:00Z", "2026-01-02T00:00:00Z"
     write_csv(tmp_path / "bench_blend.csv", [
         {"date": old, "provider": "triton", "MB": "64", "% copy": "10"},  # an older run: ignored
-        {"date": new, "provider": "triton", "MB": "64", "% copy": "93"},
-        {"date": new, "provider": "triton", "MB": "1", "% copy": "40"},  # under 8 MB: not judged
+        {"date": new, "provider": "triton", "MB": "64", "% copy": "93", "% same-size copy": "97"},
+        {"date": new, "provider": "triton", "MB": "1", "% copy": "40", "% same-size copy": "60"},  # under 8 MB
+        {"date": new, "provider": "device copy", "MB": "64", "% copy": "96", "% same-size copy": "100"},
         {"date": new, "provider": "torch eager", "MB": "64", "% copy": "50"},
         {"date": new, "provider": "triton arena, one launch", "MB": "300", "% copy": "75"},
         {"date": new, "provider": "triton BLOCK=1024 warps=4", "MB": "8", "% copy": "85"},
@@ -75,6 +76,8 @@ def test_summary_judges_the_newest_run_against_the_targets(tmp_path):
         assert {row[0]: row for row in summary(tmp_path)}["gpu tests"][3] == "MISSED", cut
     (tmp_path / "gpu_tests.txt").write_text("12 passed in 80.1s\n")
     assert verdicts["blend >= 8 MB, worst % of copy BW"][1:] == ("93", ">= 90", "met")
+    assert verdicts["blend >= 8 MB, worst % of same-size copy"][1:] == ("97", "", "-")
+    assert verdicts["copy >= 8 MB, worst % of the 256 MB copy"][1:] == ("96", "", "-")
     assert verdicts["arena launch, % of copy BW"][3] == "MISSED"
     assert verdicts["blend launch config, best worst-case % copy"][1:3] == ("91 (BLOCK=4096 warps=8)", "default 85")
     assert verdicts["frdiff-m2 vs eager"][3] == "met"
