@@ -19,7 +19,7 @@ BLEND_TARGET = 90.0  # % of copy bandwidth, tensors >= 8 MB
 ARENA_TARGET = 80.0
 # (provider, baseline) -> speedup target; "compiled" is the faster of the compiled stock providers measured.
 PEER_TARGETS = {("frdiff-m2", "eager"): 2.5, ("frdiff-m3", "eager"): 3.0, ("frdiff-m2", "compiled"): 1.6}
-COMPILED_STOCK = ("compiled-static", "compiled")
+COMPILED_STOCK = ("compiled-static", "compiled-static-nchw", "compiled")
 MODEL_TOLERANCE = 0.10
 COMPILE_TARGET_S = 60.0
 DEFAULT_CONFIG = "BLOCK=1024 warps=4"  # the blend kernel's launch configuration (kernels/blend.py)

@@ -11,6 +11,7 @@ Invariants:
   so tests and benchmarks read counts, never logs.
 - Compiled for the sizes and strides of its example inputs only (no symbolic sizes): a graph serves one
   input signature, which the runtime keys its graphs on, and inductor's code asserts it at every call.
+- Convolutions run in the traced layouts, never re-laid-out by inductor: no weight is copied per call.
 """
 
 from __future__ import annotations
@@ -98,7 +99,14 @@ class CompiledGraph:
         # fuse, a hotswap) went unseen, 9.1 off stock, and moved parameters would be kept twice. Nor are
         # inductor's own CUDA graphs on unless the mode asks for them: a global `triton.cudagraphs = True`
         # would have the direct compile replay graphs inside the runtime's captures.
-        self.options = {"triton.cudagraphs": False, **inductor_mode_options(mode), "freezing": False}
+        # Convolutions in the layouts the graph was traced in (a channels_last UNet's are channels_last):
+        # inductor's layout optimization runs them channels_last instead, and with parameters as call
+        # arguments (never frozen, above) it copies every convolution weight to that layout at every call
+        # (its own TODO in `kernel/conv.py`): 1.1 GiB per keyframe call of SD 1.5 in fp16, 0.56 ms at an
+        # H200's copy bandwidth, and its activation copies besides. On CPU (small config, 32x32 latents, fp32,
+        # two pairs of processes) both graphs were 6-12% faster without it; on a GPU it is unmeasured.
+        self.options = {"triton.cudagraphs": False, **inductor_mode_options(mode), "freezing": False,
+                        "layout_optimization": False}
         self.via_dynamo = bool(self.options.get("triton.cudagraphs"))
         self.stats = stats
         self.fn: Callable[..., torch.Tensor] | None = None

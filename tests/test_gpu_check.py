@@ -93,20 +93,22 @@ def test_bench_peers_dry_run_measures_every_requested_provider(tmp_path):
     result = subprocess.run(
         [sys.executable, str(BENCH / "bench_peers.py"), "--dry-run",
          "--providers",
-         "eager,compiled-static,frdiff-m2,frdiff-m3,frdiff-m2-nocg,frdiff-m3-nocg,frdiff-deep3,frdiff-deep2",
+         "eager,compiled-static,compiled-static-nchw,frdiff-m2,frdiff-m3,frdiff-m2-nocg,frdiff-m3-nocg,frdiff-deep3,"
+         "frdiff-deep2",
          "--csv", str(out)],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     with out.open() as f:
         rows = {r["provider"]: r for r in csv.DictReader(f)}
-    assert set(rows) == {"eager", "compiled-static", "frdiff-m2", "frdiff-m3", "frdiff-m2-nocg", "frdiff-m3-nocg",
-                         "frdiff-deep3", "frdiff-deep2"}
+    assert set(rows) == {"eager", "compiled-static", "compiled-static-nchw", "frdiff-m2", "frdiff-m3", "frdiff-m2-nocg",
+                         "frdiff-m3-nocg", "frdiff-deep3", "frdiff-deep2"}
     assert all(float(r["loop_ms"]) > 0 for r in rows.values()), rows
     frdiff = rows["frdiff-m2"]
     assert float(frdiff["keyframe_ms"]) > 0 and float(frdiff["model_ms"]) > 0
     assert "2/1/1 full/reuse/skip" in frdiff["note"]
     assert float(rows["compiled-static"]["vs_eager"]) > 0 and float(frdiff["vs_compiled_static"]) > 0
+    assert float(frdiff["vs_compiled_static_nchw"]) > 0
     assert float(frdiff["vs_all_keyframes"]) > 0 and float(frdiff["compile_s"]) >= 0
     assert float(frdiff["graphs_loop_ms"]) > 0 and frdiff["runtime_host_ms"] != ""
     # M=3 runs M=2's graphs under its own schedule, and its counters are its own.
