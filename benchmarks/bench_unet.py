@@ -25,7 +25,6 @@ from common import (
     RESULTS,
     add_unet_arguments,
     append_csv,
-    device_dtype,
     environment,
     frdiff_step_ms,
     loop_model_ms,
@@ -33,9 +32,9 @@ from common import (
     print_table,
     synchronize,
     time_ms,
+    unet_from_arguments,
 )
 from diffusers import DDIMScheduler
-from models import build_unet
 from torch.utils.flop_counter import FlopCounterMode
 
 import frdiff_compile
@@ -56,12 +55,8 @@ def main() -> None:
     parser.add_argument("--csv", default=str(RESULTS / "bench_unet.csv"))
     args = parser.parse_args()
 
-    device, dtype = device_dtype(args)
-    torch.manual_seed(0)
-    config_name = "small" if args.small else "sd15"
-    unet = build_unet(config_name, args.latent)
-    if device.type != "cpu" or dtype != torch.float32:
-        unet = unet.to(device=device, dtype=dtype)
+    setup = unet_from_arguments(args)
+    unet, device, dtype, config_name, shape = setup.unet, setup.device, setup.dtype, setup.config, setup.shape
     text_dim = unet.config.cross_attention_dim
     latents = torch.randn(args.batch, 4, args.latent, args.latent, device=device, dtype=dtype)
     cond = {"encoder_hidden_states": torch.randn(args.batch, 77, text_dim, device=device, dtype=dtype)}
@@ -69,7 +64,6 @@ def main() -> None:
     scheduler.set_timesteps(args.steps, device=device)
     t = scheduler.timesteps[args.steps // 2]
     env = environment(device)
-    shape = f"{config_name} {args.batch}x4x{args.latent}x{args.latent} {str(dtype).replace('torch.', '')}"
     print(f"bench_unet: {shape}, {args.steps} DDIM steps on {env['device']} (torch {env['torch']}, git {env['git']})")
 
     with torch.no_grad():

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from models import build_unet
 
 from frdiff_compile.passes import CallLayout
 from frdiff_compile.schedule import StepKind
@@ -42,10 +43,16 @@ def add_unet_arguments(parser: argparse.ArgumentParser, latent: int) -> None:
     parser.add_argument("--cache-point", choices=("features", "deep"), default="features")
 
 
-def device_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
-    """`--device` and `--dtype` (fp16 on CUDA, fp32 elsewhere unless given), for `add_unet_arguments`."""
+def unet_from_arguments(args: argparse.Namespace) -> types.SimpleNamespace:
+    """The UNet `add_unet_arguments` describes, seeded (0) and on its device and dtype (`--dtype`, else fp16
+    on CUDA and fp32 elsewhere), with `device`, `dtype`, `config` ("sd15" or "small") and a `shape` label."""
     device = torch.device(args.device)
-    return device, getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    torch.manual_seed(0)
+    config = "small" if args.small else "sd15"
+    unet = build_unet(config, args.latent).to(device=device, dtype=dtype)
+    shape = f"{config} {args.batch}x4x{args.latent}x{args.latent} {str(dtype).replace('torch.', '')}"
+    return types.SimpleNamespace(unet=unet, device=device, dtype=dtype, config=config, shape=shape)
 
 
 def device_name(device: torch.device) -> str:

@@ -23,9 +23,18 @@ import argparse
 from pathlib import Path
 
 import torch
-from common import RESULTS, add_unet_arguments, append_csv, device_dtype, environment, print_table, synchronize, time_ms
+from common import (
+    RESULTS,
+    add_unet_arguments,
+    append_csv,
+    environment,
+    print_table,
+    synchronize,
+    time_ms,
+    unet_from_arguments,
+)
 from diffusers import DDIMScheduler
-from models import build_unet, example_call
+from models import example_call
 from torch.profiler import ProfilerActivity
 
 import frdiff_compile
@@ -69,15 +78,12 @@ def main() -> None:
     parser.add_argument("--csv", default=str(RESULTS / "profile_graphs.csv"))
     args = parser.parse_args()
 
-    device, dtype = device_dtype(args)
-    torch.manual_seed(0)
-    config_name = "small" if args.small else "sd15"
-    unet = build_unet(config_name, args.latent).to(device=device, dtype=dtype)
+    setup = unet_from_arguments(args)
+    unet, device, dtype, shape = setup.unet, setup.device, setup.dtype, setup.shape
     call = example_call(unet, args.batch, args.latent, device, dtype)
     scheduler = DDIMScheduler()
     scheduler.set_timesteps(50, device=device)
     env = environment(device)
-    shape = f"{config_name} {args.batch}x4x{args.latent}x{args.latent} {str(dtype).replace('torch.', '')}"
     print(f"profile_graphs: {shape}, cache point {args.cache_point}, on {env['device']} (torch {env['torch']}, "
           f"git {env['git']})")
     config = FRDiffConfig(keyframe_interval=2, cuda_graphs=False, compile=args.compile, cache_point=args.cache_point)
