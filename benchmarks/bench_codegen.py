@@ -1,0 +1,186 @@
+"""Inductor's Python-side compile work for the keyframe and reuse graphs, timed on a machine without a GPU.
+
+Run (any machine; a process per shape mode, each compile cold):
+    python benchmarks/bench_codegen.py                          # SD 1.5, 64x64 latents, CFG batch 2, fp16
+    python benchmarks/bench_codegen.py --config small --latent 16 --shapes static
+
+Why: on the H200 (2026-11-28) the cold compile of both SD 1.5 graphs took 97 s, and inductor's own phase
+timers put 85 s of it in single-threaded Python (AOTAutograd's trace, lowering, scheduling, code generation)
+against 2 s waiting for Triton's compiler. That work is what this script times, on any CPU: the graphs are
+compiled for CPU tensors through inductor's Triton backend (`cpu_backend="triton"`, the code generator a CUDA
+compile goes through) and the compile stops when the code is generated, so no kernel is built and no GPU is
+needed; a stub Triton driver answers the one question inductor asks it here, the target.
+
+Invariants:
+- "static" compiles through the library's own path (`compiled_graph.compile_with_inductor`: one signature,
+  no symbolic size); "symbolic" through the path it replaced (a shape environment about and not ignored, so
+  AOTAutograd fakes the inputs with symbolic sizes), which the H200 run of 2026-11-28 used.
+- Under no_grad, as the runtime compiles (with grad on, AOTAutograd traces a joint forward and backward
+  graph, which is not what the runtime builds).
+- Every compile is cold: each shape mode runs in a process of its own with inductor's on-disk caches off.
+- A proxy, not a GPU measurement: device-dependent choices differ. For SD 1.5's reuse graph this backend makes
+  44 kernels (symbolic sizes) where inductor's CUDA paths made 113 (a stubbed-driver count, README), so a GPU
+  compile does more of this work.
+  Compare shape modes and commits on one machine; do not predict a GPU's compile time from it.
+  Appends rows to benchmarks/results/bench_codegen.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from common import RESULTS, append_csv, environment, print_table
+from models import build_unet, example_call
+
+MODES = ("static", "symbolic")
+# Inductor's phase timers (torch._dynamo.utils.compilation_time_metrics) reported per graph.
+PHASES = {"aot_s": "create_aot_dispatcher_function", "lowering_s": "GraphLowering.run",
+          "scheduling_s": "Scheduler.__init__", "codegen_s": "GraphLowering.codegen"}
+
+
+class _Generated(Exception):
+    """Raised where inductor would load the generated module: the compile is measured up to here."""
+
+
+@contextlib.contextmanager
+def codegen_only():
+    """Inductor's Triton backend for CPU tensors, stopping once the code is generated (no kernel built)."""
+    import triton
+    from torch._inductor.graph import GraphLowering
+    from triton.backends.compiler import GPUTarget
+
+    class StubDriver:  # inductor asks the active driver for its target (cache keys); nothing else is called
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    def generate(self, *args, **kwargs):
+        code = self.codegen()
+        source = str(getattr(code[0] if isinstance(code, tuple) else code, "value", code))
+        code_lines = "\n".join(line for line in source.splitlines() if not line.lstrip().startswith("#"))
+        symbols = set(re.findall(r"\bk?s\d+\b", code_lines))  # comments name cache folders such as /s5/
+        raise _Generated(source.count("async_compile.triton("), len(symbols))
+
+    load, driver = GraphLowering.compile_to_module, triton.runtime.driver
+    active = driver._active  # None here: a machine without a GPU has no driver (`reset_active` would raise)
+    GraphLowering.compile_to_module = generate
+    driver.set_active(StubDriver())
+    try:
+        with torch._inductor.config.patch(cpu_backend="triton"):
+            yield
+    finally:
+        GraphLowering.compile_to_module = load
+        driver._active = active
+
+
+def _compile(gm, args: tuple, options: dict, mode: str) -> tuple[int, int]:
+    """Compile `gm` as `mode` says up to the generated code; its Triton kernels and symbolic sizes (`s0`, `ks0`)."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch._subclasses import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from frdiff_compile.compiled_graph import compile_with_inductor, copy_graph_module
+
+    try:
+        if mode == "static":
+            compile_with_inductor(gm, args, options)
+        else:  # the path before static sizes: the same tracing context, its shape environment not ignored
+            with torch._guards.tracing(torch._guards.TracingContext(FakeTensorMode(shape_env=ShapeEnv()))):
+                compile_fx(copy_graph_module(gm), list(args), config_patches=options)
+    except Exception as exc:  # inductor wraps what its compile raises
+        generated = exc if isinstance(exc, _Generated) else getattr(exc, "inner_exception", None) or exc.__cause__
+        if isinstance(generated, _Generated):
+            return generated.args
+        raise
+    raise RuntimeError("inductor loaded a module: the code-generation stop did not take effect")
+
+
+def child(args: argparse.Namespace) -> None:
+    """One process: both graphs of one shape mode, compiled to their code in turn; the rows as JSON."""
+    from frdiff_compile.compiled_graph import CompiledGraph
+    from frdiff_compile.graph_cache import RuntimeStats
+    from frdiff_compile.passes import CallLayout, capture, plan_cache_points
+    from frdiff_compile.passes.build import build_graphs
+
+    torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    unet = build_unet(args.config, args.latent).to(dtype)
+    call = example_call(unet, args.batch, args.latent, "cpu", dtype)
+    call["timestep"] = torch.tensor(500)
+    layout, tensors = CallLayout.from_call(call)
+    captured = capture(unet, layout, tensors)
+    plan = plan_cache_points(captured.graph_module, unet, captured.module_prefix, args.cache_point)
+    pair = build_graphs(captured.graph_module, plan)
+    caches = [p.empty(torch.device("cpu")) for p in plan.points]
+    out = captured.graph_module.graph.find_nodes(op="output")[0].args[0].meta["val"]
+    keyframe_out = torch.empty_strided(tuple(out.shape), out.stride(), dtype=out.dtype)
+    weight = torch.ones(())
+    graphs = {"keyframe": (pair.keyframe, (*tensors, *caches, keyframe_out), pair.report.keyframe["ops"]),
+              "reuse": (pair.reuse, (*tensors, *caches, keyframe_out, weight), pair.report.reuse["ops"])}
+    metrics = torch._dynamo.utils.compilation_time_metrics
+    rows = []
+    with torch.no_grad(), codegen_only():
+        for kind, (gm, example, ops) in graphs.items():
+            before = {k: len(metrics.get(v, [])) for k, v in PHASES.items()}
+            start = time.perf_counter()
+            kernels, symbols = _compile(gm, example, CompiledGraph(gm, None, RuntimeStats()).options, args.mode)
+            row = {"shapes": args.mode, "graph": kind, "to_code_s": time.perf_counter() - start,
+                   "ops": ops, "triton_kernels": kernels, "symbolic_sizes": symbols}
+            row.update({k: sum(metrics.get(v, [])[before[k]:]) for k, v in PHASES.items()})
+            rows.append(row)
+    print(json.dumps(rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="sd15", choices=["sd15", "sdxl", "small", "tiny"])
+    parser.add_argument("--latent", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--cache-point", default="features", choices=["features", "deep"])
+    parser.add_argument("--shapes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per process")
+    parser.add_argument("--csv", default=str(RESULTS / "bench_codegen.csv"), help="'' to write none")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="static", choices=MODES, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+    modes = [m for m in args.shapes.split(",") if m]
+    if unknown := sorted(set(modes) - set(MODES)):
+        parser.error(f"unknown shape modes {unknown}; known: {', '.join(MODES)}")
+    # Cold compiles: no FX-graph or AOTAutograd cache hit from an earlier run (nothing reaches the disk cache
+    # anyway, since no module is loaded, but a cache hit would skip the work this measures).
+    env = {**os.environ, "TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"}
+    shape = f"{args.config} {args.batch}x4x{args.latent}x{args.latent} {args.dtype} {args.cache_point}"
+    rows: list[dict] = []
+    for mode in modes:
+        command = [sys.executable, __file__, "--child", "--mode", mode, "--config", args.config, "--latent",
+                   str(args.latent), "--batch", str(args.batch), "--dtype", args.dtype, "--cache-point",
+                   args.cache_point]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
+        lines = done.stdout.strip().splitlines()
+        if done.returncode != 0 or not lines:
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
+            rows.append({"shapes": mode, "note": f"failed (exit {done.returncode}): {tail}"})
+            continue
+        rows.extend({**row, "shape": shape} for row in json.loads(lines[-1]))
+    columns = ["shapes", "graph", "ops", "triton_kernels", "symbolic_sizes", "to_code_s", *PHASES, "note"]
+    print_table(rows, columns, f"bench_codegen ({shape}; inductor's Triton code generation on CPU, no kernel built)")
+    if args.csv:
+        append_csv(Path(args.csv), rows, environment(torch.device("cpu")))
+        print(f"\nappended {len(rows)} rows to {args.csv}")
+    if any("note" in row for row in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
