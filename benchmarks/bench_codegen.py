@@ -1,28 +1,29 @@
 """Inductor's Python-side compile work for the keyframe and reuse graphs, timed on a machine without a GPU.
 
-Run (any machine; a process per shape mode, each compile cold):
+Run (a process per shape mode, each compile cold):
     python benchmarks/bench_codegen.py                          # SD 1.5, 64x64 latents, CFG batch 2, fp16
     python benchmarks/bench_codegen.py --config small --latent 16 --shapes static
+    python benchmarks/bench_codegen.py --backend cuda-stub      # a CUDA build of torch, no GPU
 
 Why: on the H200 (2026-11-28) the cold compile of both SD 1.5 graphs took 97 s, and inductor's own phase
 timers put 85 s of it in single-threaded Python (AOTAutograd's trace, lowering, scheduling, code generation)
-against 2 s waiting for Triton's compiler. That work is what this script times, on any CPU: the graphs are
-compiled for CPU tensors through inductor's Triton backend (`cpu_backend="triton"`, the code generator a CUDA
-compile goes through) and the compile stops when the code is generated, so no kernel is built and no GPU is
-needed; a stub Triton driver answers the one question inductor asks it here, the target.
+against 2 s waiting for Triton's compiler. That work is what this script times, without a GPU, and the compile
+stops when the code is generated, so no kernel is built. Two backends:
+- "cpu-triton" (any torch): the graphs compiled for CPU tensors through inductor's Triton backend
+  (`cpu_backend="triton"`); a stub Triton driver names the target. It skips some of the CUDA paths' work: for
+  SD 1.5's keyframe graph it generates 126 kernels where the CUDA paths generate 171.
+- "cuda-stub" (a CUDA build of torch, no GPU; `cuda_codegen_stub.py`): inductor's CUDA paths on fake CUDA
+  tensors, the device's properties an H200's; the closer proxy, static sizes only.
 
 Invariants:
-- "static" compiles through the library's own path (`compiled_graph.compile_with_inductor`: one signature,
-  no symbolic size); "symbolic" through the path it replaced (a shape environment about and not ignored, so
-  AOTAutograd fakes the inputs with symbolic sizes), which the H200 run of 2026-11-28 used.
+- "static" compiles as the library does (`compiled_graph.compile_with_inductor`: one signature, no symbolic
+  size); "symbolic" through the path it replaced (a shape environment about and not ignored, so AOTAutograd
+  fakes the inputs with symbolic sizes), which the H200 run of 2026-11-28 used.
 - Under no_grad, as the runtime compiles (with grad on, AOTAutograd traces a joint forward and backward
   graph, which is not what the runtime builds).
 - Every compile is cold: each shape mode runs in a process of its own with inductor's on-disk caches off.
-- A proxy, not a GPU measurement: device-dependent choices differ. For SD 1.5's reuse graph this backend makes
-  44 kernels (symbolic sizes) where inductor's CUDA paths made 113 (a stubbed-driver count, README), so a GPU
-  compile does more of this work.
-  Compare shape modes and commits on one machine; do not predict a GPU's compile time from it.
-  Appends rows to benchmarks/results/bench_codegen.csv.
+- A proxy, not a GPU measurement: compare shape modes, backends and commits on one machine; the GPU machine's
+  host may run this Python at another speed. Appends rows to benchmarks/results/bench_codegen.csv.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from common import RESULTS, append_csv, environment, print_table
 from models import build_unet, example_call
 
 MODES = ("static", "symbolic")
+BACKENDS = ("cpu-triton", "cuda-stub")
 # Inductor's phase timers (torch._dynamo.utils.compilation_time_metrics) reported per graph.
 PHASES = {"aot_s": "create_aot_dispatcher_function", "lowering_s": "GraphLowering.run",
           "scheduling_s": "Scheduler.__init__", "codegen_s": "GraphLowering.codegen"}
@@ -81,8 +83,11 @@ def codegen_only():
         driver._active = active
 
 
-def _compile(gm, args: tuple, options: dict, mode: str) -> tuple[int, int]:
-    """Compile `gm` as `mode` says up to the generated code; its Triton kernels and symbolic sizes (`s0`, `ks0`)."""
+def _compile(gm, args: tuple, options: dict, mode: str, fake_mode=None) -> tuple[int, int]:
+    """Compile `gm` as `mode` says up to the generated code; its Triton kernels and symbolic sizes (`s0`, `ks0`).
+
+    With `fake_mode` (the cuda-stub backend: `args` and the parameters are its fake CUDA tensors), "static" is
+    `compile_with_inductor`'s call made under that mode's tracing context, since there are no real inputs."""
     from torch._inductor.compile_fx import compile_fx
     from torch._subclasses import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
@@ -90,7 +95,10 @@ def _compile(gm, args: tuple, options: dict, mode: str) -> tuple[int, int]:
     from frdiff_compile.compiled_graph import compile_with_inductor, copy_graph_module
 
     try:
-        if mode == "static":
+        if fake_mode is not None:
+            with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
+                compile_fx(gm, list(args), config_patches=options, ignore_shape_env=True)
+        elif mode == "static":
             compile_with_inductor(gm, args, options)
         else:  # the path before static sizes: the same tracing context, its shape environment not ignored
             with torch._guards.tracing(torch._guards.TracingContext(FakeTensorMode(shape_env=ShapeEnv()))):
@@ -127,13 +135,25 @@ def child(args: argparse.Namespace) -> None:
               "reuse": (pair.reuse, (*tensors, *caches, keyframe_out, weight), pair.report.reuse["ops"])}
     metrics = torch._dynamo.utils.compilation_time_metrics
     rows = []
-    with torch.no_grad(), codegen_only():
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(codegen_only())
+        fake_mode, extra = None, {}
+        if args.backend == "cuda-stub":
+            import cuda_codegen_stub as stub
+            from torch._subclasses import FakeTensorMode
+
+            stack.enter_context(stub.cuda_codegen_stub())
+            fake_mode, extra = FakeTensorMode(), stub.OPTIONS
+            graphs = {kind: (stub.to_cuda(gm, fake_mode), [stub.fake_cuda(t, fake_mode) for t in example], ops)
+                      for kind, (gm, example, ops) in graphs.items()}
         for kind, (gm, example, ops) in graphs.items():
             before = {k: len(metrics.get(v, [])) for k, v in PHASES.items()}
+            options = {**CompiledGraph(gm, None, RuntimeStats()).options, **extra}
             start = time.perf_counter()
-            kernels, symbols = _compile(gm, example, CompiledGraph(gm, None, RuntimeStats()).options, args.mode)
-            row = {"shapes": args.mode, "graph": kind, "to_code_s": time.perf_counter() - start,
-                   "ops": ops, "triton_kernels": kernels, "symbolic_sizes": symbols}
+            kernels, symbols = _compile(gm, example, options, args.mode, fake_mode)
+            row = {"backend": args.backend, "shapes": args.mode, "graph": kind, "ops": ops,
+                   "to_code_s": time.perf_counter() - start, "triton_kernels": kernels, "symbolic_sizes": symbols}
             row.update({k: sum(metrics.get(v, [])[before[k]:]) for k, v in PHASES.items()})
             rows.append(row)
     print(json.dumps(rows))
@@ -146,7 +166,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--cache-point", default="features", choices=["features", "deep"])
-    parser.add_argument("--shapes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    parser.add_argument("--shapes", default=None, help=f"comma-separated subset of {','.join(MODES)} (default: "
+                        "both; static alone with --backend cuda-stub)")
+    parser.add_argument("--backend", default="cpu-triton", choices=BACKENDS,
+                        help="cpu-triton: inductor's Triton backend for CPU tensors (any torch); cuda-stub: inductor's "
+                             "CUDA paths on fake CUDA tensors, no GPU (a CUDA build of torch; cuda_codegen_stub.py)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per process")
     parser.add_argument("--csv", default=str(RESULTS / "bench_codegen.csv"), help="'' to write none")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -154,27 +178,37 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args)
-    modes = [m for m in args.shapes.split(",") if m]
+    modes = [m for m in (args.shapes or ("static" if args.backend == "cuda-stub" else ",".join(MODES))).split(",") if m]
     if unknown := sorted(set(modes) - set(MODES)):
         parser.error(f"unknown shape modes {unknown}; known: {', '.join(MODES)}")
+    if args.backend == "cuda-stub":
+        import cuda_codegen_stub
+
+        if (why := cuda_codegen_stub.unavailable()) is not None:
+            parser.error(f"--backend cuda-stub: {why}")
+        if "symbolic" in modes:  # AOTAutograd makes sizes symbolic while it fakes real inputs; there are none
+            parser.error("--backend cuda-stub compiles fake inputs, which keep static sizes: use --shapes static")
     # Cold compiles: no FX-graph or AOTAutograd cache hit from an earlier run (nothing reaches the disk cache
     # anyway, since no module is loaded, but a cache hit would skip the work this measures).
-    env = {**os.environ, "TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"}
+    # With TRITON_INTERPRET set (the CPU tests set it for the blend kernel), inductor loaded kernels while it
+    # generated them (seen under torch 2.11): not what a GPU compile does, and impossible without a driver.
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+           "TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"}
     shape = f"{args.config} {args.batch}x4x{args.latent}x{args.latent} {args.dtype} {args.cache_point}"
     rows: list[dict] = []
     for mode in modes:
-        command = [sys.executable, __file__, "--child", "--mode", mode, "--config", args.config, "--latent",
-                   str(args.latent), "--batch", str(args.batch), "--dtype", args.dtype, "--cache-point",
-                   args.cache_point]
+        command = [sys.executable, __file__, "--child", "--mode", mode, "--backend", args.backend, "--config",
+                   args.config, "--latent", str(args.latent), "--batch", str(args.batch), "--dtype", args.dtype,
+                   "--cache-point", args.cache_point]
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
         lines = done.stdout.strip().splitlines()
         if done.returncode != 0 or not lines:
             tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
-            rows.append({"shapes": mode, "note": f"failed (exit {done.returncode}): {tail}"})
+            rows.append({"backend": args.backend, "shapes": mode, "note": f"failed (exit {done.returncode}): {tail}"})
             continue
         rows.extend({**row, "shape": shape} for row in json.loads(lines[-1]))
-    columns = ["shapes", "graph", "ops", "triton_kernels", "symbolic_sizes", "to_code_s", *PHASES, "note"]
-    print_table(rows, columns, f"bench_codegen ({shape}; inductor's Triton code generation on CPU, no kernel built)")
+    columns = ["backend", "shapes", "graph", "ops", "triton_kernels", "symbolic_sizes", "to_code_s", *PHASES, "note"]
+    print_table(rows, columns, f"bench_codegen ({shape}; {args.backend}: inductor's code generation, no kernel built)")
     if args.csv:
         append_csv(Path(args.csv), rows, environment(torch.device("cpu")))
         print(f"\nappended {len(rows)} rows to {args.csv}")

@@ -194,3 +194,25 @@ def test_bench_codegen_stops_both_graphs_at_their_code_in_either_shape_mode(tmp_
     assert int(rows["static", "reuse"]["triton_kernels"]) < int(rows["static", "keyframe"]["triton_kernels"])
     assert [int(rows[m, g]["symbolic_sizes"]) > 0 for m in ("static", "symbolic") for g in ("keyframe", "reuse")] \
         == [False, False, True, True], rows
+
+
+def test_bench_codegen_cuda_stub_runs_inductors_cuda_paths_or_says_why_not(tmp_path):
+    """`--backend cuda-stub` generates both graphs' CUDA code without a GPU on a CUDA build of torch (the GPU
+    machine's torch 2.11 wheel, run on CPU); a CPU build of torch gets a clear refusal, not a wrong number."""
+    bench = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_codegen.py"
+    out = tmp_path / "codegen.csv"
+    result = subprocess.run([sys.executable, str(bench), "--backend", "cuda-stub", "--config", "tiny", "--latent", "8",
+                             "--csv", str(out)], capture_output=True, text=True, timeout=600)
+    if torch.cuda.is_available():
+        assert result.returncode == 2 and "a GPU is present" in result.stderr, result.stderr[-2000:]
+        return
+    if torch.version.cuda is None:
+        assert result.returncode == 2 and "is a CPU build" in result.stderr, result.stderr[-2000:]
+        assert not out.exists()
+        return
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    with out.open() as f:
+        rows = {r["graph"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"keyframe", "reuse"} and {r["backend"] for r in rows.values()} == {"cuda-stub"}, rows
+    assert 0 < int(rows["reuse"]["triton_kernels"]) < int(rows["keyframe"]["triton_kernels"]), rows
+    assert all(int(r["symbolic_sizes"]) == 0 and float(r["codegen_s"]) > 0 for r in rows.values()), rows

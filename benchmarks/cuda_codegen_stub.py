@@ -1,0 +1,161 @@
+"""Inductor's CUDA code generation on a machine without a GPU, for `bench_codegen.py --backend cuda-stub`.
+
+The CPU-tensor Triton backend (bench_codegen's default) skips work that inductor's CUDA paths do: for SD 1.5's
+keyframe graph it generates 126 kernels where the CUDA paths generate 171. This module lets the CUDA paths run
+to the generated code with no GPU: the graphs are moved to the "cuda" device as fake tensors (shapes, strides
+and dtypes only), and the few questions inductor asks of the device are answered from an H200's properties.
+
+Invariants:
+- Needs a CUDA build of torch (torch.version.cuda set) and no GPU: where there is one, a real compile is the
+  measurement (bench_compile). Tried with torch 2.11.0+cu130 and triton 3.6.0, the GPU machine's versions;
+  the patches reach torch internals, so another release may need them changed, and fails loudly if so.
+- Nothing runs on a device. Where inductor would run something at compile time, that step is left out, and
+  so its time: pad_mm's benchmarks of padded matmuls (`shape_padding` off), the SDPA fusion patterns' setup
+  (our graphs hold SDPA ops already), and constant folding of values computed on the device (left unfolded).
+- The graphs are the ones captured on CPU, moved: device arguments become "cuda" and CPU flash attention
+  CUDA's. The reuse graph keeps the blend op built for CPU (an opaque custom op), where a CUDA graph calls the
+  Triton kernel through `triton_op`, which inductor also analyses.
+- Every patch is undone when the context exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from unittest import mock
+
+import torch
+from torch import fx
+
+# What inductor reads of the device: an H200's, as torch and Triton report them there.
+H200 = types.SimpleNamespace(
+    name="NVIDIA H200", major=9, minor=0, multi_processor_count=132, total_memory=143771 * 2**20, warp_size=32,
+    max_threads_per_multi_processor=2048, regs_per_multiprocessor=65536, shared_memory_per_block_optin=232448,
+    shared_memory_per_multiprocessor=233472, max_threads_per_block=1024, L2_cache_size=60 * 2**20,
+    gcnArchName="", uuid="stub", is_integrated=False, clock_rate=1980000, memory_clock_rate=3201000,
+    memory_bus_width=6144,
+)
+OPTIONS = {"shape_padding": False}  # pad_mm benchmarks matmuls on the device while it compiles
+
+
+def unavailable() -> str | None:
+    """Why the stub cannot run here, or None."""
+    if torch.version.cuda is None:
+        return (f"torch {torch.__version__} is a CPU build; the cuda-stub backend needs a CUDA build of torch (it runs "
+                "inductor's CUDA code paths without a GPU); use the default backend, or install a CUDA wheel")
+    if torch.cuda.is_available():
+        return "a GPU is present: time a real compile instead (benchmarks/bench_compile.py)"
+    return None
+
+
+class _Driver:
+    """The active Triton driver, as far as inductor's code generation asks it."""
+
+    class utils:  # noqa: N801 - Triton's attribute name
+        @staticmethod
+        def get_device_properties(device):
+            return {"max_shared_mem": H200.shared_memory_per_block_optin, "multiprocessor_count": 132,
+                    "max_num_regs": 65536, "warpSize": 32, "sm_clock_rate": H200.clock_rate,
+                    "mem_clock_rate": H200.memory_clock_rate, "mem_bus_width": H200.memory_bus_width}
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_device_interface(self):
+        return torch.cuda
+
+    def get_active_torch_device(self):
+        return torch.device("cuda", 0)
+
+
+@contextlib.contextmanager
+def cuda_codegen_stub():
+    """Answer inductor's device questions from `H200`; leave out what would run on the device."""
+    import torch._inductor.constant_folding as constant_folding
+    import torch._inductor.fx_passes.fuse_attention as fuse_attention
+    import torch._subclasses.fake_tensor as fake_tensor
+    import triton
+    from torch._dynamo.device_interface import CudaInterface
+
+    answers = {"is_available": lambda: True, "device_count": lambda: 1, "current_device": lambda: 0,
+               "get_device_properties": lambda *a, **k: H200, "get_device_capability": lambda *a, **k: (9, 0),
+               "get_device_name": lambda *a, **k: H200.name, "is_bf16_supported": lambda *a, **k: True,
+               "synchronize": lambda *a, **k: None, "set_device": lambda *a, **k: None,
+               "get_rng_state": lambda *a, **k: torch.zeros(16, dtype=torch.uint8),
+               "set_rng_state": lambda *a, **k: None, "_lazy_init": lambda: None,
+               "_exchange_device": lambda index: 0, "_maybe_exchange_device": lambda index: 0}
+    interface = {"current_device": lambda: 0, "device_count": lambda: 1, "synchronize": lambda *a: None,
+                 "get_device_properties": lambda *a, **k: H200, "exchange_device": lambda index: 0,
+                 "maybe_exchange_device": lambda index: 0, "is_bf16_supported": lambda *a, **k: True,
+                 "set_device": lambda *a: None, "get_raw_stream": lambda *a: 0, "is_available": lambda: True,
+                 "get_compute_capability": lambda *a: 90}
+    fold = constant_folding.ConstantFolder.run_node
+
+    def fold_on_host_only(self, node):  # a value computed on the device is left unfolded
+        try:
+            return fold(self, node)
+        except RuntimeError as exc:
+            if "NVIDIA driver" not in str(exc):
+                raise
+            return self.unknown_value
+
+    driver = triton.runtime.driver
+    active = driver._active  # None without a GPU (`reset_active` would raise)
+    with contextlib.ExitStack() as stack:
+        for name, answer in answers.items():
+            stack.enter_context(mock.patch.object(torch.cuda, name, answer))
+        for name, answer in interface.items():
+            stack.enter_context(mock.patch.object(CudaInterface, name, staticmethod(answer)))
+        stack.enter_context(mock.patch.object(CudaInterface.Worker, "get_device_properties",
+                                              staticmethod(lambda *a, **k: H200)))
+        stack.enter_context(mock.patch.object(fake_tensor, "init_gpu_context", lambda device: None))
+        stack.enter_context(mock.patch.object(fuse_attention, "_sfdp_init", lambda device=None: None))
+        stack.enter_context(mock.patch.object(constant_folding.ConstantFolder, "run_node", fold_on_host_only))
+        driver.set_active(_Driver())
+        try:
+            yield
+        finally:
+            driver._active = active
+
+
+def to_cuda(gm: fx.GraphModule, fake_mode) -> fx.GraphModule:
+    """`gm` (captured on CPU) as a graph on "cuda": device arguments, the attention op, fake parameters."""
+    from frdiff_compile.compiled_graph import copy_graph_module
+
+    aten, cuda = torch.ops.aten, torch.device("cuda")
+    gm = copy_graph_module(gm)
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.kwargs.get("device") is not None:
+            node.kwargs = {**node.kwargs, "device": cuda}
+        if node.target is aten._scaled_dot_product_flash_attention_for_cpu.default:
+            if node.kwargs.get("attn_mask") is not None:
+                raise NotImplementedError("an attention mask: the CUDA flash attention op takes none")
+            # Same leading arguments and output 0; CUDA's op adds outputs nobody reads here.
+            node.target = aten._scaled_dot_product_flash_attention.default
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "attn_mask"}
+    gm.recompile()
+    for owner in gm.modules():
+        for name, parameter in list(owner._parameters.items()):
+            if parameter is not None:
+                owner._parameters[name] = torch.nn.Parameter(fake_cuda(parameter, fake_mode),
+                                                             requires_grad=parameter.requires_grad)
+        for name, buffer in list(owner._buffers.items()):
+            if buffer is not None:
+                owner._buffers[name] = fake_cuda(buffer, fake_mode)
+    return gm
+
+
+def fake_cuda(t: torch.Tensor, fake_mode) -> torch.Tensor:
+    """A fake tensor on "cuda" with `t`'s size, stride and dtype."""
+    with fake_mode:
+        return torch.empty_strided(tuple(t.shape), t.stride(), dtype=t.dtype, device="cuda")
