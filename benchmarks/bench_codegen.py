@@ -55,7 +55,7 @@ class _Generated(Exception):
 
 @contextlib.contextmanager
 def codegen_only():
-    """Inductor's Triton backend for CPU tensors, stopping once the code is generated (no kernel built)."""
+    """Stop every compile once its code is generated (no kernel built); CPU tensors get inductor's Triton backend."""
     import triton
     from torch._inductor.graph import GraphLowering
     from triton.backends.compiler import GPUTarget

@@ -27,7 +27,8 @@ from unittest import mock
 import torch
 from torch import fx
 
-# What inductor reads of the device: an H200's, as torch and Triton report them there.
+# What inductor reads of the device, an H200's: multiprocessors, L2 and memory as seen on the GPU machine
+# (device README, the H200 run's log), the other fields Hopper's published limits and clocks.
 H200 = types.SimpleNamespace(
     name="NVIDIA H200", major=9, minor=0, multi_processor_count=132, total_memory=143771 * 2**20, warp_size=32,
     max_threads_per_multi_processor=2048, regs_per_multiprocessor=65536, shared_memory_per_block_optin=232448,
