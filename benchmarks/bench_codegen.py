@@ -10,7 +10,8 @@ timers put 85 s of it in single-threaded Python (AOTAutograd's trace, lowering, 
 against 2 s waiting for Triton's compiler. That work is what this script times, without a GPU, and the compile
 stops when the code is generated, so no kernel is built. Two backends:
 - "cpu-triton" (any torch): the graphs compiled for CPU tensors through inductor's Triton backend
-  (`cpu_backend="triton"`); a stub Triton driver names the target. It skips some of the CUDA paths' work: for
+  (`cpu_backend="triton"`); a stub Triton driver
+  (`cuda_codegen_stub.TritonDriver`) names the target. It skips some of the CUDA paths' work: for
   SD 1.5's keyframe graph it generates 126 kernels where the CUDA paths generate 171.
 - "cuda-stub" (a CUDA build of torch, no GPU; `cuda_codegen_stub.py`): inductor's CUDA paths on fake CUDA
   tensors, the device's properties an H200's; the closer proxy, static sizes only.
@@ -57,12 +58,8 @@ class _Generated(Exception):
 def codegen_only():
     """Stop every compile once its code is generated (no kernel built); CPU tensors get inductor's Triton backend."""
     import triton
+    from cuda_codegen_stub import TritonDriver
     from torch._inductor.graph import GraphLowering
-    from triton.backends.compiler import GPUTarget
-
-    class StubDriver:  # inductor asks the active driver for its target (cache keys); nothing else is called
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
 
     def generate(self, *args, **kwargs):
         code = self.codegen()
@@ -74,7 +71,7 @@ def codegen_only():
     load, driver = GraphLowering.compile_to_module, triton.runtime.driver
     active = driver._active  # None here: a machine without a GPU has no driver (`reset_active` would raise)
     GraphLowering.compile_to_module = generate
-    driver.set_active(StubDriver())
+    driver.set_active(TritonDriver())  # only the target is asked of it for CPU tensors (cache keys)
     try:
         with torch._inductor.config.patch(cpu_backend="triton"):
             yield

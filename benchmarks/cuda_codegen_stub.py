@@ -49,8 +49,9 @@ def unavailable() -> str | None:
     return None
 
 
-class _Driver:
-    """The active Triton driver, as far as inductor's code generation asks it."""
+class TritonDriver:
+    """The active Triton driver, as far as inductor's code generation asks it (bench_codegen installs it for
+    both backends, around `cuda_codegen_stub`)."""
 
     class utils:  # noqa: N801 - Triton's attribute name
         @staticmethod
@@ -79,11 +80,11 @@ class _Driver:
 
 @contextlib.contextmanager
 def cuda_codegen_stub():
-    """Answer inductor's device questions from `H200`; leave out what would run on the device."""
+    """Answer inductor's device questions from `H200`; leave out what would run on the device. The Triton
+    driver (`TritonDriver`) is bench_codegen's `codegen_only`'s to install, for both backends."""
     import torch._inductor.constant_folding as constant_folding
     import torch._inductor.fx_passes.fuse_attention as fuse_attention
     import torch._subclasses.fake_tensor as fake_tensor
-    import triton
     from torch._dynamo.device_interface import CudaInterface
 
     answers = {"is_available": lambda: True, "device_count": lambda: 1, "current_device": lambda: 0,
@@ -108,8 +109,6 @@ def cuda_codegen_stub():
                 raise
             return self.unknown_value
 
-    driver = triton.runtime.driver
-    active = driver._active  # None without a GPU (`reset_active` would raise)
     with contextlib.ExitStack() as stack:
         for name, answer in answers.items():
             stack.enter_context(mock.patch.object(torch.cuda, name, answer))
@@ -120,11 +119,7 @@ def cuda_codegen_stub():
         stack.enter_context(mock.patch.object(fake_tensor, "init_gpu_context", lambda device: None))
         stack.enter_context(mock.patch.object(fuse_attention, "_sfdp_init", lambda device=None: None))
         stack.enter_context(mock.patch.object(constant_folding.ConstantFolder, "run_node", fold_on_host_only))
-        driver.set_active(_Driver())
-        try:
-            yield
-        finally:
-            driver._active = active
+        yield
 
 
 def to_cuda(gm: fx.GraphModule, fake_mode) -> fx.GraphModule:

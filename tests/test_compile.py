@@ -19,6 +19,7 @@ from frdiff_compile.compiled_graph import CompiledGraph
 from frdiff_compile.graph_cache import RuntimeStats
 
 STEPS = 12
+BENCH_CODEGEN = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_codegen.py"
 
 
 def test_compiled_graphs_match_eager_and_compile_once():
@@ -179,10 +180,9 @@ def test_bench_codegen_stops_both_graphs_at_their_code_in_either_shape_mode(tmp_
     """benchmarks/bench_codegen.py times inductor's Python-side work (85 of the 97 s cold compile on the H200)
     without a GPU: both graphs through the Triton code generator, stopped before any kernel is built, through
     the library's static path and the symbolic one it replaced."""
-    bench = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_codegen.py"
     out = tmp_path / "codegen.csv"
-    result = subprocess.run([sys.executable, str(bench), "--config", "tiny", "--latent", "8", "--dtype", "float32",
-                             "--csv", str(out)], capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, str(BENCH_CODEGEN), "--config", "tiny", "--latent", "8", "--dtype",
+                             "float32", "--csv", str(out)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     with out.open() as f:
         rows = {(r["shapes"], r["graph"]): r for r in csv.DictReader(f)}
@@ -199,10 +199,9 @@ def test_bench_codegen_stops_both_graphs_at_their_code_in_either_shape_mode(tmp_
 def test_bench_codegen_cuda_stub_runs_inductors_cuda_paths_or_says_why_not(tmp_path):
     """`--backend cuda-stub` generates both graphs' CUDA code without a GPU on a CUDA build of torch (the GPU
     machine's torch 2.11 wheel, run on CPU); a CPU build of torch gets a clear refusal, not a wrong number."""
-    bench = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_codegen.py"
     out = tmp_path / "codegen.csv"
-    result = subprocess.run([sys.executable, str(bench), "--backend", "cuda-stub", "--config", "tiny", "--latent", "8",
-                             "--csv", str(out)], capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, str(BENCH_CODEGEN), "--backend", "cuda-stub", "--config", "tiny",
+                             "--latent", "8", "--csv", str(out)], capture_output=True, text=True, timeout=600)
     if torch.cuda.is_available():
         assert result.returncode == 2 and "a GPU is present" in result.stderr, result.stderr[-2000:]
         return
