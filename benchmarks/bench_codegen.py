@@ -4,6 +4,7 @@ Run (a process per shape mode, each compile cold):
     python benchmarks/bench_codegen.py                          # SD 1.5, 64x64 latents, CFG batch 2, fp16
     python benchmarks/bench_codegen.py --config small --latent 16 --shapes static
     python benchmarks/bench_codegen.py --backend cuda-stub      # a CUDA build of torch, no GPU
+    python benchmarks/bench_codegen.py --shapes static --keyframe-parts 3 --parts-in-turn   # keyframe_parts=3
 
 Why: on the H200 (2026-11-28) the cold compile of both SD 1.5 graphs took 97 s, and inductor's own phase
 timers put 85 s of it in single-threaded Python (AOTAutograd's trace, lowering, scheduling, code generation)
@@ -23,6 +24,9 @@ Invariants:
 - Under no_grad, as the runtime compiles (with grad on, AOTAutograd traces a joint forward and backward
   graph, which is not what the runtime builds).
 - Every compile is cold: each shape mode runs in a process of its own with inductor's on-disk caches off.
+- `--keyframe-parts K` also compiles the keyframe graph cut as `FRDiffConfig(keyframe_parts=K)` cuts it, a
+  process per part fed as the runtime's workers feed theirs (the trace's metadata for what earlier parts
+  return): the first generation's wait is then about the slowest part's time plus a worker's start.
 - A proxy, not a GPU measurement: compare shape modes, backends and commits on one machine; the GPU machine's
   host may run this Python at another speed. Appends rows to benchmarks/results/bench_codegen.csv.
 """
@@ -114,6 +118,7 @@ def child(args: argparse.Namespace) -> None:
     from frdiff_compile.graph_cache import RuntimeStats
     from frdiff_compile.passes import CallLayout, capture, plan_cache_points
     from frdiff_compile.passes.build import build_graphs
+    from frdiff_compile.passes.plan import count_nodes
 
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
@@ -130,6 +135,14 @@ def child(args: argparse.Namespace) -> None:
     weight = torch.ones(())
     graphs = {"keyframe": (pair.keyframe, (*tensors, *caches, keyframe_out), pair.report.keyframe["ops"]),
               "reuse": (pair.reuse, (*tensors, *caches, keyframe_out, weight), pair.report.reuse["ops"])}
+    if args.part:  # one part of the keyframe graph cut as the runtime cuts it, fed as a worker would feed it
+        k, parts = map(int, args.part.split("/"))
+        compiled = CompiledGraph(pair.keyframe, None, RuntimeStats(), parts=parts)
+        if len(compiled.parts) != parts:
+            raise SystemExit(f"the keyframe graph was cut in {len(compiled.parts)} parts, not {parts}")
+        gm, example = compiled.background_examples(graphs["keyframe"][1])[k - 1]
+        example = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype) for t in example]
+        graphs = {f"keyframe part {k}/{parts}": (gm, tuple(example), count_nodes(gm.graph)["ops"])}
     metrics = torch._dynamo.utils.compilation_time_metrics
     rows = []
     with contextlib.ExitStack() as stack:
@@ -156,6 +169,26 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps(rows))
 
 
+def _run(commands: list[list[str]], env: dict, timeout: int, labels: dict) -> list[dict]:
+    """Run child processes at once; their rows, or a row with a note for each that failed."""
+    running = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for c in commands]
+    rows = []
+    for process in running:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, err = process.communicate()
+        lines = out.strip().splitlines()
+        if process.returncode != 0 or not lines:
+            tail = (err.strip().splitlines() or ["no output"])[-1][:200]
+            rows.append({**labels, "note": f"failed (exit {process.returncode}): {tail}"})
+            continue
+        rows.extend(json.loads(lines[-1]))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="sd15", choices=["sd15", "sdxl", "small", "tiny"])
@@ -168,10 +201,17 @@ def main() -> None:
     parser.add_argument("--backend", default="cpu-triton", choices=BACKENDS,
                         help="cpu-triton: inductor's Triton backend for CPU tensors (any torch); cuda-stub: inductor's "
                              "CUDA paths on fake CUDA tensors, no GPU (a CUDA build of torch; cuda_codegen_stub.py)")
+    parser.add_argument("--keyframe-parts", type=int, default=1,
+                        help="also compile the keyframe graph cut in this many parts (FRDiffConfig.keyframe_parts), "
+                             "a process per part, all at once, as the runtime's workers would")
+    parser.add_argument("--parts-in-turn", action="store_true",
+                        help="compile the parts one process after another: each part's time as on a machine with "
+                             "a core per part, where parts running at once on too few cores slow each other")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per process")
     parser.add_argument("--csv", default=str(RESULTS / "bench_codegen.csv"), help="'' to write none")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="static", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--part", default="", help=argparse.SUPPRESS)  # "k/K": one keyframe part, static
     args = parser.parse_args()
     if args.child:
         return child(args)
@@ -193,17 +233,16 @@ def main() -> None:
            "TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"}
     shape = f"{args.config} {args.batch}x4x{args.latent}x{args.latent} {args.dtype} {args.cache_point}"
     rows: list[dict] = []
+    base = [sys.executable, __file__, "--child", "--backend", args.backend, "--config", args.config, "--latent",
+            str(args.latent), "--batch", str(args.batch), "--dtype", args.dtype, "--cache-point", args.cache_point]
     for mode in modes:
-        command = [sys.executable, __file__, "--child", "--mode", mode, "--backend", args.backend, "--config",
-                   args.config, "--latent", str(args.latent), "--batch", str(args.batch), "--dtype", args.dtype,
-                   "--cache-point", args.cache_point]
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
-        lines = done.stdout.strip().splitlines()
-        if done.returncode != 0 or not lines:
-            tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
-            rows.append({"backend": args.backend, "shapes": mode, "note": f"failed (exit {done.returncode}): {tail}"})
-            continue
-        rows.extend({**row, "shape": shape} for row in json.loads(lines[-1]))
+        rows.extend(_run([[*base, "--mode", mode]], env, args.timeout, {"backend": args.backend, "shapes": mode}))
+    if args.keyframe_parts > 1:  # all parts at once, a process each: the wait is the slowest part's
+        parts = [[*base, "--mode", "static", "--part", f"{k}/{args.keyframe_parts}"]
+                 for k in range(1, args.keyframe_parts + 1)]
+        for batch in ([[c] for c in parts] if args.parts_in_turn else [parts]):
+            rows.extend(_run(batch, env, args.timeout, {"backend": args.backend, "shapes": "static"}))
+    rows = [{**row, "shape": shape} for row in rows]
     columns = ["backend", "shapes", "graph", "ops", "triton_kernels", "symbolic_sizes", "to_code_s", *PHASES, "note"]
     print_table(rows, columns, f"bench_codegen ({shape}; {args.backend}: inductor's code generation, no kernel built)")
     if args.csv:

@@ -3,6 +3,7 @@
 Run (on a CUDA machine; `--dry-run` checks the wiring on CPU with a tiny config):
     python benchmarks/bench_compile.py                       # SD 1.5, 64x64 latents, CFG batch 2, fp16
     python benchmarks/bench_compile.py --variants default,background --phases cold   # the worker's gain
+    python benchmarks/bench_compile.py --variants default,parts3 --phases cold       # and the keyframe's parts
     python benchmarks/bench_compile.py --variants default,shared-names   # also with shared kernel names
 
 Invariants:
@@ -13,7 +14,9 @@ Invariants:
   fields, so the library runs as a user setting them would run it. "default" is inductor and the config as
   they come; "background" compiles the reuse graph in a worker process while the keyframe graph compiles
   (`FRDiffConfig(background_compile=True)`; the worker fills inductor's caches, and the reuse graph's
-  compile here is a cache hit); "shared-names" names every generated Triton kernel `triton_` instead of
+  compile here is a cache hit); "parts2" and "parts3" also cut the keyframe graph in that many parts, all
+  but the first compiled by workers (`FRDiffConfig(keyframe_parts=...)`: the keyframe graph's compile
+  here is its first part's, then cache hits); "shared-names" names every generated Triton kernel `triton_` instead of
   numbering them per graph (TORCHINDUCTOR_UNIQUE_KERNEL_NAMES=0), so that Triton's compile cache, which
   hashes a kernel's source with its name, can serve a reuse-graph kernel from the keyframe graph's binary.
   Counted on CPU for the SD 1.5 config, only 12 of the reuse graph's 113 kernels could be served so.
@@ -44,6 +47,8 @@ from models import build_unet, example_call
 VARIANTS = {
     "default": ({}, {}),
     "background": ({}, {"background_compile": True}),
+    "parts2": ({}, {"background_compile": True, "keyframe_parts": 2}),
+    "parts3": ({}, {"background_compile": True, "keyframe_parts": 3}),
     "shared-names": ({"TORCHINDUCTOR_UNIQUE_KERNEL_NAMES": "0"}, {}),
 }
 

@@ -38,10 +38,10 @@ LOG="$OUT/gpu_check.log"
 BUDGET_S=${BUDGET_S:-$(( DRY ? 900 : 560 ))}
 # STAGES: the stages to run. Left out by default: bench_sdxl (bench_peers on the SDXL config at 1024x1024,
 # 30 steps, for a lease with time to spare), bench_unet (the M sweep) and
-# bench_compile (cold compile of both graphs over empty caches, each in a fresh process, as inductor comes
-# and with the reuse graph compiled by a background worker: STAGES=bench_compile BUDGET_S=240; about
-# 2.5 minutes expected on an H100 from the 73 s cold compile seen there, an estimate; 160 s in the
-# CPU dry run) and bench_methods (FRDiff M=2 and M=3 and DeepCache at interval 3, all compiled without
+# bench_compile (cold compile of both graphs over empty caches, each in a fresh process, as inductor comes,
+# with the reuse graph compiled by a background worker, and with the keyframe graph in 3 parts, two of them
+# compiled by workers: STAGES=bench_compile BUDGET_S=300; about 4 minutes expected on an H200 from the
+# 97 s cold compile seen there, an estimate) and bench_methods (FRDiff M=2 and M=3 and DeepCache at interval 3, all compiled without
 # CUDA graphs, against eager: the two methods on equal footing; STAGES=bench_methods BUDGET_S=300) and
 # bench_calls (SD 1.5 with a UNet call per view, 4 views: call slots under compiled graphs and CUDA graphs;
 # one graph pair to compile; STAGES=bench_calls BUDGET_S=240) and bench_deep (cache_point="deep", DeepCache's
@@ -87,7 +87,7 @@ if (( DRY )); then
   PYTEST=(-q -n 2 --dist load)
   BLEND=(--quick)
   UNET=(--small --latent 8 --steps 4 --repeats 1)
-  COMPILE=(--dry-run --variants default,background --phases cold)
+  COMPILE=(--dry-run --variants default,parts3 --phases cold)
   CALLS=(--config tiny --latent 16 --steps 4)
   PROFILE=(--small --latent 8 --calls 2)
 else
@@ -109,7 +109,7 @@ else
   # then compiled once per worker that needs them, in parallel.
   PYTEST=(-v -p timeout --timeout 90 -n 4 --dist load)
   UNET=(--device cuda --latent 64 --repeats 10)
-  COMPILE=(--variants default,background --phases cold)
+  COMPILE=(--variants default,background,parts3 --phases cold)
   CALLS=(--config sd15 --latent 64 --views 4 --steps 30 --repeats 3 --calls per-view)
   PROFILE=(--latent 64 --calls 10)
 fi

@@ -131,8 +131,14 @@ def summary(out: Path) -> list[tuple[str, str, str, str]]:
     for r in newest(out / "bench_compile.csv"):
         seconds, cold = number(r.get("compile_s")), r.get("phase") == "cold"
         what = f"compile s, {r.get('variant')} {r.get('phase')} ({r.get('triton_binaries') or '?'} Triton binaries"
-        if r.get("variant") == "background":  # did the worker hand its graph over (else it was compiled here)?
-            what += ", worker " + ("ok" if r.get("background_compiles") == "1" else "FAILED")
+        # Did every worker hand its graph over (else it was compiled here)? "background" has one (the reuse
+        # graph); "partsK" K: the reuse graph and the keyframe graph's parts after the first.
+        variant = r.get("variant") or ""
+        workers = 1 if variant == "background" else int(variant[5:]) if variant[5:].isdigit() else 0
+        if workers and variant in ("background", f"parts{workers}"):
+            done = r.get("background_compiles")
+            what += (", worker" if workers == 1 else f", {workers} workers") + (
+                " ok" if done == str(workers) else f" FAILED ({done or 0} handed over)")
         what += ")"
         lines.append(line(what, seconds, f"<= {COMPILE_TARGET_S:g}" if cold else "",
                           None if seconds is None or not cold else seconds <= COMPILE_TARGET_S))

@@ -12,6 +12,9 @@ Invariants:
 - Compiled for the sizes and strides of its example inputs only (no symbolic sizes): a graph serves one
   input signature, which the runtime keys its graphs on, and inductor's code asserts it at every call.
 - Convolutions run in the traced layouts, never re-laid-out by inductor: no weight is copied per call.
+- A graph compiled in parts (`parts` > 1, `passes/split.py`) is compiled part by part at its first call,
+  each part for the values the earlier parts returned, and counts as one compilation of one graph; a part
+  inductor cannot compile directly sends the whole graph to `torch.compile`, as an unsplit graph would go.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from .background_compile import BackgroundCompile
 from .config import inductor_mode_options
+from .passes.split import SplitGraph, split_graph
 from .warn import warn
 
 if TYPE_CHECKING:
@@ -71,6 +75,42 @@ def compile_with_inductor(gm: fx.GraphModule, args: tuple[torch.Tensor, ...], op
         return compile_fx(copy_graph_module(gm), examples, config_patches=options, ignore_shape_env=True)
 
 
+def _wait_for(background: BackgroundCompile | None, stats: RuntimeStats, kind: str) -> None:
+    """Let a worker compiling a graph (or a part of one) finish first, so that the compile here is a cache hit."""
+    if background is None:
+        return
+    failure = background.wait(timeout=BACKGROUND_TIMEOUT_S)
+    if failure is None:
+        stats.background_compiles += 1
+    else:
+        stats.background_failures += 1
+        logger.warning("background compile of the %s graph failed, compiling it here: %s", kind, failure)
+
+
+class _PartFailed(Exception):
+    """Inductor could not compile a part of a split graph directly (the cause is chained)."""
+
+
+class _Part:
+    """One part of a split graph, compiled by inductor at its first call, for the inputs that call brings."""
+
+    def __init__(self, gm: fx.GraphModule, owner: CompiledGraph) -> None:
+        self.gm = gm
+        self.owner = owner
+        self.fn: Callable | None = None
+        self.background: BackgroundCompile | None = None
+
+    def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
+        if self.fn is None:
+            background, self.background = self.background, None
+            _wait_for(background, self.owner.stats, f"{self.owner.kind} part")
+            try:
+                self.fn = compile_with_inductor(self.gm, args, self.owner.options)
+            except Exception as exc:  # noqa: BLE001 - the whole graph goes to torch.compile instead
+                raise _PartFailed(f"{type(exc).__name__}: {exc}") from exc
+        return self.fn(*args)
+
+
 def _dynamo_graphs() -> int:
     # torch's own count of graphs dynamo compiled in this process; the delta around one call is what that
     # call compiled (calls are not concurrent).
@@ -91,7 +131,8 @@ class CompiledGraph:
     entry point changed, users get the old path, not an error.
     """
 
-    def __init__(self, gm: fx.GraphModule, mode: str | None, stats: RuntimeStats, kind: str = "keyframe") -> None:
+    def __init__(self, gm: fx.GraphModule, mode: str | None, stats: RuntimeStats, kind: str = "keyframe",
+                 parts: int = 1) -> None:
         self.gm = gm
         self.kind = kind  # "keyframe" or "reuse": which share of the compile time this graph's goes to
         # Never frozen, whatever `torch._inductor.config.freezing` says (users turn it on for CPU inference):
@@ -112,18 +153,32 @@ class CompiledGraph:
         self.fn: Callable[..., torch.Tensor] | None = None
         self.calls = 0
         self.background: BackgroundCompile | None = None  # a worker compiling this graph into the caches
+        # Compiled in parts (each its own inductor compile, so workers can take some): only on the direct path,
+        # since torch.compile's CUDA-graph trees want the whole graph.
+        self.split: SplitGraph | None = split_graph(gm, parts) if parts > 1 and not self.via_dynamo else None
+        self.parts = [_Part(part.gm, self) for part in self.split.parts] if self.split else []
 
     def _compile(self, args: tuple[torch.Tensor, ...]) -> Callable[..., torch.Tensor]:
         if torch._inductor.config.freezing:
             logger.info("torch._inductor.config.freezing is on: the %s graph is compiled without it, since frozen "
                         "graphs keep the parameter values of their compile", self.kind)
+        if self.split is not None and not self.via_dynamo:
+            # Each part compiles at its first call, for what the parts before it returned.
+            return lambda *call: self.split.run(self.parts, call)
         if not self.via_dynamo:
             try:
                 return self._compile_directly(args)
             except Exception as exc:  # noqa: BLE001 - torch.compile is the documented way to the same compiler
-                self.via_dynamo = True
-                warn(logger, f"inductor could not compile a graph directly ({type(exc).__name__}: {exc}); "
-                     "compiling it through torch.compile instead")
+                return self._fall_back(exc)
+        return self._through_dynamo()
+
+    def _fall_back(self, exc: Exception) -> Callable[..., torch.Tensor]:
+        self.via_dynamo = True
+        warn(logger, f"inductor could not compile a graph directly ({type(exc).__name__}: {exc}); "
+             "compiling it through torch.compile instead")
+        return self._through_dynamo()
+
+    def _through_dynamo(self) -> Callable[..., torch.Tensor]:
         # fullgraph: a graph break inside a graph of pure ATen ops would be a bug worth failing loudly on.
         # The mode's options with freezing off: torch.compile takes a mode or options, not both.
         return torch.compile(self.gm, fullgraph=True, dynamic=False, options=self.options)
@@ -131,25 +186,44 @@ class CompiledGraph:
     def _compile_directly(self, args: tuple[torch.Tensor, ...]) -> Callable[..., torch.Tensor]:
         return compile_with_inductor(self.gm, args, self.options)
 
-    def _wait_for_background(self) -> None:
-        """Let a worker compiling this graph finish first, so that the compile here is a cache hit."""
-        background, self.background = self.background, None
-        if background is None:
+    def background_examples(self, args: tuple[torch.Tensor, ...]) -> list[tuple[fx.GraphModule, list]]:
+        """(graph, example inputs) for each compile of this graph, for calls like `args`: the graph's, or
+        its parts' in order. A part's inputs from earlier parts are the values the trace recorded (shape,
+        strides, dtype and device: what inductor's cache keys read)."""
+        if self.split is None:
+            return [(self.gm, list(args))]
+        examples = []
+        for part in self.split.parts:
+            placeholders = part.gm.graph.find_nodes(op="placeholder")
+            examples.append((part.gm, [args[i] if isinstance(i, int) else node.meta["val"]
+                                       for i, node in zip(part.inputs, placeholders, strict=True)]))
+        return examples
+
+    def start_background(self, args: tuple[torch.Tensor, ...], skip_first: bool = False) -> None:
+        """Have worker processes fill inductor's caches with this graph's compiles (its parts', when split),
+        but the first where `skip_first` (this process compiles that one meanwhile)."""
+        if self.fn is not None or self.via_dynamo:
             return
-        failure = background.wait(timeout=BACKGROUND_TIMEOUT_S)
-        if failure is None:
-            self.stats.background_compiles += 1
-        else:
-            self.stats.background_failures += 1
-            logger.warning("background compile of the %s graph failed, compiling it here: %s", self.kind, failure)
+        targets = self.parts or [self]
+        for target, (gm, example) in list(zip(targets, self.background_examples(args), strict=True))[skip_first:]:
+            if target.background is None:
+                target.background = BackgroundCompile.start(gm, tuple(example), self.options)
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         before, start = _dynamo_graphs(), time.perf_counter()
         fresh = self.fn is None
         if fresh:
-            self._wait_for_background()
+            background, self.background = self.background, None
+            _wait_for(background, self.stats, self.kind)
             self.fn = self._compile(args)
-        out = self.fn(*args)
+        try:
+            out = self.fn(*args)
+        except _PartFailed as exc:  # only at the first call: a part compiles there
+            for part in self.parts:  # workers still compiling later parts are of no use now
+                if part.background is not None:
+                    part.background.cancel()
+            self.fn = self._fall_back(exc.__cause__)
+            out = self.fn(*args)
         compiled = _dynamo_graphs() - before if self.via_dynamo else int(fresh)
         if compiled:
             self.stats.compiles += compiled

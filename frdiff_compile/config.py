@@ -19,6 +19,7 @@ CONFIG_VERSION = 1
 # schedule keeps every compiled graph and CUDA graph (`FRDiffUNet.reconfigure`).
 GRAPH_FIELDS = ("cache_point", "compile", "compile_mode", "cuda_graphs")
 CACHE_POINTS = ("features", "deep")  # what a keyframe caches (passes/plan.py finds them in the graph)
+MAX_KEYFRAME_PARTS = 8  # `keyframe_parts`: more parts than this would only add cuts and worker processes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +63,12 @@ class FRDiffConfig:
             needs inductor's on-disk caches (on by default), a free CPU core, and as much device memory as
             the UNet's parameters (uninitialised) for the minute it runs. Off by default until measured on
             a GPU; a worker that fails costs a compile here, never a wrong result.
+        keyframe_parts: with background_compile, compile the keyframe graph as this many consecutive parts
+            (`passes/split.py`), all but the first in worker processes, so the first generation waits for
+            about the largest part's compile, not the whole graph's: inductor's work on a graph runs on one
+            core. 1 (default) compiles it whole. Each part is its own compiled graph, so no kernel fuses
+            across a cut; a cut crosses few values (about ten for SD 1.5's). Each worker needs
+            a free CPU core and the device memory of its part's parameters for the time it runs.
         max_cached_shapes: how many graph pairs, with their cache buffers, are kept: one per input
             signature (batch, resolution, text length, dtype, ...) and module setting (FreeU, LoRA
             adapters, attention processors); the least recently used is dropped past this.
@@ -85,6 +92,7 @@ class FRDiffConfig:
     compile_mode: str | None = None
     cuda_graphs: bool | None = None
     background_compile: bool = False
+    keyframe_parts: int = 1
     max_cached_shapes: int = 4
     max_calls_per_step: int = 32
     policy_fingerprint: str | None = None
@@ -122,6 +130,16 @@ class FRDiffConfig:
             raise ValueError(f"cuda_graphs must be None, True or False, got {self.cuda_graphs!r}")
         if not isinstance(self.background_compile, bool):
             raise ValueError(f"background_compile must be True or False, got {self.background_compile!r}")
+        if isinstance(self.keyframe_parts, bool) or not isinstance(self.keyframe_parts, int):
+            raise ValueError(f"keyframe_parts must be an int in [1, {MAX_KEYFRAME_PARTS}], got {self.keyframe_parts!r}")
+        if not 1 <= self.keyframe_parts <= MAX_KEYFRAME_PARTS:
+            raise ValueError(f"keyframe_parts must be in [1, {MAX_KEYFRAME_PARTS}], got {self.keyframe_parts}")
+        if self.keyframe_parts > 1 and not self.background_compile:
+            raise ValueError(
+                f"keyframe_parts={self.keyframe_parts} needs background_compile=True: the parts after the first are "
+                "compiled by worker processes; compiled one after the other here they would only lose the fusion "
+                "across the cuts. Set background_compile=True, or keyframe_parts=1"
+            )
         # Only a named mode imports inductor to look it up: building a default config stays cheap.
         options = inductor_mode_options(self.compile_mode) if self.compile_mode is not None else {}
         if self.cuda_graphs is not False and options.get("triton.cudagraphs"):

@@ -36,7 +36,6 @@ from collections.abc import Callable
 import torch
 from torch import fx
 
-from .background_compile import BackgroundCompile
 from .compiled_graph import CompiledGraph
 from .config import FRDiffConfig
 from .cudagraphs import Backend, CaptureError, SharedPool, StaticGraph
@@ -70,8 +69,8 @@ class RuntimeStats:
     relinks: int = 0  # parameter moves the built graphs served (new buffers, CUDA graphs captured again)
     resumed_generations: int = 0  # generations resumed after another's steps (interleaved: no reuse there)
     evicted_rebuilds: int = 0  # graph pairs built again after max_cached_shapes had dropped them
-    background_compiles: int = 0  # reuse graphs a worker process compiled into the caches in time
-    background_failures: int = 0  # workers that failed or timed out (the graph was compiled here)
+    background_compiles: int = 0  # graphs (or keyframe parts) a worker process compiled into the caches in time
+    background_failures: int = 0  # workers that failed or timed out (the graph or part was compiled here)
 
     def since(self, before: RuntimeStats) -> RuntimeStats:
         """What happened after `before` (a `copy.copy` of these stats): the counts of one run or one loop."""
@@ -121,11 +120,12 @@ class GraphEntry:
         stats: RuntimeStats,
         graph_backend: Backend | None = None,
         pool: SharedPool | None = None,
+        keyframe_parts: int = 1,
     ) -> GraphEntry:
         keyframe_fn: Callable[..., torch.Tensor] = keyframe
         reuse_fn: Callable[..., torch.Tensor] = reuse
         if compile:
-            keyframe_fn = CompiledGraph(keyframe, compile_mode, stats)
+            keyframe_fn = CompiledGraph(keyframe, compile_mode, stats, parts=keyframe_parts)
             reuse_fn = CompiledGraph(reuse, compile_mode, stats, kind="reuse")
         entry = cls(plan, report, keyframe_fn, reuse_fn, out_meta, device, stats, graph_backend, pool)
         entry.allocate()
@@ -169,14 +169,16 @@ class GraphEntry:
         """Device memory one call slot's buffers take (feature caches and keyframe output)."""
         return self.plan.cache_bytes + self.out_meta.numel() * self.out_meta.element_size()
 
-    def compile_reuse_in_background(self, tensors: list[torch.Tensor]) -> None:
-        """Have a worker process compile the reuse graph (for calls like `tensors`) while the keyframe graph
-        compiles here; see `background_compile`. Does nothing for graphs not compiled by inductor directly."""
-        reuse = self.reuse
-        if isinstance(reuse, CompiledGraph) and not reuse.via_dynamo and reuse.fn is None and reuse.background is None:
-            first = self.slots[0]
-            example = (*tensors, *first.caches, first.keyframe_out, first.weight)
-            reuse.background = BackgroundCompile.start(reuse.gm, example, reuse.options)
+    def compile_in_background(self, tensors: list[torch.Tensor]) -> None:
+        """Have worker processes compile the reuse graph and the keyframe graph's parts after the first (for
+        calls like `tensors`) while the keyframe graph's first part compiles here; see `background_compile`.
+        Does nothing for graphs not compiled by inductor directly."""
+        first = self.slots[0]
+        keyframe_args = (*tensors, *first.caches, first.keyframe_out)
+        if isinstance(self.reuse, CompiledGraph):
+            self.reuse.start_background((*keyframe_args, first.weight))
+        if isinstance(self.keyframe, CompiledGraph):  # its parts after the first, if it is split
+            self.keyframe.start_background(keyframe_args, skip_first=True)
 
     @property
     def allocated(self) -> bool:
@@ -300,7 +302,8 @@ def build_entry(
         pair = build_graphs(captured.graph_module, plan)
         out = captured.graph_module.graph.find_nodes(op="output")[0].args[0].meta["val"]
         entry: GraphEntry | str = GraphEntry.create(pair.keyframe, pair.reuse, plan, pair.report, out, device,
-                                                    compile_graphs, config.compile_mode, stats, backend, pool)
+                                                    compile_graphs, config.compile_mode, stats, backend, pool,
+                                                    config.keyframe_parts)
         stats.captures += 1
     except UnsupportedCall as exc:  # refused by a check, not a failure: the reason says it all
         entry = f"the UNet could not be captured for {layout.describe()}: {exc}"
@@ -317,5 +320,5 @@ def build_entry(
         if (shortfall := entry.plan.shortfall()) is not None:
             warn(logger, shortfall)
         if config.background_compile:  # before the keyframe graph compiles, at its first run
-            entry.compile_reuse_in_background(tensors)
+            entry.compile_in_background(tensors)
     return entry

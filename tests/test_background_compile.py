@@ -74,6 +74,30 @@ def test_the_worker_compiles_the_reuse_graph_into_the_caches(empty_caches, threa
     assert not list((empty_caches / "tmp").glob("frdiff_compile_job_*"))
 
 
+def test_keyframe_parts_after_the_first_are_compiled_by_workers(empty_caches, caplog):
+    # Two cross-attention blocks, so the keyframe graph has room for a cut; three workers' results found.
+    unet = make_unet("sd15", layers_per_block=1, block_out_channels=(32, 32),
+                     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    cond = unet_inputs("sd15")
+    expected = sample(optimized_fn(frdiff_compile.optimize(unet, FRDiffConfig(compile=False)), cond),
+                      scheduler("sd15"), STEPS)
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(compile=True, background_compile=True, keyframe_parts=3))
+    with caplog.at_level(logging.INFO, logger="frdiff_compile"):
+        got = sample(optimized_fn(fr, cond), scheduler("sd15"), STEPS)
+    keyframe = fr.graph_entries()[0].keyframe
+    assert len(keyframe.parts) == 3 and all(part.fn is not None for part in keyframe.parts)
+    # Part 1 compiled here from scratch; parts 2 and 3 (fed by the parts before them, whose outputs the
+    # workers knew only from the trace's metadata) and the reuse graph found in the caches.
+    assert fr.stats.background_compiles == 3 and fr.stats.background_failures == 0, fr.stats
+    events = cache_events()
+    assert events.get("fxgraph_cache_miss") == 1 and events.get("fxgraph_cache_hit") == 3, events
+    # The keyframe graph counts as one compile, whatever its parts.
+    assert fr.stats.compiles == 2 and fr.stats.recompiles == 0, fr.stats
+    assert max_rel_error(got, expected) < 1e-4
+    assert not list((empty_caches / "tmp").glob("frdiff_compile_job_*"))
+
+
 def test_a_failing_worker_costs_a_compile_here_and_one_log_line(empty_caches, monkeypatch, caplog):
     monkeypatch.setattr(sys, "executable", "/bin/false")  # the worker exits 1 at once
     gm = torch.fx.symbolic_trace(_Toy())
@@ -120,3 +144,10 @@ def test_config_field_is_validated():
     with pytest.raises(ValueError, match="background_compile must be True or False"):
         FRDiffConfig(background_compile="yes")
     assert FRDiffConfig.from_json(FRDiffConfig(background_compile=True).to_json()).background_compile
+    with pytest.raises(ValueError, match="keyframe_parts=2 needs background_compile=True"):
+        FRDiffConfig(keyframe_parts=2)
+    for bad in (0, 9, 2.0, True):
+        with pytest.raises(ValueError, match="keyframe_parts must be"):
+            FRDiffConfig(keyframe_parts=bad, background_compile=True)
+    config = FRDiffConfig(background_compile=True, keyframe_parts=3)
+    assert FRDiffConfig.from_json(config.to_json()) == config

@@ -12,6 +12,7 @@ from conftest import generated_code, make_unet, max_rel_error, unet_inputs
 from test_runtime import optimized_fn, sample, scheduler
 from torch import fx
 from torch._dynamo.utils import counters
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import frdiff_compile
 from frdiff_compile import FRDiffConfig
@@ -121,6 +122,28 @@ def test_a_failing_direct_compile_falls_back_to_torch_compile_with_one_warning(m
     ours = [w for w in caught if str(w.message).startswith("frdiff_compile")]  # not torch's own deprecations
     assert len(ours) == 1 and "unexpected keyword argument" in str(ours[0].message), [str(w.message) for w in ours]
     assert counters["stats"]["unique_graphs"] == 1 and (stats.compiles, stats.recompiles) == (1, 0), stats
+
+
+def test_a_part_inductor_cannot_compile_sends_the_whole_graph_to_torch_compile(monkeypatch):
+    from frdiff_compile import compiled_graph
+
+    def broken(*args, **kwargs):
+        raise TypeError("compile_fx() got an unexpected keyword argument 'ignore_shape_env'")
+
+    x = torch.randn(4, 8)
+    gm = make_fx(_Toy())(x)  # an ATen graph with the trace's values, which the split reads
+    stats = RuntimeStats()
+    compiled = CompiledGraph(gm, None, stats, parts=2)
+    assert len(compiled.parts) == 2
+    monkeypatch.setattr(compiled_graph, "compile_with_inductor", broken)
+    counters.clear()
+    with pytest.warns(UserWarning, match="through torch.compile instead") as caught, torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(compiled(x), gm(x))
+    ours = [w for w in caught if str(w.message).startswith("frdiff_compile")]
+    assert len(ours) == 1 and "unexpected keyword argument" in str(ours[0].message), [str(w.message) for w in ours]
+    assert compiled.via_dynamo and counters["stats"]["unique_graphs"] == 1, counters["stats"]
+    assert (stats.compiles, stats.recompiles) == (1, 0), stats
 
 
 def test_an_outer_torch_compile_leaves_the_runtime_alone():

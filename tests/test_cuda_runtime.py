@@ -136,6 +136,25 @@ def test_fifty_steps_without_recompiles_and_outputs_never_overwritten(warm):
     assert len({out.data_ptr() for out, _ in kept}) == len(kept)
 
 
+def test_keyframe_graph_in_parts_compiled_by_workers_under_cuda_graphs(tmp_path, monkeypatch):
+    # Empty cache folders (the workers inherit them): a hit can only be a worker's. The parts run inside
+    # one CUDA-graph capture of the keyframe step.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    unet, cond = device_unet(torch.float16), device_inputs(torch.float16)
+    expected = trajectory(eager_graphs(unet), cond)
+    fr = compiled(unet, background_compile=True, keyframe_parts=3)
+    got = trajectory(fr, cond)
+    err = max_rel_error(got, expected)
+    assert err < TOLERANCE[torch.float16], f"relative error {err:.2e}"
+    assert len(fr.graph_entries()[0].keyframe.parts) == 3
+    stats = fr.stats
+    assert (stats.background_compiles, stats.background_failures) == (3, 0), stats
+    assert (stats.compiles, stats.recompiles) == (2, 0), stats
+    assert (stats.cudagraph_captures, stats.cudagraph_fallbacks) == (2, 0), stats
+    assert (stats.full_replays, stats.reuse_replays) == (stats.full_calls, stats.reuse_calls), stats
+
+
 class _NoSync:
     """Calls the runtime with CUDA's sync debug mode at "error": any host sync inside a step raises."""
 

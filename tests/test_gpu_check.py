@@ -57,6 +57,10 @@ def test_summary_judges_the_newest_run_against_the_targets(tmp_path):
          "background_compiles": "1"},
         {"date": new, "variant": "background", "phase": "warm", "compile_s": "9", "triton_binaries": "259",
          "background_compiles": "0"},
+        {"date": new, "variant": "parts3", "phase": "cold", "compile_s": "41", "triton_binaries": "300",
+         "background_compiles": "3"},
+        {"date": new, "variant": "parts2", "phase": "cold", "compile_s": "70", "triton_binaries": "290",
+         "background_compiles": "1"},
     ])
     write_csv(tmp_path / "bench_methods.csv", [
         {"date": new, "provider": "eager", "loop_ms": "1000"},
@@ -70,7 +74,9 @@ def test_summary_judges_the_newest_run_against_the_targets(tmp_path):
     assert verdicts["compile s, default warm (140 Triton binaries)"][1:] == ("9.1", "", "-")
     assert verdicts["compile s, shared-names cold (101 Triton binaries)"][3] == "met"
     assert verdicts["compile s, background cold (259 Triton binaries, worker ok)"][1:] == ("50", "<= 60", "met")
-    assert "compile s, background warm (259 Triton binaries, worker FAILED)" in verdicts
+    assert "compile s, background warm (259 Triton binaries, worker FAILED (0 handed over))" in verdicts
+    assert verdicts["compile s, parts3 cold (300 Triton binaries, 3 workers ok)"][1:] == ("41", "<= 60", "met")
+    assert verdicts["compile s, parts2 cold (290 Triton binaries, 2 workers FAILED (1 handed over))"][3] == "MISSED"
     assert verdicts["stage gpu_tests"][3] == "met" and verdicts["stage bench_blend"][3] == "MISSED"
     assert verdicts["gpu tests"][3] == "met"
     for cut in ("7 passed, 1 failed in 100.0s", "cut short: 8 PASSED, 0 FAILED so far"):

@@ -6,9 +6,11 @@ from pathlib import Path
 import torch
 from conftest import make_unet, unet_inputs
 from diffusers import UNet2DConditionModel
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from frdiff_compile.passes import CallLayout, build_graphs, capture, plan_cache_points
-from frdiff_compile.passes.plan import RESNET_CONV1, TRANSFORMER_DELTA, CachePoint, Plan
+from frdiff_compile.passes.plan import RESNET_CONV1, TRANSFORMER_DELTA, CachePoint, Plan, alias_args
+from frdiff_compile.passes.split import split_graph
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from bench_flops import counted, frdiff_skipped  # noqa: E402
@@ -65,6 +67,55 @@ def test_keyframe_equals_unet_and_reuse_reproduces_it(kind):
         others = {t for t in targets
                   if not isinstance(t, torch._ops.OpOverload) and type(t).__name__ != "builtin_function_or_method"}
         assert not others, f"{kind}: graph calls {others}"
+
+
+@torch.no_grad()
+def test_keyframe_graph_in_parts_computes_what_it_computes_whole(kind):
+    unet = make_unet(kind)
+    kwargs = dict(sample=torch.randn(2, 4, 8, 8), timestep=torch.tensor(500), **unet_inputs(kind))
+    _, plan, pair, tensors = _build(unet, kwargs)
+    caches, keyframe_out = _buffers(plan, unet(**kwargs).sample)
+    expected = pair.keyframe(*tensors, *caches, keyframe_out)
+    total = sum(n.op == "call_function" for n in pair.keyframe.graph.nodes)
+    for parts in (2, 3, 4):
+        split = split_graph(pair.keyframe, parts)
+        assert len(split) == parts, f"{kind}: {parts} parts asked, {len(split)} made"
+        sizes = [sum(n.op == "call_function" for n in part.gm.graph.nodes) for part in split.parts]
+        assert max(sizes) < 1.6 * total / parts, f"{kind}: unbalanced parts {sizes}"
+        got_caches, got_out = _buffers(plan, expected)
+        got = split.run([part.gm for part in split.parts], (*tensors, *got_caches, got_out))
+        assert torch.equal(got, expected) and torch.equal(got_out, keyframe_out), f"{kind}, {parts} parts"
+        assert all(torch.equal(a, b) for a, b in zip(got_caches, caches)), f"{kind}, {parts} parts: a cache differs"
+        params = {id(p) for p in unet.parameters()}
+        assert all(id(p) in params for part in split.parts for p in part.gm.parameters()), "a weight was copied"
+
+
+def test_a_cut_never_separates_a_tensor_from_a_write_into_it():
+    # The buffer is made first and written in the middle; a balanced cut would fall between them, and the
+    # part that writes would get it as an input that its compile could take for unaliased.
+    def fn(x):
+        buffer = torch.zeros(4, 8)
+        y = x
+        for _ in range(12):
+            y = torch.sin(y) * 1.5
+        buffer.add_(y)
+        out = buffer.view(-1)
+        for _ in range(12):
+            out = torch.cos(out) * 0.5
+        return out
+
+    x = torch.randn(4, 8)
+    gm = make_fx(fn)(x)
+    for parts in (2, 3):
+        split = split_graph(gm, parts)
+        assert torch.equal(split.run([p.gm for p in split.parts], (x,)), gm(x))
+        for part in split.parts:
+            inputs = set(part.gm.graph.find_nodes(op="placeholder"))
+            for node in part.gm.graph.nodes:
+                if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+                    assert not set(alias_args(node)[0]) & inputs, f"{node} writes into an input of its part"
+        # A cut still happens where one may: after the write.
+        assert len(split) > 1
 
 
 def test_plan_counts_and_report(kind):
