@@ -18,6 +18,9 @@ Invariants:
   switches, SDPA's backends), and its thread count, for which CPU kernels are generated.
 - Nothing is left behind: the job folder is removed and a running worker killed once the compile here no
   longer needs it (`wait`, `cancel`, or the object collected).
+- A worker may be spawned before its graph exists (`spawn`, while this process exports the UNet): it
+  imports torch and inductor, a few seconds of its start, then waits on its stdin for the job (`give`);
+  one never given a job is stopped like any other.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 JOB_VERSION = 3  # 3: numerics settings hold the cuBLAS flags by name
 # The worker's command line (`python -c`, so the module is imported once, by its own name).
-_WORKER = "import sys; from frdiff_compile.background_compile import worker_main; worker_main(sys.argv[1])"
+_WORKER = "import sys; from frdiff_compile.background_compile import worker_main; worker_main(*sys.argv[1:])"
 
 
 def _describe(t: torch.Tensor) -> tuple:
@@ -87,8 +90,67 @@ class BackgroundCompile:
         self._finalizer = weakref.finalize(self, _stop, process, str(folder))
 
     @classmethod
-    def start(cls, gm: fx.GraphModule, args: tuple[torch.Tensor, ...], options: dict) -> BackgroundCompile | None:
-        """Start compiling `gm` for calls like `args` with inductor `options`; None (logged) if it cannot."""
+    def _launch(cls, job: bytes | None, device: torch.device | None = None) -> BackgroundCompile | None:
+        """A worker over a new job folder (its log there), given `job` on its command line, or, for None,
+        waiting on its stdin for one after readying `device`; None (logged) if it could not start."""
+        folder = Path(tempfile.mkdtemp(prefix="frdiff_compile_job_"))
+        argv = ["--ahead", str(device)]
+        if job is not None:
+            (folder / "job.pkl").write_bytes(job)
+            argv = ["--job", str(folder / "job.pkl")]
+        log = open(folder / "worker.log", "wb")  # noqa: SIM115 - the worker writes it; closed right after the start
+        # This process's import path, so the worker finds this package (and torch) wherever they came from.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        try:
+            process = subprocess.Popen([sys.executable, "-c", _WORKER, *argv], env=env, stdout=log,
+                                       stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL if job is not None else subprocess.PIPE)
+        except OSError as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            logger.info("background compile not started: %s", exc)
+            return None
+        finally:
+            log.close()
+        return cls(process, folder, time.perf_counter())
+
+    @classmethod
+    def spawn(cls, args: tuple[torch.Tensor, ...]) -> BackgroundCompile | None:
+        """A worker started ahead of its job, for graphs called like `args` (`give` hands it the job)."""
+        reason = _why_not(args)
+        if reason is not None:
+            logger.info("background compile not started: %s", reason)
+            return None
+        worker = cls._launch(None, args[0].device)
+        if worker is not None:
+            logger.info("background worker started ahead of its job (pid %d)", worker.process.pid)
+        return worker
+
+    def give(self, gm: fx.GraphModule, args: tuple[torch.Tensor, ...], options: dict) -> bool:
+        """Hand a worker from `spawn` its job: compile `gm` for calls like `args` with inductor `options`.
+        False (logged, and the worker stopped) if the job could not be serialized or the worker is gone."""
+        try:
+            (self.folder / "job.pkl").write_bytes(_job(gm, args, options))
+            self.process.stdin.write(f"{self.folder / 'job.pkl'}\n".encode())
+            self.process.stdin.close()
+        except Exception as exc:  # noqa: BLE001 - anything here means: compile in this process, as without a worker
+            logger.info("background compile not started: the job could not be handed over (%s: %s)",
+                        type(exc).__name__, exc)
+            self.cancel()
+            return False
+        self.started = time.perf_counter()
+        logger.info("background compile handed to worker %d, started ahead, for a graph of %d nodes",
+                    self.process.pid, len(gm.graph.nodes))
+        return True
+
+    @classmethod
+    def start(cls, gm: fx.GraphModule, args: tuple[torch.Tensor, ...], options: dict,
+              spare: list[BackgroundCompile] | None = None) -> BackgroundCompile | None:
+        """Start compiling `gm` for calls like `args` with inductor `options`; None (logged) if it cannot.
+        A worker from `spare` (spawned ahead; taken off the list) gets the job where there is one."""
+        while spare:
+            worker = spare.pop()
+            if worker.give(gm, args, options):
+                return worker
         reason = _why_not(args)
         if reason is not None:
             logger.info("background compile not started: %s", reason)
@@ -99,22 +161,11 @@ class BackgroundCompile:
             logger.info("background compile not started: the graph or settings could not be serialized (%s: %s)",
                         type(exc).__name__, exc)
             return None
-        folder = Path(tempfile.mkdtemp(prefix="frdiff_compile_job_"))
-        (folder / "job.pkl").write_bytes(job)
-        log = open(folder / "worker.log", "wb")  # noqa: SIM115 - the worker writes it; closed right after the start
-        # This process's import path, so the worker finds this package (and torch) wherever they came from.
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        try:
-            process = subprocess.Popen([sys.executable, "-c", _WORKER, str(folder / "job.pkl")], env=env,
-                                       stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        except OSError as exc:
-            shutil.rmtree(folder, ignore_errors=True)
-            logger.info("background compile not started: %s", exc)
-            return None
-        finally:
-            log.close()
-        logger.info("background compile started (pid %d) for a graph of %d nodes", process.pid, len(gm.graph.nodes))
-        return cls(process, folder, time.perf_counter())
+        worker = cls._launch(job)
+        if worker is not None:
+            logger.info("background compile started (pid %d) for a graph of %d nodes", worker.process.pid,
+                        len(gm.graph.nodes))
+        return worker
 
     def wait(self, timeout: float) -> str | None:
         """Wait for the worker; None if it filled the caches, else why not (its log's last lines)."""
@@ -136,6 +187,8 @@ class BackgroundCompile:
 
 
 def _stop(process: subprocess.Popen, folder: str) -> None:
+    if process.stdin is not None and not process.stdin.closed:
+        process.stdin.close()  # a worker spawned ahead and never given a job
     if process.poll() is None:
         process.kill()
         process.wait()
@@ -192,8 +245,20 @@ def _run_job(path: str) -> None:
         compile_with_inductor(gm, args, job["options"])
 
 
-def worker_main(path: str) -> None:
-    """The worker process's entry point (`_WORKER`)."""
+def worker_main(how: str, what: str) -> None:
+    """The worker process's entry point (`_WORKER`): "--job PATH" runs the job at PATH; "--ahead DEVICE" (a
+    worker spawned ahead) first does what takes a worker's start its seconds, importing inductor and
+    making DEVICE's context, while the parent exports, then runs the job whose path arrives on stdin."""
     logging.basicConfig(level=logging.WARNING)
+    path = what
+    if how == "--ahead":
+        import torch._inductor.compile_fx  # noqa: F401
+
+        from . import kernels  # noqa: F401
+
+        torch.empty(1, device=what)  # a CUDA context takes a second or more to make
+        path = sys.stdin.readline().strip()
+        if not path:  # stdin closed without a job: the parent had none for this worker
+            os._exit(0)
     _run_job(path)
     os._exit(0)  # skip interpreter teardown of inductor's compile pools: the caches are written already

@@ -199,15 +199,17 @@ class CompiledGraph:
                                        for i, node in zip(part.inputs, placeholders, strict=True)]))
         return examples
 
-    def start_background(self, args: tuple[torch.Tensor, ...], skip_first: bool = False) -> None:
+    def start_background(self, args: tuple[torch.Tensor, ...], skip_first: bool = False,
+                         spare: list[BackgroundCompile] | None = None) -> None:
         """Have worker processes fill inductor's caches with this graph's compiles (its parts', when split),
-        but the first where `skip_first` (this process compiles that one meanwhile)."""
+        but the first where `skip_first` (this process compiles that one meanwhile); workers spawned ahead
+        are taken from `spare` first."""
         if self.fn is not None or self.via_dynamo:
             return
         targets = self.parts or [self]
         for target, (gm, example) in list(zip(targets, self.background_examples(args), strict=True))[skip_first:]:
             if target.background is None:
-                target.background = BackgroundCompile.start(gm, tuple(example), self.options)
+                target.background = BackgroundCompile.start(gm, tuple(example), self.options, spare)
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         before, start = _dynamo_graphs(), time.perf_counter()

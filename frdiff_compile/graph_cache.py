@@ -36,6 +36,7 @@ from collections.abc import Callable
 import torch
 from torch import fx
 
+from .background_compile import BackgroundCompile
 from .compiled_graph import CompiledGraph
 from .config import FRDiffConfig
 from .cudagraphs import Backend, CaptureError, SharedPool, StaticGraph
@@ -169,16 +170,16 @@ class GraphEntry:
         """Device memory one call slot's buffers take (feature caches and keyframe output)."""
         return self.plan.cache_bytes + self.out_meta.numel() * self.out_meta.element_size()
 
-    def compile_in_background(self, tensors: list[torch.Tensor]) -> None:
-        """Have worker processes compile the reuse graph and the keyframe graph's parts after the first (for
-        calls like `tensors`) while the keyframe graph's first part compiles here; see `background_compile`.
-        Does nothing for graphs not compiled by inductor directly."""
+    def compile_in_background(self, tensors: list[torch.Tensor], spare: list[BackgroundCompile]) -> None:
+        """Have worker processes (from `spare` first) compile the reuse graph and the keyframe graph's parts
+        after the first (for calls like `tensors`) while the keyframe graph's first part compiles here; see
+        `background_compile`. Does nothing for graphs not compiled by inductor directly."""
         first = self.slots[0]
         keyframe_args = (*tensors, *first.caches, first.keyframe_out)
         if isinstance(self.reuse, CompiledGraph):
-            self.reuse.start_background((*keyframe_args, first.weight))
+            self.reuse.start_background((*keyframe_args, first.weight), spare=spare)
         if isinstance(self.keyframe, CompiledGraph):  # its parts after the first, if it is split
-            self.keyframe.start_background(keyframe_args, skip_first=True)
+            self.keyframe.start_background(keyframe_args, skip_first=True, spare=spare)
 
     @property
     def allocated(self) -> bool:
@@ -296,6 +297,11 @@ def build_entry(
     compile_graphs, cuda_graphs = config.resolve(device.type)
     backend = backend_override or ("cuda" if cuda_graphs else None)
     start = time.perf_counter()
+    # Workers for the reuse graph and the keyframe graph's later parts, started now so that their imports
+    # overlap the export below; handed their graphs once they exist, stopped if they are not needed.
+    spare: list[BackgroundCompile] = []
+    if config.background_compile and compile_graphs:
+        spare = [w for w in (BackgroundCompile.spawn(tuple(tensors)) for _ in range(config.keyframe_parts)) if w]
     try:
         captured = capture(unet, layout, tensors)
         plan = plan_cache_points(captured.graph_module, unet, captured.module_prefix, config.cache_point)
@@ -320,5 +326,7 @@ def build_entry(
         if (shortfall := entry.plan.shortfall()) is not None:
             warn(logger, shortfall)
         if config.background_compile:  # before the keyframe graph compiles, at its first run
-            entry.compile_in_background(tensors)
+            entry.compile_in_background(tensors, spare)
+    for worker in spare:  # not needed: the capture failed, or a graph goes to torch.compile
+        worker.cancel()
     return entry

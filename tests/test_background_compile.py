@@ -95,7 +95,18 @@ def test_keyframe_parts_after_the_first_are_compiled_by_workers(empty_caches, ca
     # The keyframe graph counts as one compile, whatever its parts.
     assert fr.stats.compiles == 2 and fr.stats.recompiles == 0, fr.stats
     assert max_rel_error(got, expected) < 1e-4
+    # The three workers were started before the export and given their graphs after it.
+    assert caplog.text.count("started ahead of its job") == 3, caplog.text
+    assert caplog.text.count("handed to worker") == 3, caplog.text
     assert not list((empty_caches / "tmp").glob("frdiff_compile_job_*"))
+
+
+def test_a_worker_started_ahead_and_never_given_a_job_is_stopped(empty_caches):
+    worker = BackgroundCompile.spawn((torch.randn(2, 4),))
+    assert worker is not None and worker.process.poll() is None and worker.folder.is_dir()
+    process, folder = worker.process, worker.folder
+    worker.cancel()
+    assert process.poll() is not None and not folder.exists()
 
 
 def test_a_failing_worker_costs_a_compile_here_and_one_log_line(empty_caches, monkeypatch, caplog):
