@@ -36,21 +36,21 @@ LOG="$OUT/gpu_check.log"
 : > "$LOG"
 : > "$OUT/stages.txt"
 BUDGET_S=${BUDGET_S:-$(( DRY ? 900 : 560 ))}
-# STAGES: the stages to run. Left out by default: bench_sdxl (bench_peers on the SDXL config at 1024x1024,
-# 30 steps, for a lease with time to spare), bench_unet (the M sweep) and
-# bench_compile (cold compile of both graphs over empty caches, each in a fresh process, as inductor comes,
-# with the reuse graph compiled by a background worker, and with the keyframe graph in 3 parts, two of them
-# compiled by workers: STAGES=bench_compile BUDGET_S=300; about 4 minutes expected on an H200 from the
-# 97 s cold compile seen there, an estimate) and bench_methods (FRDiff M=2 and M=3 and DeepCache at interval 3, all compiled without
-# CUDA graphs, against eager: the two methods on equal footing; STAGES=bench_methods BUDGET_S=300) and
-# bench_calls (SD 1.5 with a UNet call per view, 4 views: call slots under compiled graphs and CUDA graphs;
-# one graph pair to compile; STAGES=bench_calls BUDGET_S=240) and bench_deep (cache_point="deep", DeepCache's
-# method on frdiff's graphs, at intervals 3 and 2 with CUDA graphs, against eager and compiled stock;
-# STAGES=bench_deep BUDGET_S=300) and profile_graphs (each kernel's launches and device time in one keyframe
-# and one reuse call, compiled without CUDA graphs: where the reuse call's time goes; it runs after
-# bench_peers, so STAGES="gpu_tests bench_peers profile_graphs" measures the cold compile in bench_peers and
-# profiles over inductor's warm caches) and profile_deep (the same for cache_point="deep", whose keyframe
-# graph is another compile, cold).
+# STAGES: the stages to run. Left out by default: bench_sdxl (bench_peers on the SDXL config at 1024x1024, 30
+# steps, for a lease with time to spare), bench_unet (the M sweep) and bench_compile (cold compile of both
+# graphs over empty caches, each in a fresh process, as inductor comes, with the reuse graph compiled by a
+# background worker, and with the keyframe graph in 3 parts, two of them compiled by workers:
+# STAGES=bench_compile BUDGET_S=300; about 4 minutes expected on an H200 from the 97 s cold compile seen
+# there, an estimate; COMPILE_VARIANTS=default,parts3 for fewer) and bench_methods (FRDiff M=2 and M=3 and
+# DeepCache at interval 3, all compiled without CUDA graphs, against eager: the two methods on equal footing;
+# STAGES=bench_methods BUDGET_S=300) and bench_calls (SD 1.5 with a UNet call per view, 4 views: call slots
+# under compiled graphs and CUDA graphs; one graph pair to compile; STAGES=bench_calls BUDGET_S=240) and
+# bench_deep (cache_point="deep", DeepCache's method on frdiff's graphs, at intervals 3 and 2 with CUDA
+# graphs, against eager and compiled stock; STAGES=bench_deep BUDGET_S=300) and profile_graphs (each kernel's
+# launches and device time in one keyframe and one reuse call, compiled without CUDA graphs: where the reuse
+# call's time goes; it runs after bench_peers, so STAGES="gpu_tests bench_peers profile_graphs" measures the
+# cold compile in bench_peers and profiles over inductor's warm caches) and profile_deep (the same for
+# cache_point="deep", whose keyframe graph is another compile, cold).
 STAGES=" ${STAGES:-gpu_tests bench_blend bench_peers} "
 START=$(date +%s)
 
@@ -109,7 +109,7 @@ else
   # then compiled once per worker that needs them, in parallel.
   PYTEST=(-v -p timeout --timeout 90 -n 4 --dist load)
   UNET=(--device cuda --latent 64 --repeats 10)
-  COMPILE=(--variants default,background,parts3 --phases cold)
+  COMPILE=(--variants "${COMPILE_VARIANTS:-default,background,parts3}" --phases cold)
   CALLS=(--config sd15 --latent 64 --views 4 --steps 30 --repeats 3 --calls per-view)
   PROFILE=(--latent 64 --calls 10)
 fi
