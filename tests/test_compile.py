@@ -202,13 +202,19 @@ def test_regional_compilation_of_the_unet_leaves_the_graphs_alone():
 def test_bench_codegen_stops_both_graphs_at_their_code_in_either_shape_mode(tmp_path):
     """benchmarks/bench_codegen.py times inductor's Python-side work (85 of the 97 s cold compile on the H200)
     without a GPU: both graphs through the Triton code generator, stopped before any kernel is built, through
-    the library's static path and the symbolic one it replaced."""
+    the library's static path and the symbolic one it replaced, and the keyframe graph's parts as
+    `keyframe_parts` cuts it, each in a process of its own."""
     out = tmp_path / "codegen.csv"
     result = subprocess.run([sys.executable, str(BENCH_CODEGEN), "--config", "tiny", "--latent", "8", "--dtype",
-                             "float32", "--csv", str(out)], capture_output=True, text=True, timeout=600)
+                             "float32", "--keyframe-parts", "2", "--csv", str(out)],
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     with out.open() as f:
         rows = {(r["shapes"], r["graph"]): r for r in csv.DictReader(f)}
+    parts = [rows.pop(("static", f"keyframe part {k}/2")) for k in (1, 2)]
+    # Every op of the keyframe graph is in exactly one part, and each part is compiled to its code.
+    assert sum(int(p["ops"]) for p in parts) == int(rows["static", "keyframe"]["ops"]), parts
+    assert all(int(p["triton_kernels"]) > 0 and int(p["symbolic_sizes"]) == 0 for p in parts), parts
     assert set(rows) == {(m, g) for m in ("static", "symbolic") for g in ("keyframe", "reuse")}, rows
     for row in rows.values():
         assert int(row["triton_kernels"]) > 0 and float(row["codegen_s"]) > 0, row
