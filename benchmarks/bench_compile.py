@@ -16,9 +16,10 @@ Invariants:
   (`FRDiffConfig(background_compile=True)`; the worker fills inductor's caches, and the reuse graph's
   compile here is a cache hit); "parts2" and "parts3" also cut the keyframe graph in that many parts, all
   but the first compiled by workers (`FRDiffConfig(keyframe_parts=...)`: the keyframe graph's compile
-  here is its first part's, then cache hits); "shared-names" names every generated Triton kernel `triton_` instead of
-  numbering them per graph (TORCHINDUCTOR_UNIQUE_KERNEL_NAMES=0), so that Triton's compile cache, which
-  hashes a kernel's source with its name, can serve a reuse-graph kernel from the keyframe graph's binary.
+  here is its first part's, then cache hits); "shared-names" names every generated Triton kernel `triton_`
+  instead of numbering them per graph (TORCHINDUCTOR_UNIQUE_KERNEL_NAMES=0), so that Triton's compile
+  cache, which hashes a kernel's source with its name, can serve a reuse-graph kernel from the keyframe
+  graph's binary.
   Counted on CPU for the SD 1.5 config, only 12 of the reuse graph's 113 kernels could be served so.
 - Times are the runtime's own counters: export and graph passes (`build_seconds`), and each graph's first
   call, compilation included (`compile_seconds`, `reuse_compile_seconds`; with a worker, the reuse share is

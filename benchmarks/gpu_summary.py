@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 from pathlib import Path
 
 # The targets for an H100.
@@ -134,8 +135,9 @@ def summary(out: Path) -> list[tuple[str, str, str, str]]:
         # Did every worker hand its graph over (else it was compiled here)? "background" has one (the reuse
         # graph); "partsK" K: the reuse graph and the keyframe graph's parts after the first.
         variant = r.get("variant") or ""
-        workers = 1 if variant == "background" else int(variant[5:]) if variant[5:].isdigit() else 0
-        if workers and variant in ("background", f"parts{workers}"):
+        parts = re.fullmatch(r"parts(\d+)", variant)
+        workers = 1 if variant == "background" else int(parts.group(1)) if parts else 0
+        if workers:
             done = r.get("background_compiles")
             what += (", worker" if workers == 1 else f", {workers} workers") + (
                 " ok" if done == str(workers) else f" FAILED ({done or 0} handed over)")

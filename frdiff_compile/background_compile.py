@@ -66,17 +66,20 @@ def _replace_parameters(gm: fx.GraphModule, make: Callable[[torch.nn.Parameter],
         module._parameters[leaf] = torch.nn.Parameter(make(parameter), requires_grad=parameter.requires_grad)
 
 
-def _why_not(args: tuple[torch.Tensor, ...]) -> str | None:
-    """Why a worker could not fill the caches this process will look in; None if it can."""
+def _worker_can_help(args: tuple[torch.Tensor, ...]) -> bool:
+    """Whether a worker could fill the caches this process will look in for calls like `args`; why not is
+    logged."""
     import torch._functorch.config
     import torch._inductor.config
 
+    reason = None
     if not torch._inductor.config.fx_graph_cache or not torch._functorch.config.enable_autograd_cache:
-        return "inductor's FX-graph or AOTAutograd cache is off, so the worker's result could not be found"
-    device_types = {a.device.type for a in args}
-    if any(torch.is_autocast_enabled(d) for d in device_types):
-        return "autocast is on, and the worker would compile outside it"
-    return None
+        reason = "inductor's FX-graph or AOTAutograd cache is off, so the worker's result could not be found"
+    elif any(torch.is_autocast_enabled(d) for d in {a.device.type for a in args}):
+        reason = "autocast is on, and the worker would compile outside it"
+    if reason is not None:
+        logger.info("background compile not started: %s", reason)
+    return reason is None
 
 
 class BackgroundCompile:
@@ -116,9 +119,7 @@ class BackgroundCompile:
     @classmethod
     def spawn(cls, args: tuple[torch.Tensor, ...]) -> BackgroundCompile | None:
         """A worker started ahead of its job, for graphs called like `args` (`give` hands it the job)."""
-        reason = _why_not(args)
-        if reason is not None:
-            logger.info("background compile not started: %s", reason)
+        if not _worker_can_help(args):
             return None
         worker = cls._launch(None, args[0].device)
         if worker is not None:
@@ -151,9 +152,7 @@ class BackgroundCompile:
             worker = spare.pop()
             if worker.give(gm, args, options):
                 return worker
-        reason = _why_not(args)
-        if reason is not None:
-            logger.info("background compile not started: %s", reason)
+        if not _worker_can_help(args):
             return None
         try:
             job = _job(gm, args, options)
