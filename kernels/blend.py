@@ -9,7 +9,8 @@ Invariants:
   a Python float: a new weight written into the same tensor needs no recompile and no host sync, and a
   captured CUDA graph picks it up.
 - Loads in the storage dtype, math in fp32, store cast back to the output dtype (fp32, fp16, bf16). For
-  finite inputs w == 1 gives exactly `a` and w == 0 exactly `b`.
+  finite inputs w == 1 gives exactly `a` and w == 0 exactly `b`. The ops also take fp64 (a UNet run in
+  double precision): the torch reference blends it in fp64, since fp32 math would throw its precision away.
 - Elementwise in memory order: the launchers take `a`, `b` and `out` in one dense layout (all contiguous,
   or all channels_last) and raise `ValueError` on anything else instead of blending the wrong elements.
   `out` may alias `a` or `b`: each element is read before it is written, by the same program. The ops
@@ -33,7 +34,8 @@ try:
 except ImportError:  # the library runs without triton; the reference computes the blend
     triton = None
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the kernels' (the launchers refuse others)
+OP_DTYPES = (*SUPPORTED_DTYPES, torch.float64)  # the ops'; fp64 always goes to the reference
 BLOCK = 1024  # elements per program; also the arena's alignment, so no block spans two tensors
 
 if triton is not None:
@@ -145,9 +147,11 @@ def launch_arena_blend(
 
 
 def score_blend_reference(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """w * a + (1 - w) * b in fp32, cast back to a's dtype: the reference every test compares against."""
-    w = weight.to(torch.float32)
-    return (w * a.to(torch.float32) + (1.0 - w) * b.to(torch.float32)).to(a.dtype)
+    """w * a + (1 - w) * b in fp32 (fp64 for fp64), cast back to a's dtype: the reference every test compares
+    against."""
+    math = torch.promote_types(a.dtype, torch.float32)
+    w = weight.to(math)
+    return (w * a.to(math) + (1.0 - w) * b.to(math)).to(a.dtype)
 
 
 def arena_blend_reference(weights: torch.Tensor, segments: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -159,7 +163,10 @@ def arena_blend_reference(weights: torch.Tensor, segments: torch.Tensor, a: torc
 @torch.library.custom_op("frdiff::score_blend", mutates_args=())
 def _score_blend_op(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     layout = _op_layout(a)
-    if kernel_available(a):
+    if a.dtype not in OP_DTYPES or b.dtype != a.dtype:
+        raise ValueError(f"score_blend supports one dtype of {[str(d) for d in OP_DTYPES]} for a and b; got "
+                         f"{a.dtype} and {b.dtype}. Run the UNet in one of these dtypes.")
+    if kernel_available(a) and a.dtype in SUPPORTED_DTYPES:
         a, b = a.contiguous(memory_format=layout), b.contiguous(memory_format=layout)
         return launch_blend(weight, a, b, torch.empty_like(a, memory_format=layout))
     return score_blend_reference(weight, a, b).contiguous(memory_format=layout)
@@ -229,17 +236,18 @@ if triton is not None:
     _score_blend_triton.register_autograd(_blend_backward, setup_context=_blend_setup_context)
 
 
-def score_blend_op(device: torch.device) -> torch._ops.OpOverload:
-    """The blend op for tensors on `device`: the triton_op on CUDA (inductor sees its kernel), else the custom op.
+def score_blend_op(device: torch.device, dtype: torch.dtype = torch.float32) -> torch._ops.OpOverload:
+    """The blend op for tensors on `device` of `dtype`: the triton_op on CUDA for the kernel's dtypes (inductor
+    sees its kernel), else the custom op (which blends fp64 by the reference).
 
     Graphs built for one device call this op itself rather than `score_blend`: AOTAutograd's cache takes
     graphs of torch ops only and bypasses one that calls a Python function.
     """
-    if device.type == "cuda" and triton is not None:
+    if device.type == "cuda" and triton is not None and dtype in SUPPORTED_DTYPES:
         return torch.ops.frdiff.score_blend_triton.default
     return torch.ops.frdiff.score_blend.default
 
 
 def score_blend(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """A new tensor w * a + (1 - w) * b (Triton where it can run), through the op for a's device."""
-    return score_blend_op(a.device)(weight, a, b)
+    return score_blend_op(a.device, a.dtype)(weight, a, b)

@@ -94,6 +94,23 @@ def test_channels_last_and_bad_layouts():
         launch_blend(weight, a.double(), b.double(), torch.empty_like(a.double()))
 
 
+
+def test_float64_blends_in_float64_through_the_op():
+    """A UNet run in double precision: the ops take fp64 and blend it in fp64 (the kernel, fp32 math, never
+    sees it); other dtypes get a clear error that names the supported ones."""
+    a, b = inputs((3, 5, 7), torch.float64)
+    weight = torch.tensor(0.37, dtype=torch.float64, device=DEVICE)
+    got = score_blend(weight, a, b)
+    assert got.dtype == torch.float64
+    assert torch.equal(got, weight * a + (1 - weight) * b)
+    fp32_math = score_blend(weight.float(), a.float(), b.float()).double()
+    assert not torch.equal(got, fp32_math)  # the precision fp32 math would have thrown away
+    assert str(blend.score_blend_op(torch.device("cuda"), torch.float64)) == "frdiff.score_blend.default"
+    compiled = torch.compile(score_blend, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(weight, a, b), got)
+    with pytest.raises(ValueError, match="float64.*got torch.int32"):
+        score_blend(weight, a.int(), b.int())
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_arena_blend_equals_a_loop_of_single_blends(dtype):
     shapes = [(2, 320, 8, 8), (1,), (1023,), (2, 1280, 2, 2), (7, 3)]

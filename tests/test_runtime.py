@@ -391,3 +391,15 @@ def test_non_sd_unets_match_the_eager_reference(name):
         assert fr.stats.eager_calls == 0 and (fr.stats.reuse_calls > 0) == (interval > 1), fr.stats
     plan = fr.graph_entries()[0].plan
     assert len(plan.points) == 10 and all(p.kind == "resnet_conv1" for p in plan.points), plan
+
+
+@pytest.mark.parametrize("mixing", [True, False])
+def test_float64_unet_matches_the_eager_reference(mixing):
+    """A UNet run in double precision (numerical studies): the blend takes fp64 and blends in fp64."""
+    unet, cond = make_unet("sd15").double(), {k: v.double() for k, v in unet_inputs("sd15").items()}
+    ref = EagerFRDiff(unet, interval=2, score_mixing=mixing)
+    expected = sample(lambda i, n, x, t: ref.step(i, n, x.double(), t, **cond), scheduler("sd15"), STEPS)
+    ref.remove()
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(score_mixing=mixing))
+    got = sample(lambda i, n, x, t: fr(x.double(), t, **cond).sample, scheduler("sd15"), STEPS)
+    assert got.dtype == torch.float64 and fr.stats.reuse_calls > 0 and max_rel_error(got, expected) < 1e-12

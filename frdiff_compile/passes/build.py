@@ -160,7 +160,8 @@ def build_reuse_graph(captured: fx.GraphModule, plan: Plan) -> fx.GraphModule:
         value.replace_all_uses_with(_read(gm, point, buffer, after=value))
     output = gm.graph.find_nodes(op="output")[0]
     with gm.graph.inserting_before(output):
-        blend = score_blend_op(output.args[0].meta["val"].device)
+        value = output.args[0].meta["val"]
+        blend = score_blend_op(value.device, value.dtype)
         blended = gm.graph.call_function(blend, (placeholders[-1], output.args[0], placeholders[-2]))
     output.args = (blended,)
     _finish(gm)
@@ -182,8 +183,9 @@ def build_search_graph(captured: fx.GraphModule, plan: Plan) -> fx.GraphModule:
     for point, memory in zip(plan.points, placeholders):
         value = nodes[point.node]
         users = list(value.users)
+        blend = score_blend_op(value.meta["val"].device, value.meta["val"].dtype)
         with gm.graph.inserting_after(value):
-            total = gm.graph.call_function(score_blend_op(value.meta["val"].device), (gate, value, memory))
+            total = gm.graph.call_function(blend, (gate, value, memory))
         read = _read(gm, point, total, after=total)
         for user in users:
             user.replace_input_with(value, read)
