@@ -25,8 +25,11 @@ method against frdiff's, both compiled, where "deepcache" compares an eager impl
 graphs; set it against frdiff-m3-nocg (the same interval; it runs frdiff-m2-nocg's graphs where that was
 built) and frdiff-m2-nocg; "frdiff-deep3" and "frdiff-deep2" (and "-nocg"), frdiff_compile with
 `cache_point="deep"`: DeepCache's method (branch 0, no score mixing) served by frdiff's two compiled graphs, at
-interval 3 and 2 (deep2 runs deep3's graphs). Each provider runs one untimed loop (compilation, capture) and
-then --loops timed loops (CUDA events, median).
+interval 3 and 2 (deep2 runs deep3's graphs); "compiled-static-cl", "frdiff-m2-cl" and "frdiff-m3-cl" (M=3 on
+M=2-cl's graphs), the same on a copy of the UNet converted with `.to(memory_format=torch.channels_last)`, the
+conversion diffusers recommends: its convolutions run channels_last with weights laid out once, where
+frdiff_compile's graphs otherwise keep the NCHW layout the UNet is loaded in. Each provider runs one untimed
+loop (compilation, capture) and then --loops timed loops (CUDA events, median).
 
 Reports per provider: loop ms, speedup against eager and against compiled stock, first-loop seconds (for
 compiled providers, mostly compilation), peak memory above what was allocated before it was built; for
@@ -61,10 +64,11 @@ from frdiff_compile.passes import CallLayout
 # stock compile comes after frdiff M=2 and the speedups against it are filled in at the end.
 DEFAULT = ("eager", "frdiff-m2", "compiled-static", "frdiff-m3", "deepcache", "frdiff-m2-nocg")
 ALL = (*DEFAULT, "compiled-static-nchw", "compiled", "deepcache-compiled", "frdiff-m3-nocg", "frdiff-deep3",
-       "frdiff-deep2", "frdiff-deep3-nocg", "frdiff-deep2-nocg")
+       "frdiff-deep2", "frdiff-deep3-nocg", "frdiff-deep2-nocg", "compiled-static-cl", "frdiff-m2-cl", "frdiff-m3-cl")
 # Providers that run another's graphs under their own schedule where that one was built (`reconfigure`).
 SHARES_GRAPHS = {"frdiff-m3": "frdiff-m2", "frdiff-deep2": "frdiff-deep3"}
-BASELINES = ("eager", "compiled-static", "compiled-static-nchw", "compiled")
+BASELINES = ("eager", "compiled-static", "compiled-static-nchw", "compiled-static-cl", "compiled")
+CHANNELS_LAST = "-cl"  # the suffix of the providers that run on the channels_last copy of the UNet
 
 
 class StaticStock:
@@ -95,18 +99,27 @@ class StaticStock:
 
 
 def graphs_of(name: str) -> str:
-    """The frdiff provider whose graphs `name` runs where that one was built: M=3 runs M=2's, deep2 deep3's."""
-    base = name.removesuffix("-nocg")
+    """The frdiff provider whose graphs `name` runs where that one was built: M=3 runs M=2's, deep2 deep3's
+    (each with the same suffixes: frdiff-m3-cl runs frdiff-m2-cl's)."""
+    base = name.removesuffix(CHANNELS_LAST).removesuffix("-nocg")
     return SHARES_GRAPHS.get(base, base) + name[len(base):]
 
 
+def channels_last_copy(unet, copies: dict):
+    """One deep copy of `unet` per run, converted to channels_last (made before a provider's memory is read,
+    so its weights do not count as that provider's extra memory)."""
+    if "cl" not in copies:
+        copies["cl"] = copy.deepcopy(unet).to(memory_format=torch.channels_last)
+    return copies["cl"]
+
+
 def frdiff_config(name: str, mode: str) -> FRDiffConfig:
-    """frdiff-m<M>[-nocg] (FRDiff's cache points) or frdiff-deep<N>[-nocg] (DeepCache's deep feature)."""
-    method = name.removeprefix("frdiff-").removesuffix("-nocg")
+    """frdiff-m<M>[-nocg][-cl] (FRDiff's cache points) or frdiff-deep<N>[-nocg] (DeepCache's deep feature)."""
+    method = name.removeprefix("frdiff-").removesuffix(CHANNELS_LAST).removesuffix("-nocg")
     deep = method.startswith("deep")
     return FRDiffConfig(keyframe_interval=int(method.removeprefix("deep" if deep else "m")),
                         cache_point="deep" if deep else "features",
-                        cuda_graphs=False if name.endswith("nocg") else None,
+                        cuda_graphs=False if "-nocg" in name else None,
                         compile={"dry": False, "cpu": True, "cuda": None}[mode])
 
 
@@ -114,7 +127,7 @@ def build(name: str, unet, scheduler, mode: str, runtimes: dict, deepcache_inter
     """Provider `name`; `mode` "cuda", "cpu" (CPU inductor, no CUDA graphs) or "dry" (nothing compiled)."""
     if name == "eager":
         return unet
-    if name == "compiled-static":
+    if name in ("compiled-static", "compiled-static-cl"):  # -cl: `unet` is the channels_last copy
         return StaticStock(unet, mode)
     if name == "compiled-static-nchw":
         return StaticStock(unet, mode, options={"layout_optimization": False})
@@ -183,16 +196,18 @@ def main() -> None:
     extra = {"shape": shape, "steps": args.steps, "loops": args.loops, "dry_run": args.dry_run,
              "deepcache_interval": args.deepcache_interval}
     runtimes: dict = {}  # frdiff runtimes by provider, kept for the providers that share their graphs
+    copies: dict = {}  # the channels_last copy of the UNet, made for the first -cl provider
     with torch.no_grad():
         for name in names:
             row: dict = {"provider": name}
             rows.append(row)
+            source = channels_last_copy(unet, copies) if name.endswith(CHANNELS_LAST) else unet
             synchronize(device)
             before = torch.cuda.memory_allocated() if device.type == "cuda" else 0
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             try:
-                model = build(name, unet, scheduler, mode, runtimes, args.deepcache_interval)
+                model = build(name, source, scheduler, mode, runtimes, args.deepcache_interval)
                 stats_before = copy.copy(getattr(model, "stats", None))
                 start = time.perf_counter()
                 loop_ms(model, scheduler, latents, call, args.steps, device)  # compile, capture, warm
@@ -221,7 +236,8 @@ def main() -> None:
                 append_csv(Path(csv_path), [{**extra, **row}], env)
 
     speedups(rows)
-    columns = ["provider", "loop_ms", "vs_eager", "vs_compiled_static", "vs_compiled_static_nchw", "vs_compiled",
+    columns = ["provider", "loop_ms", "vs_eager", "vs_compiled_static", "vs_compiled_static_nchw",
+               "vs_compiled_static_cl", "vs_compiled",
                "vs_all_keyframes", "keyframe_ms", "reuse_ms", "model_ms", "measured_over_model", "graphs_loop_ms",
                "runtime_host_ms", "compile_s", "first_loop_s", "peak_extra_MiB", "note"]
     print_table(rows, columns, f"bench_peers ({shape}, {args.steps} steps, median of {args.loops} loops)")

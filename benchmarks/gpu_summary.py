@@ -20,7 +20,7 @@ BLEND_TARGET = 90.0  # % of copy bandwidth, tensors >= 8 MB
 ARENA_TARGET = 80.0
 # (provider, baseline) -> speedup target; "compiled" is the faster of the compiled stock providers measured.
 PEER_TARGETS = {("frdiff-m2", "eager"): 2.5, ("frdiff-m3", "eager"): 3.0, ("frdiff-m2", "compiled"): 1.6}
-COMPILED_STOCK = ("compiled-static", "compiled-static-nchw", "compiled")
+COMPILED_STOCK = ("compiled-static", "compiled-static-nchw", "compiled-static-cl", "compiled")
 MODEL_TOLERANCE = 0.10
 COMPILE_TARGET_S = 60.0
 DEFAULT_CONFIG = "BLOCK=1024 warps=4"  # the blend kernel's launch configuration (kernels/blend.py)
@@ -110,6 +110,8 @@ def summary(out: Path) -> list[tuple[str, str, str, str]]:
         value = base / own if base and own else None
         what = f"{name} vs {'best compiled stock' if baseline == 'compiled' else baseline}"
         lines.append(line(what, value, f">= {target:g}", None if value is None else value >= target))
+    # The same on the channels_last copy of the UNet, where measured (no target of its own).
+    lines += speedup_lines(out / "bench_peers.csv", ("frdiff-m2-cl", "frdiff-m3-cl"), "channels_last:")
     for name in ("frdiff-m2", "frdiff-m3"):
         ratio = number(peers.get(name, {}).get("measured_over_model"))
         lines.append(line(f"{name} measured / cost model", ratio, f"within {MODEL_TOLERANCE:.0%}",

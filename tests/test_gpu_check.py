@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -48,6 +49,9 @@ def test_summary_judges_the_newest_run_against_the_targets(tmp_path):
         {"date": new, "provider": "compiled-static", "loop_ms": "500", "measured_over_model": "", "first_loop_s": "80"},
         # Stock compiled with layout optimization off, as frdiff's graphs are: faster here, so it is the baseline.
         {"date": new, "provider": "compiled-static-nchw", "loop_ms": "480", "first_loop_s": "70"},
+        # On the channels_last copy of the UNet: the fastest stock here, so the baseline of every speedup.
+        {"date": new, "provider": "compiled-static-cl", "loop_ms": "475", "first_loop_s": "70"},
+        {"date": new, "provider": "frdiff-m2-cl", "loop_ms": "300", "first_loop_s": "70"},
     ])
     write_csv(tmp_path / "bench_compile.csv", [
         {"date": new, "variant": "default", "phase": "cold", "compile_s": "72.5", "triton_binaries": "140"},
@@ -89,7 +93,9 @@ def test_summary_judges_the_newest_run_against_the_targets(tmp_path):
     assert verdicts["arena launch, % of copy BW"][3] == "MISSED"
     assert verdicts["blend launch config, best worst-case % copy"][1:3] == ("91 (BLOCK=4096 warps=8)", "default 85")
     assert verdicts["frdiff-m2 vs eager"][3] == "met"
-    assert verdicts["frdiff-m2 vs best compiled stock"][1:] == ("1.26", ">= 1.6", "MISSED")
+    assert verdicts["frdiff-m2 vs best compiled stock"][1:] == ("1.25", ">= 1.6", "MISSED")
+    assert verdicts["channels_last: frdiff-m2-cl vs best compiled stock"][1:] == ("1.58", "", "-")
+    assert "channels_last: frdiff-m3-cl vs eager" not in verdicts  # not measured
     assert verdicts["frdiff-m2 measured / cost model"][3] == "met"
     assert verdicts["frdiff-m2 runtime host ms per loop"][1:] == ("12.5", "", "-")
     assert verdicts["frdiff-m2 first loop s (compile)"][3] == "MISSED"
@@ -102,7 +108,7 @@ def test_bench_peers_dry_run_measures_every_requested_provider(tmp_path):
         [sys.executable, str(BENCH / "bench_peers.py"), "--dry-run",
          "--providers",
          "eager,compiled-static,compiled-static-nchw,frdiff-m2,frdiff-m3,frdiff-m2-nocg,frdiff-m3-nocg,frdiff-deep3,"
-         "frdiff-deep2",
+         "frdiff-deep2,compiled-static-cl,frdiff-m2-cl,frdiff-m3-cl",
          "--csv", str(out)],
         capture_output=True, text=True, timeout=600,
     )
@@ -110,7 +116,8 @@ def test_bench_peers_dry_run_measures_every_requested_provider(tmp_path):
     with out.open() as f:
         rows = {r["provider"]: r for r in csv.DictReader(f)}
     assert set(rows) == {"eager", "compiled-static", "compiled-static-nchw", "frdiff-m2", "frdiff-m3", "frdiff-m2-nocg",
-                         "frdiff-m3-nocg", "frdiff-deep3", "frdiff-deep2"}
+                         "frdiff-m3-nocg", "frdiff-deep3", "frdiff-deep2", "compiled-static-cl", "frdiff-m2-cl",
+                         "frdiff-m3-cl"}
     assert all(float(r["loop_ms"]) > 0 for r in rows.values()), rows
     frdiff = rows["frdiff-m2"]
     assert float(frdiff["keyframe_ms"]) > 0 and float(frdiff["model_ms"]) > 0
@@ -128,6 +135,24 @@ def test_bench_peers_dry_run_measures_every_requested_provider(tmp_path):
     assert rows["frdiff-deep3"]["note"].startswith("2/2/0 full/reuse/skip"), rows["frdiff-deep3"]["note"]
     deep2 = rows["frdiff-deep2"]["note"]
     assert deep2.startswith("graphs of frdiff-deep3 (reconfigure); 2/2/0") and "0 graphs" in deep2, deep2
+    # On the channels_last copy of the UNet: its own graphs (M=3 on M=2-cl's), judged against the CL stock too.
+    assert rows["frdiff-m2-cl"]["note"].startswith("2/1/1") and float(rows["frdiff-m2-cl"]["vs_compiled_static_cl"]) > 0
+    m3 = rows["frdiff-m3-cl"]["note"]
+    assert m3.startswith("graphs of frdiff-m2-cl (reconfigure); 2/1/1") and "0 graphs" in m3, m3
+
+
+def test_channels_last_providers_run_on_one_converted_copy_of_the_unet():
+    from bench_peers import channels_last_copy, frdiff_config, graphs_of
+    from conftest import make_unet
+
+    unet, copies = make_unet("sd15"), {}
+    cl = channels_last_copy(unet, copies)
+    assert cl is not unet and channels_last_copy(unet, copies) is cl
+    assert cl.conv_in.weight.is_contiguous(memory_format=torch.channels_last) and unet.conv_in.weight.is_contiguous()
+    assert graphs_of("frdiff-m3-cl") == "frdiff-m2-cl" and graphs_of("frdiff-m3-nocg") == "frdiff-m2-nocg"
+    config = frdiff_config("frdiff-m3-cl", "cuda")
+    assert config.keyframe_interval == 3 and config.cuda_graphs is None and config.cache_point == "features"
+    assert frdiff_config("frdiff-m2-nocg", "cuda").cuda_graphs is False
 
 
 def test_direct_graph_loop_follows_the_runtimes_schedule():
