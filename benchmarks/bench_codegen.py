@@ -5,6 +5,8 @@ Run (a process per shape mode, each compile cold):
     python benchmarks/bench_codegen.py --config small --latent 16 --shapes static
     python benchmarks/bench_codegen.py --backend cuda-stub      # a CUDA build of torch, no GPU
     python benchmarks/bench_codegen.py --shapes static --keyframe-parts 3 --parts-in-turn   # keyframe_parts=3
+    python benchmarks/bench_codegen.py --backend cuda-stub --shapes static --dump-code /tmp/code --csv ''
+                                                                # and each graph's generated code, to read
 
 Why: on the H200 (2026-11-28) the cold compile of both SD 1.5 graphs took 97 s, and inductor's own phase
 timers put 85 s of it in single-threaded Python (AOTAutograd's trace, lowering, scheduling, code generation)
@@ -70,7 +72,7 @@ def codegen_only():
         source = str(getattr(code[0] if isinstance(code, tuple) else code, "value", code))
         code_lines = "\n".join(line for line in source.splitlines() if not line.lstrip().startswith("#"))
         symbols = set(re.findall(r"\bk?s\d+\b", code_lines))  # comments name cache folders such as /s5/
-        raise _Generated(source.count("async_compile.triton("), len(symbols))
+        raise _Generated(source.count("async_compile.triton("), len(symbols), source)
 
     load, driver = GraphLowering.compile_to_module, triton.runtime.driver
     active = driver._active  # None here: a machine without a GPU has no driver (`reset_active` would raise)
@@ -84,8 +86,9 @@ def codegen_only():
         driver._active = active
 
 
-def _compile(gm, args: tuple, options: dict, mode: str, fake_mode=None) -> tuple[int, int]:
-    """Compile `gm` as `mode` says up to the generated code; its Triton kernels and symbolic sizes (`s0`, `ks0`).
+def _compile(gm, args: tuple, options: dict, mode: str, fake_mode=None) -> tuple[int, int, str]:
+    """Compile `gm` as `mode` says up to the generated code; its Triton kernels, symbolic sizes (`s0`, `ks0`)
+    and source.
 
     With `fake_mode` (the cuda-stub backend: `args` and the parameters are its fake CUDA tensors), "static" is
     `compile_with_inductor`'s call made under that mode's tracing context, since there are no real inputs."""
@@ -161,7 +164,10 @@ def child(args: argparse.Namespace) -> None:
             before = {k: len(metrics.get(v, [])) for k, v in PHASES.items()}
             options = {**CompiledGraph(gm, None, RuntimeStats()).options, **extra}
             start = time.perf_counter()
-            kernels, symbols = _compile(gm, example, options, args.mode, fake_mode)
+            kernels, symbols, source = _compile(gm, example, options, args.mode, fake_mode)
+            if args.dump_code:  # to read what a graph runs: its kernels, library calls and copies
+                name = f"{args.backend}_{args.mode}_{kind.replace(' ', '_').replace('/', 'of')}.py"
+                Path(args.dump_code, name).write_text(source)
             row = {"backend": args.backend, "shapes": args.mode, "graph": kind, "ops": ops,
                    "to_code_s": time.perf_counter() - start, "triton_kernels": kernels, "symbolic_sizes": symbols}
             row.update({k: sum(metrics.get(v, [])[before[k]:]) for k, v in PHASES.items()})
@@ -209,6 +215,7 @@ def main() -> None:
                              "a core per part, where parts running at once on too few cores slow each other")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per process")
     parser.add_argument("--csv", default=str(RESULTS / "bench_codegen.csv"), help="'' to write none")
+    parser.add_argument("--dump-code", default="", help="a folder to write each graph's generated code into")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="static", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--part", default="", help=argparse.SUPPRESS)  # "k/K": one keyframe part, static
@@ -234,7 +241,8 @@ def main() -> None:
     shape = f"{args.config} {args.batch}x4x{args.latent}x{args.latent} {args.dtype} {args.cache_point}"
     rows: list[dict] = []
     base = [sys.executable, __file__, "--child", "--backend", args.backend, "--config", args.config, "--latent",
-            str(args.latent), "--batch", str(args.batch), "--dtype", args.dtype, "--cache-point", args.cache_point]
+            str(args.latent), "--batch", str(args.batch), "--dtype", args.dtype, "--cache-point", args.cache_point,
+            "--dump-code", str(Path(args.dump_code).resolve()) if args.dump_code else ""]
     for mode in modes:
         rows.extend(_run([[*base, "--mode", mode]], env, args.timeout, {"backend": args.backend, "shapes": mode}))
     if args.keyframe_parts > 1:  # all parts at once, a process each: the wait is the slowest part's

@@ -206,11 +206,15 @@ def test_bench_codegen_stops_both_graphs_at_their_code_in_either_shape_mode(tmp_
     `keyframe_parts` cuts it, each in a process of its own."""
     out = tmp_path / "codegen.csv"
     result = subprocess.run([sys.executable, str(BENCH_CODEGEN), "--config", "tiny", "--latent", "8", "--dtype",
-                             "float32", "--keyframe-parts", "2", "--csv", str(out)],
+                             "float32", "--keyframe-parts", "2", "--csv", str(out), "--dump-code", str(tmp_path)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     with out.open() as f:
         rows = {(r["shapes"], r["graph"]): r for r in csv.DictReader(f)}
+    # --dump-code writes each graph's generated code, the code the row's kernels were counted in.
+    code = (tmp_path / "cpu-triton_static_reuse.py").read_text()
+    assert code.count("async_compile.triton(") == int(rows["static", "reuse"]["triton_kernels"]) > 0
+    assert len(list(tmp_path.glob("cpu-triton_*.py"))) == 6  # both graphs in both modes, and the two parts
     parts = [rows.pop(("static", f"keyframe part {k}/2")) for k in (1, 2)]
     # Every op of the keyframe graph is in exactly one part, and each part is compiled to its code.
     assert sum(int(p["ops"]) for p in parts) == int(rows["static", "keyframe"]["ops"]), parts
