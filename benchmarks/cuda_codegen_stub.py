@@ -125,6 +125,7 @@ def cuda_codegen_stub():
 def to_cuda(gm: fx.GraphModule, fake_mode) -> fx.GraphModule:
     """`gm` (captured on CPU) as a graph on "cuda": device arguments, the attention op, fake parameters."""
     from frdiff_compile.compiled_graph import copy_graph_module
+    from frdiff_compile.kernels.blend import score_blend_op
 
     aten, cuda = torch.ops.aten, torch.device("cuda")
     gm = copy_graph_module(gm)
@@ -139,6 +140,10 @@ def to_cuda(gm: fx.GraphModule, fake_mode) -> fx.GraphModule:
             # Same leading arguments and output 0; CUDA's op adds outputs nobody reads here.
             node.target = aten._scaled_dot_product_flash_attention.default
             node.kwargs = {k: v for k, v in node.kwargs.items() if k != "attn_mask"}
+        if node.target is torch.ops.frdiff.score_blend.default:
+            # The graphs were built for CPU, with the blend's opaque custom op; built for CUDA they call the
+            # triton_op, whose kernel inductor generates into its own code.
+            node.target = score_blend_op(cuda, node.args[1].meta["val"].dtype)
     gm.recompile()
     for owner in gm.modules():
         for name, parameter in list(owner._parameters.items()):

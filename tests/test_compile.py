@@ -234,7 +234,8 @@ def test_bench_codegen_cuda_stub_runs_inductors_cuda_paths_or_says_why_not(tmp_p
     machine's torch 2.11 wheel, run on CPU); a CPU build of torch gets a clear refusal, not a wrong number."""
     out = tmp_path / "codegen.csv"
     result = subprocess.run([sys.executable, str(BENCH_CODEGEN), "--backend", "cuda-stub", "--config", "tiny",
-                             "--latent", "8", "--csv", str(out)], capture_output=True, text=True, timeout=600)
+                             "--latent", "8", "--csv", str(out), "--dump-code", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
     if torch.cuda.is_available():
         assert result.returncode == 2 and "a GPU is present" in result.stderr, result.stderr[-2000:]
         return
@@ -248,3 +249,5 @@ def test_bench_codegen_cuda_stub_runs_inductors_cuda_paths_or_says_why_not(tmp_p
     assert set(rows) == {"keyframe", "reuse"} and {r["backend"] for r in rows.values()} == {"cuda-stub"}, rows
     assert 0 < int(rows["reuse"]["triton_kernels"]) < int(rows["keyframe"]["triton_kernels"]), rows
     assert all(int(r["symbolic_sizes"]) == 0 and float(r["codegen_s"]) > 0 for r in rows.values()), rows
+    # As the runtime builds it on CUDA, the reuse graph blends through the triton_op: its kernel is in the code.
+    assert "_blend_kernel" in (tmp_path / "cuda-stub_static_reuse.py").read_text()
