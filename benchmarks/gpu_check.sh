@@ -50,7 +50,10 @@ BUDGET_S=${BUDGET_S:-$(( DRY ? 900 : 560 ))}
 # launches and device time in one keyframe and one reuse call, compiled without CUDA graphs: where the reuse
 # call's time goes; it runs after bench_peers, so STAGES="gpu_tests bench_peers profile_graphs" measures the
 # cold compile in bench_peers and profiles over inductor's warm caches) and profile_deep (the same for
-# cache_point="deep", whose keyframe graph is another compile, cold).
+# cache_point="deep", whose keyframe graph is another compile, cold) and bench_layouts (FRDiff M=2 and M=3 and
+# compiled stock on a channels_last copy of the UNet, and FRDiff M=2 on the NCHW UNet in the same run: whether
+# channels_last convolutions make the reuse call cheaper; three cold compiles, about 290 s by the H200's compile
+# times, an estimate, with frdiff-m2 last so that a cut loses only the comparison; STAGES=bench_layouts BUDGET_S=320).
 STAGES=" ${STAGES:-gpu_tests bench_blend bench_peers} "
 START=$(date +%s)
 
@@ -137,6 +140,9 @@ stage bench_methods 300 $PY benchmarks/bench_peers.py "${PEERS[@]}" \
   --providers eager,frdiff-m2-nocg,frdiff-m3-nocg,frdiff-deep3-nocg,deepcache-compiled --csv "$OUT/bench_methods.csv"
 stage bench_deep 300 $PY benchmarks/bench_peers.py "${PEERS[@]}" \
   --providers eager,frdiff-deep3,frdiff-deep2,compiled-static --csv "$OUT/bench_deep.csv"
+# The channels_last providers first (their numbers are the point), then the NCHW frdiff for the same run.
+stage bench_layouts 300 $PY benchmarks/bench_peers.py "${PEERS[@]}" \
+  --providers frdiff-m2-cl,compiled-static-cl,frdiff-m3-cl,frdiff-m2 --csv "$OUT/bench_layouts.csv"
 stage bench_sdxl 240 $PY benchmarks/bench_peers.py "${PEERS[@]}" "${SDXL[@]}" --csv "$OUT/bench_peers_sdxl.csv"
 stage bench_unet 60 $PY benchmarks/bench_unet.py "${UNET[@]}" --csv "$OUT/bench_unet.csv"
 stage bench_compile 300 $PY benchmarks/bench_compile.py "${COMPILE[@]}" --csv "$OUT/bench_compile.csv"

@@ -110,8 +110,6 @@ def summary(out: Path) -> list[tuple[str, str, str, str]]:
         value = base / own if base and own else None
         what = f"{name} vs {'best compiled stock' if baseline == 'compiled' else baseline}"
         lines.append(line(what, value, f">= {target:g}", None if value is None else value >= target))
-    # The same on the channels_last copy of the UNet, where measured (no target of its own).
-    lines += speedup_lines(out / "bench_peers.csv", ("frdiff-m2-cl", "frdiff-m3-cl"), "channels_last:")
     for name in ("frdiff-m2", "frdiff-m3"):
         ratio = number(peers.get(name, {}).get("measured_over_model"))
         lines.append(line(f"{name} measured / cost model", ratio, f"within {MODEL_TOLERANCE:.0%}",
@@ -156,6 +154,14 @@ def summary(out: Path) -> list[tuple[str, str, str, str]]:
             lines.append(line(f"methods: {name} vs eager", methods["eager"] / methods[name], "", None))
     # DeepCache's method on frdiff's graphs (optional stage): reported, no target.
     lines += speedup_lines(out / "bench_deep.csv", ("frdiff-deep3", "frdiff-deep2"), "deep:")
+    # The UNet converted to channels_last (optional stage), against the NCHW UNet's frdiff in the same run:
+    # reported, no target.
+    layouts = newest(out / "bench_layouts.csv")
+    lines += speedup_lines(out / "bench_layouts.csv", ("frdiff-m2-cl", "frdiff-m3-cl", "frdiff-m2"), "layouts:")
+    for r in layouts:
+        if r["provider"] in ("frdiff-m2-cl", "frdiff-m2") and number(r.get("reuse_ms")):
+            lines.append((f"layouts: {r['provider']} keyframe / reuse ms",
+                          f"{number(r['keyframe_ms']):.3g} / {number(r['reuse_ms']):.3g}", "", "-"))
     ran = [stage.split()[0] for stage in filter(None, stages)]  # in the order they ran
     peers_first = {"bench_peers", "profile_graphs"} <= set(ran) and ran.index("bench_peers") < ran.index(
         "profile_graphs")

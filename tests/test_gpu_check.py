@@ -49,9 +49,13 @@ def test_summary_judges_the_newest_run_against_the_targets(tmp_path):
         {"date": new, "provider": "compiled-static", "loop_ms": "500", "measured_over_model": "", "first_loop_s": "80"},
         # Stock compiled with layout optimization off, as frdiff's graphs are: faster here, so it is the baseline.
         {"date": new, "provider": "compiled-static-nchw", "loop_ms": "480", "first_loop_s": "70"},
-        # On the channels_last copy of the UNet: the fastest stock here, so the baseline of every speedup.
+        # On the channels_last copy of the UNet (a PEER_PROVIDERS choice): the fastest stock here, so the baseline.
         {"date": new, "provider": "compiled-static-cl", "loop_ms": "475", "first_loop_s": "70"},
-        {"date": new, "provider": "frdiff-m2-cl", "loop_ms": "300", "first_loop_s": "70"},
+    ])
+    write_csv(tmp_path / "bench_layouts.csv", [
+        {"date": new, "provider": "frdiff-m2-cl", "loop_ms": "300", "keyframe_ms": "7.1", "reuse_ms": "2.2"},
+        {"date": new, "provider": "compiled-static-cl", "loop_ms": "360"},
+        {"date": new, "provider": "frdiff-m2", "loop_ms": "330", "keyframe_ms": "7.3", "reuse_ms": "3.4"},
     ])
     write_csv(tmp_path / "bench_compile.csv", [
         {"date": new, "variant": "default", "phase": "cold", "compile_s": "72.5", "triton_binaries": "140"},
@@ -94,8 +98,11 @@ def test_summary_judges_the_newest_run_against_the_targets(tmp_path):
     assert verdicts["blend launch config, best worst-case % copy"][1:3] == ("91 (BLOCK=4096 warps=8)", "default 85")
     assert verdicts["frdiff-m2 vs eager"][3] == "met"
     assert verdicts["frdiff-m2 vs best compiled stock"][1:] == ("1.25", ">= 1.6", "MISSED")
-    assert verdicts["channels_last: frdiff-m2-cl vs best compiled stock"][1:] == ("1.58", "", "-")
-    assert "channels_last: frdiff-m3-cl vs eager" not in verdicts  # not measured
+    assert verdicts["layouts: frdiff-m2-cl vs best compiled stock"][1:] == ("1.2", "", "-")
+    assert verdicts["layouts: frdiff-m2 vs best compiled stock"][1:] == ("1.09", "", "-")
+    assert verdicts["layouts: frdiff-m2-cl keyframe / reuse ms"][1] == "7.1 / 2.2"
+    assert verdicts["layouts: frdiff-m2 keyframe / reuse ms"][1] == "7.3 / 3.4"
+    assert not any(k.startswith("layouts: frdiff-m3-cl") for k in verdicts)  # not measured (no eager either)
     assert verdicts["frdiff-m2 measured / cost model"][3] == "met"
     assert verdicts["frdiff-m2 runtime host ms per loop"][1:] == ("12.5", "", "-")
     assert verdicts["frdiff-m2 first loop s (compile)"][3] == "MISSED"
