@@ -53,7 +53,8 @@ BUDGET_S=${BUDGET_S:-$(( DRY ? 900 : 560 ))}
 # cache_point="deep", whose keyframe graph is another compile, cold) and bench_layouts (FRDiff M=2 and M=3 and
 # compiled stock on a channels_last copy of the UNet, and FRDiff M=2 on the NCHW UNet in the same run: whether
 # channels_last convolutions make the reuse call cheaper; three cold compiles, about 290 s by the H200's compile
-# times, an estimate, with frdiff-m2 last so that a cut loses only the comparison; STAGES=bench_layouts BUDGET_S=320).
+# times, an estimate, with frdiff-m2 last so that a cut loses only the comparison;
+# STAGES=bench_layouts BUDGET_S=320).
 STAGES=" ${STAGES:-gpu_tests bench_blend bench_peers} "
 START=$(date +%s)
 
