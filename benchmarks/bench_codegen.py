@@ -15,7 +15,7 @@ stops when the code is generated, so no kernel is built. Two backends:
 - "cpu-triton" (any torch): the graphs compiled for CPU tensors through inductor's Triton backend
   (`cpu_backend="triton"`); a stub Triton driver
   (`cuda_codegen_stub.TritonDriver`) names the target. It skips some of the CUDA paths' work: for
-  SD 1.5's keyframe graph it generates 126 kernels where the CUDA paths generate 171.
+  SD 1.5's keyframe graph it generates 126 kernels where the CUDA paths generate 142.
 - "cuda-stub" (a CUDA build of torch, no GPU; `cuda_codegen_stub.py`): inductor's CUDA paths on fake CUDA
   tensors, the device's properties an H200's; the closer proxy, static sizes only.
 

@@ -1,7 +1,7 @@
 """Inductor's CUDA code generation on a machine without a GPU, for `bench_codegen.py --backend cuda-stub`.
 
 The CPU-tensor Triton backend (bench_codegen's default) skips work that inductor's CUDA paths do: for SD 1.5's
-keyframe graph it generates 126 kernels where the CUDA paths generate 171. This module lets the CUDA paths run
+keyframe graph it generates 126 kernels where the CUDA paths generate 142. This module lets the CUDA paths run
 to the generated code with no GPU: the graphs are moved to the "cuda" device as fake tensors (shapes, strides
 and dtypes only), and the few questions inductor asks of the device are answered from an H200's properties.
 
@@ -9,18 +9,22 @@ Invariants:
 - Needs a CUDA build of torch (torch.version.cuda set) and no GPU: where there is one, a real compile is the
   measurement (bench_compile). Tried with torch 2.11.0+cu130 and triton 3.6.0, the GPU machine's versions;
   the patches reach torch internals, so another release may need them changed, and fails loudly if so.
-- Nothing runs on a device. Where inductor would run something at compile time, that step is left out, and
-  so its time: pad_mm's benchmarks of padded matmuls (`shape_padding` off), the SDPA fusion patterns' setup
-  (our graphs hold SDPA ops already), and constant folding of values computed on the device (left unfolded).
-- The graphs are the ones captured on CPU, moved: device arguments become "cuda" and CPU flash attention
-  CUDA's. The reuse graph keeps the blend op built for CPU (an opaque custom op), where a CUDA graph calls the
-  Triton kernel through `triton_op`, which inductor also analyses.
+- Nothing runs on a device. Where inductor would run something at compile time, that step is left out, and so its
+  time: pad_mm's benchmarks of padded matmuls (`shape_padding` off), the SDPA fusion patterns' setup (the captured
+  graphs hold SDPA ops already), and constant folding of values computed on the device (left unfolded).
+- The graphs are the ones captured on CPU, moved: device arguments become "cuda"; attention becomes CUDA's flash
+  attention op, which a GPU's trace picks for fp16 (or cuDNN's: an extern kernel either way), since the captured
+  `scaled_dot_product_attention` would otherwise be decomposed by AOTAutograd on fake CUDA tensors into matmuls
+  and a softmax (no device answers its backend choice): for SD 1.5's keyframe graph 171 Triton kernels and 570
+  launches a call, against 142 and 405 with the flash op; the blend op becomes the `triton_op` a graph built on
+  CUDA calls, whose kernel inductor generates into its code.
 - Every patch is undone when the context exits.
 """
 
 from __future__ import annotations
 
 import contextlib
+import operator
 import types
 from unittest import mock
 
@@ -124,8 +128,9 @@ def cuda_codegen_stub():
 
 def to_cuda(gm: fx.GraphModule, fake_mode) -> fx.GraphModule:
     """`gm` (captured on CPU) as a graph on "cuda": device arguments, the attention op, fake parameters."""
-    from frdiff_compile.compiled_graph import copy_graph_module
     from frdiff_compile.kernels.blend import score_blend_op
+
+    from frdiff_compile.compiled_graph import copy_graph_module
 
     aten, cuda = torch.ops.aten, torch.device("cuda")
     gm = copy_graph_module(gm)
@@ -134,12 +139,9 @@ def to_cuda(gm: fx.GraphModule, fake_mode) -> fx.GraphModule:
             continue
         if node.kwargs.get("device") is not None:
             node.kwargs = {**node.kwargs, "device": cuda}
-        if node.target is aten._scaled_dot_product_flash_attention_for_cpu.default:
-            if node.kwargs.get("attn_mask") is not None:
-                raise NotImplementedError("an attention mask: the CUDA flash attention op takes none")
-            # Same leading arguments and output 0; CUDA's op adds outputs nobody reads here.
-            node.target = aten._scaled_dot_product_flash_attention.default
-            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "attn_mask"}
+        if node.target is aten.scaled_dot_product_attention.default:
+            _to_flash_attention(gm.graph, node)
+            continue
         if node.target is torch.ops.frdiff.score_blend.default:
             # The graphs were built for CPU, with the blend's opaque custom op; built for CUDA they call the
             # triton_op, whose kernel inductor generates into its own code.
@@ -154,6 +156,23 @@ def to_cuda(gm: fx.GraphModule, fake_mode) -> fx.GraphModule:
             if buffer is not None:
                 owner._buffers[name] = fake_cuda(buffer, fake_mode)
     return gm
+
+
+def _to_flash_attention(graph: fx.Graph, node: fx.Node) -> None:
+    """`scaled_dot_product_attention(q, k, v, ...)` as output 0 of CUDA's flash attention op."""
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    bound = {**dict(zip(names, node.args)), **node.kwargs}
+    if bound.get("attn_mask") is not None or bound.get("dropout_p", 0.0) != 0.0 or bound.get("enable_gqa"):
+        raise NotImplementedError(f"attention with {bound}: the stub maps only mask-free, dropout-free attention")
+    scale = {"scale": bound["scale"]} if bound.get("scale") is not None else {}
+    with graph.inserting_before(node):
+        flash = graph.call_function(torch.ops.aten._scaled_dot_product_flash_attention.default,
+                                    (bound["query"], bound["key"], bound["value"], 0.0,
+                                     bool(bound.get("is_causal", False))), scale)
+        out = graph.call_function(operator.getitem, (flash, 0))
+    out.meta = dict(node.meta)
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
 
 
 def fake_cuda(t: torch.Tensor, fake_mode) -> torch.Tensor:

@@ -251,3 +251,6 @@ def test_bench_codegen_cuda_stub_runs_inductors_cuda_paths_or_says_why_not(tmp_p
     assert all(int(r["symbolic_sizes"]) == 0 and float(r["codegen_s"]) > 0 for r in rows.values()), rows
     # As the runtime builds it on CUDA, the reuse graph blends through the triton_op: its kernel is in the code.
     assert "_blend_kernel" in (tmp_path / "cuda-stub_static_reuse.py").read_text()
+    # Attention stays one library call (CUDA's flash op, as a GPU's trace picks), not matmuls and a softmax.
+    keyframe = (tmp_path / "cuda-stub_static_keyframe.py").read_text()
+    assert "_scaled_dot_product_flash_attention" in keyframe and "extern_kernels.bmm" not in keyframe
