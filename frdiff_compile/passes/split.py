@@ -59,15 +59,25 @@ class SplitGraph:
         return len(self.parts)
 
 
-def _forbidden_cuts(order: list[fx.Node], index: dict[fx.Node, int]) -> list[int]:
-    """A difference array over cut positions: > 0 after the prefix sum where a cut is not allowed."""
-    forbid = [0] * (len(order) + 2)
-
-    def ban(first: int, last: int) -> None:  # cuts p with first < p <= last
+def _covers(spans: list[tuple[int, int]], length: int) -> list[int]:
+    """For every cut position p in 0..length (a cut before order[p]), how many spans (first, last) have
+    first < p <= last: a difference array and its prefix sums."""
+    diff = [0] * (length + 2)
+    for first, last in spans:
         if last > first:
-            forbid[first + 1] += 1
-            forbid[last + 1] -= 1
+            diff[first + 1] += 1
+            diff[last + 1] -= 1
+    counts, running = [], 0
+    for value in diff[: length + 1]:
+        running += value
+        counts.append(running)
+    return counts
 
+
+def _forbidden_spans(order: list[fx.Node], index: dict[fx.Node, int]) -> list[tuple[int, int]]:
+    """Spans no cut may fall in: a value that is not one tensor, from its making to its last reader; a tensor
+    made in the graph, from its alias group's first member to a later write into it."""
+    spans: list[tuple[int, int]] = []
     root: dict[fx.Node, fx.Node] = {}
 
     def find(node: fx.Node) -> fx.Node:
@@ -84,7 +94,7 @@ def _forbidden_cuts(order: list[fx.Node], index: dict[fx.Node, int]) -> list[int
             writes += [(node, arg) for arg in written]
         # A value that is not one tensor (a tuple, then read by getitem; a size) never crosses a cut.
         if node.op == "call_function" and not isinstance(node.meta.get("val"), torch.Tensor):
-            ban(index[node], max((index.get(u, len(order)) for u in node.users), default=index[node]))
+            spans.append((index[node], max((index.get(u, len(order)) for u in node.users), default=index[node])))
     first_made: dict[fx.Node, int] = {}
     for node in order:  # the first member of each alias group that the graph made (inputs are passed as is)
         if node.op == "call_function":
@@ -92,36 +102,23 @@ def _forbidden_cuts(order: list[fx.Node], index: dict[fx.Node, int]) -> list[int
     for writer, arg in writes:
         start = first_made.get(find(arg))
         if start is not None:
-            ban(start, index[writer])
-    return forbid
+            spans.append((start, index[writer]))
+    return spans
 
 
-def _crossing_counts(order: list[fx.Node], index: dict[fx.Node, int]) -> list[int]:
-    """For every cut position p (before order[p]), how many values made before it are read after it."""
-    diff = [0] * (len(order) + 2)
-    for node in order:
-        if node.op != "call_function" or not node.users:
-            continue
-        last = max(index.get(u, len(order)) for u in node.users)
-        if last > index[node]:
-            diff[index[node] + 1] += 1
-            diff[last + 1] -= 1
-    counts, running = [], 0
-    for value in diff[: len(order) + 1]:
-        running += value
-        counts.append(running)
-    return counts
+def _crossing_spans(order: list[fx.Node], index: dict[fx.Node, int]) -> list[tuple[int, int]]:
+    """Each value the graph makes, from its making to its last reader: a cut in the span crosses it."""
+    return [(index[n], max(index.get(u, len(order)) for u in n.users))
+            for n in order if n.op == "call_function" and n.users]
 
 
 def choose_cuts(gm: fx.GraphModule, parts: int) -> list[int]:
     """Positions in the graph's node order (cut before that node) for up to `parts` parts; sorted, distinct."""
     order = [n for n in gm.graph.nodes if n.op != "output"]
     index = {n: i for i, n in enumerate(order)}
-    forbid, running, allowed = _forbidden_cuts(order, index), 0, []
-    for p in range(len(order) + 1):
-        running += forbid[p]
-        allowed.append(running == 0 and 0 < p < len(order))
-    crossing = _crossing_counts(order, index)
+    forbidden = _covers(_forbidden_spans(order, index), len(order))
+    allowed = [count == 0 and 0 < p < len(order) for p, count in enumerate(forbidden)]
+    crossing = _covers(_crossing_spans(order, index), len(order))
     ops = [0]
     for node in order:
         ops.append(ops[-1] + (node.op == "call_function" and node.target is not operator.getitem))
