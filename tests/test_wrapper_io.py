@@ -144,9 +144,13 @@ def test_a_dropped_runtime_frees_its_graphs_and_buffers_at_once():
             gc.enable()
 
 
-def test_pipeline_saves_with_the_stock_unet_swapped_in(sd_pipe, tmp_path):
-    # diffusers' save_pretrained saves only classes it knows: the README's recipe puts the stock UNet back
-    # for the save and the wrapper (with its graphs) after it.
+def test_pipeline_saves_with_the_stock_unet_registered_even_after_a_failed_save(sd_pipe, tmp_path):
+    # diffusers' save_pretrained saves only classes it knows. With the wrapper in place it warns, skips the
+    # UNet and records `unet: (None, None)` in the pipeline's config; a plain `pipe.unet = fr.unet` keeps that
+    # record (diffusers' __setattr__ only refreshes entries that are not None), so the README's recipe
+    # registers the stock UNet, which rewrites the record, and puts the wrapper (with its graphs) back after.
+    import json
+
     from diffusers import StableDiffusionPipeline
 
     stock_unet = sd_pipe.unet
@@ -155,15 +159,18 @@ def test_pipeline_saves_with_the_stock_unet_swapped_in(sd_pipe, tmp_path):
     try:
         sd_pipe.unet = fr
         generate()
-        sd_pipe.unet = fr.unet
-        sd_pipe.save_pretrained(tmp_path)
+        sd_pipe.save_pretrained(tmp_path / "refused")  # what a user tries first
+        assert json.loads((tmp_path / "refused" / "model_index.json").read_text())["unet"] == [None, None]
+        sd_pipe.register_modules(unet=fr.unet)
+        sd_pipe.save_pretrained(tmp_path / "saved")
         sd_pipe.unet = fr
         generate()
         assert fr.stats.generations == 2 and fr.stats.captures == 1, "the swap for the save kept the graphs"
-        loaded = StableDiffusionPipeline.from_pretrained(tmp_path).unet
+        assert sd_pipe.config.unet == ("frdiff_compile.unet", "FRDiffUNet")
+        loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "saved").unet
         assert type(loaded) is type(stock_unet)
         assert all(torch.equal(v, stock_unet.state_dict()[k]) for k, v in loaded.state_dict().items())
         fr.save_pretrained(tmp_path / "unet_alone")  # the wrapper forwards to the UNet's own save
         assert (tmp_path / "unet_alone" / "config.json").exists()
     finally:
-        sd_pipe.unet = stock_unet
+        sd_pipe.register_modules(unet=stock_unet)  # the fixture is shared: leave its config as it was
