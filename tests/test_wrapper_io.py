@@ -167,6 +167,8 @@ def test_pipeline_saves_with_the_stock_unet_registered_even_after_a_failed_save(
         generate()
         assert fr.stats.generations == 2 and fr.stats.captures == 1, "the swap for the save kept the graphs"
         assert sd_pipe.config.unet == ("frdiff_compile.unet", "FRDiffUNet")
+        with pytest.raises(ValueError, match="should be"):  # diffusers takes only a ModelMixin as a component here
+            StableDiffusionPipeline.from_pretrained(tmp_path / "saved", unet=fr)  # README: load, then optimize
         loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "saved").unet
         assert type(loaded) is type(stock_unet)
         assert all(torch.equal(v, stock_unet.state_dict()[k]) for k, v in loaded.state_dict().items())
