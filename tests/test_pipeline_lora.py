@@ -91,6 +91,32 @@ def test_lora_managed_through_pipe_unet_gives_the_stock_unets_images(lora_pipe):
     assert np.array_equal(expected["mix again"], expected["mix"])
 
 
+def test_pipeline_loads_lora_into_an_optimized_unet(sd_pipe):
+    """The usual server order: optimize once, then `pipe.load_lora_weights` per style. Each load reaches the UNet
+    through the wrapper, and the images are the stock UNet's with the same adapters."""
+    stock = sd_pipe.unet
+    weights = {name: lora_weights(stock, seed) for seed, name in ((1, "a"), (2, "b"))}
+    expected = [generate(sd_pipe)]
+    try:
+        for name, state in weights.items():
+            sd_pipe.load_lora_weights(state, adapter_name=name)
+            expected.append(generate(sd_pipe))
+        stock.unload_lora()
+        fr = frdiff_compile.optimize(stock, FRDiffConfig(keyframe_interval=1, compile=False))
+        sd_pipe.unet = fr
+        got = [generate(sd_pipe)]
+        for name, state in weights.items():
+            sd_pipe.load_lora_weights(state, adapter_name=name)
+            got.append(generate(sd_pipe))
+        for i, (g, e) in enumerate(zip(got, expected)):
+            assert np.abs(g - e).max() < 1e-5, f"after {i} adapters the image differs from the stock UNet's"
+        assert not np.allclose(expected[0], expected[1], atol=1e-3), "the LoRA did not change the image"
+        assert fr.stats.captures == 3 and fr.stats.eager_calls == 0, fr.stats
+    finally:
+        sd_pipe.unet = stock
+        stock.unload_lora()
+
+
 def test_pipeline_level_lora_methods_still_skip_the_wrapper(lora_pipe):
     """What README warns of: with the wrapper in `pipe.unet`, `pipe.disable_lora()` and
     `pipe.unload_lora_weights()` leave the UNet's adapters on, and `pipe.get_list_adapters()` does not list them."""
