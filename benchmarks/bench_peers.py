@@ -28,8 +28,11 @@ built) and frdiff-m2-nocg; "frdiff-deep3" and "frdiff-deep2" (and "-nocg"), frdi
 interval 3 and 2 (deep2 runs deep3's graphs); "compiled-static-cl", "frdiff-m2-cl" and "frdiff-m3-cl" (M=3 on
 M=2-cl's graphs), the same on a copy of the UNet converted with `.to(memory_format=torch.channels_last)`, the
 conversion diffusers recommends: its convolutions run channels_last with weights laid out once, where
-frdiff_compile's graphs otherwise keep the NCHW layout the UNet is loaded in. Each provider runs one untimed
-loop (compilation, capture) and then --loops timed loops (CUDA events, median).
+frdiff_compile's graphs otherwise keep the NCHW layout the UNet is loaded in; "frdiff-m2-lo" and "frdiff-m3-lo"
+(M=3 on M=2-lo's graphs), frdiff_compile with `conv_layout="inductor"` on the NCHW UNet: inductor's layout
+optimization runs the convolutions channels_last, copying the weights at every call, as compiled-static does
+(the configuration of the 2026-11-26 H100 run, whose reuse call took 0.28 of a keyframe call). Each provider
+runs one untimed loop (compilation, capture) and then --loops timed loops (CUDA events, median).
 
 Reports per provider: loop ms, speedup against eager and against compiled stock, first-loop seconds (for
 compiled providers, mostly compilation), peak memory above what was allocated before it was built; for
@@ -64,11 +67,13 @@ from frdiff_compile.passes import CallLayout
 # stock compile comes after frdiff M=2 and the speedups against it are filled in at the end.
 DEFAULT = ("eager", "frdiff-m2", "compiled-static", "frdiff-m3", "deepcache", "frdiff-m2-nocg")
 ALL = (*DEFAULT, "compiled-static-nchw", "compiled", "deepcache-compiled", "frdiff-m3-nocg", "frdiff-deep3",
-       "frdiff-deep2", "frdiff-deep3-nocg", "frdiff-deep2-nocg", "compiled-static-cl", "frdiff-m2-cl", "frdiff-m3-cl")
+       "frdiff-deep2", "frdiff-deep3-nocg", "frdiff-deep2-nocg", "compiled-static-cl", "frdiff-m2-cl", "frdiff-m3-cl",
+       "frdiff-m2-lo", "frdiff-m3-lo")
 # Providers that run another's graphs under their own schedule where that one was built (`reconfigure`).
 SHARES_GRAPHS = {"frdiff-m3": "frdiff-m2", "frdiff-deep2": "frdiff-deep3"}
 BASELINES = ("eager", "compiled-static", "compiled-static-nchw", "compiled-static-cl", "compiled")
 CHANNELS_LAST = "-cl"  # the suffix of the providers that run on the channels_last copy of the UNet
+INDUCTOR_LAYOUT = "-lo"  # the suffix of the frdiff providers compiled with conv_layout="inductor"
 
 
 class StaticStock:
@@ -101,7 +106,7 @@ class StaticStock:
 def graphs_of(name: str) -> str:
     """The frdiff provider whose graphs `name` runs where that one was built: M=3 runs M=2's, deep2 deep3's
     (each with the same suffixes: frdiff-m3-cl runs frdiff-m2-cl's)."""
-    base = name.removesuffix(CHANNELS_LAST).removesuffix("-nocg")
+    base = name.removesuffix(CHANNELS_LAST).removesuffix(INDUCTOR_LAYOUT).removesuffix("-nocg")
     return SHARES_GRAPHS.get(base, base) + name[len(base):]
 
 
@@ -114,12 +119,14 @@ def channels_last_copy(unet, copies: dict):
 
 
 def frdiff_config(name: str, mode: str) -> FRDiffConfig:
-    """frdiff-m<M>[-nocg][-cl] (FRDiff's cache points) or frdiff-deep<N>[-nocg] (DeepCache's deep feature)."""
-    method = name.removeprefix("frdiff-").removesuffix(CHANNELS_LAST).removesuffix("-nocg")
+    """frdiff-m<M>[-nocg][-cl|-lo] (FRDiff's cache points) or frdiff-deep<N>[-nocg] (DeepCache's deep feature)."""
+    method = name.removeprefix("frdiff-").removesuffix(CHANNELS_LAST).removesuffix(INDUCTOR_LAYOUT)
+    method = method.removesuffix("-nocg")
     deep = method.startswith("deep")
     return FRDiffConfig(keyframe_interval=int(method.removeprefix("deep" if deep else "m")),
                         cache_point="deep" if deep else "features",
                         cuda_graphs=False if "-nocg" in name else None,
+                        conv_layout="inductor" if name.endswith(INDUCTOR_LAYOUT) else "traced",
                         compile={"dry": False, "cpu": True, "cuda": None}[mode])
 
 

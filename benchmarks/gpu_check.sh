@@ -129,8 +129,8 @@ if [[ "$STAGES" == *" gpu_tests "* ]]; then
   fi
 fi
 stage bench_blend 100 $PY benchmarks/bench_blend.py "${BLEND[@]}" --csv "$OUT/bench_blend.csv"
-# PEER_PROVIDERS: bench_peers' providers for this run (its default set when unset), e.g. to add the
-# compiled-static-nchw baseline in place of providers an earlier run measured.
+# PEER_PROVIDERS: bench_peers' providers for this run (its default set when unset), e.g. to add frdiff-m2-lo
+# (conv_layout="inductor") and the compiled-static-nchw baseline in place of providers an earlier run measured.
 stage bench_peers 300 $PY benchmarks/bench_peers.py "${PEERS[@]}" ${PEER_PROVIDERS:+--providers "$PEER_PROVIDERS"} \
   --csv "$OUT/bench_peers.csv"
 # After bench_peers, whose frdiff-m2 graphs are the same inductor compiles: bench_peers measures the cold

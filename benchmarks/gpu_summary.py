@@ -119,6 +119,17 @@ def summary(out: Path) -> list[tuple[str, str, str, str]]:
         # The runtime's host work per loop: its loop minus the same loop with the graphs called directly.
         lines.append(line(f"{name} runtime host ms per loop", number(peers.get(name, {}).get("runtime_host_ms")), "",
                           None))
+    # Every frdiff provider's per-call times, and the variants' speedups (another conv layout, no CUDA graphs,
+    # the UNet channels_last) against the same stock: no target, the numbers that say which configuration to
+    # make the default.
+    for name, row in peers.items():
+        if not name.startswith("frdiff"):
+            continue
+        if number(row.get("reuse_ms")):
+            lines.append((f"{name} keyframe / reuse ms",
+                          f"{number(row['keyframe_ms']):.3g} / {number(row['reuse_ms']):.3g}", "", "-"))
+        if name not in ("frdiff-m2", "frdiff-m3") and loop.get(name) and base_ms["compiled"]:
+            lines.append(line(f"{name} vs best compiled stock", base_ms["compiled"] / loop[name], "", None))
     # Both graphs' compile time as the runtime counts it, for M=2 (M=3 runs M=2's graphs); older rows have
     # only the first loop's time.
     row = peers.get("frdiff-m2", {})

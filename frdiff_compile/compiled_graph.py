@@ -132,7 +132,7 @@ class CompiledGraph:
     """
 
     def __init__(self, gm: fx.GraphModule, mode: str | None, stats: RuntimeStats, kind: str = "keyframe",
-                 parts: int = 1) -> None:
+                 parts: int = 1, conv_layout: str = "traced") -> None:
         self.gm = gm
         self.kind = kind  # "keyframe" or "reuse": which share of the compile time this graph's goes to
         # Never frozen, whatever `torch._inductor.config.freezing` says (users turn it on for CPU inference):
@@ -140,14 +140,17 @@ class CompiledGraph:
         # fuse, a hotswap) went unseen, 9.1 off stock, and moved parameters would be kept twice. Nor are
         # inductor's own CUDA graphs on unless the mode asks for them: a global `triton.cudagraphs = True`
         # would have the direct compile replay graphs inside the runtime's captures.
-        # Convolutions in the layouts the graph was traced in (a channels_last UNet's are channels_last):
-        # inductor's layout optimization runs them channels_last instead, and with parameters as call
-        # arguments (never frozen, above) it copies every convolution weight to that layout at every call
-        # (its own TODO in `kernel/conv.py`): 1.1 GiB per keyframe call of SD 1.5 in fp16, 0.56 ms at an
-        # H200's copy bandwidth, and its activation copies besides. On CPU (small config, 32x32 latents, fp32,
-        # two pairs of processes) both graphs were 6-12% faster without it; on a GPU it is unmeasured.
+        # conv_layout "traced": convolutions in the layouts the graph was traced in (a channels_last UNet's
+        # are channels_last). Inductor's layout optimization ("inductor") runs them channels_last instead, and
+        # with parameters as call arguments (never frozen, above) it copies every convolution weight to that
+        # layout at every call (its own TODO in `kernel/conv.py`): 1.1 GiB per keyframe call of SD 1.5 in
+        # fp16, 0.56 ms at an H200's copy bandwidth, and its activation copies besides. On CPU (small config,
+        # 32x32 latents, fp32, two pairs of processes) both graphs were 6-12% faster without it. On GPUs the
+        # one reading is mixed: an H100 run with it on (static sizes) had the reuse call at 0.28 of a keyframe
+        # call, an H200 run with NCHW convolutions (symbolic sizes) at 0.47; bench_peers' frdiff-m2-lo runs it.
+        # Set explicitly either way, so that a worker process compiles under the same key.
         self.options = {"triton.cudagraphs": False, **inductor_mode_options(mode), "freezing": False,
-                        "layout_optimization": False}
+                        "layout_optimization": conv_layout == "inductor"}
         self.via_dynamo = bool(self.options.get("triton.cudagraphs"))
         self.stats = stats
         self.fn: Callable[..., torch.Tensor] | None = None

@@ -122,12 +122,13 @@ class GraphEntry:
         graph_backend: Backend | None = None,
         pool: SharedPool | None = None,
         keyframe_parts: int = 1,
+        conv_layout: str = "traced",
     ) -> GraphEntry:
         keyframe_fn: Callable[..., torch.Tensor] = keyframe
         reuse_fn: Callable[..., torch.Tensor] = reuse
         if compile:
-            keyframe_fn = CompiledGraph(keyframe, compile_mode, stats, parts=keyframe_parts)
-            reuse_fn = CompiledGraph(reuse, compile_mode, stats, kind="reuse")
+            keyframe_fn = CompiledGraph(keyframe, compile_mode, stats, parts=keyframe_parts, conv_layout=conv_layout)
+            reuse_fn = CompiledGraph(reuse, compile_mode, stats, kind="reuse", conv_layout=conv_layout)
         entry = cls(plan, report, keyframe_fn, reuse_fn, out_meta, device, stats, graph_backend, pool)
         entry.allocate()
         return entry
@@ -309,7 +310,7 @@ def build_entry(
         out = captured.graph_module.graph.find_nodes(op="output")[0].args[0].meta["val"]
         entry: GraphEntry | str = GraphEntry.create(pair.keyframe, pair.reuse, plan, pair.report, out, device,
                                                     compile_graphs, config.compile_mode, stats, backend, pool,
-                                                    config.keyframe_parts)
+                                                    config.keyframe_parts, config.conv_layout)
         stats.captures += 1
     except UnsupportedCall as exc:  # refused by a check, not a failure: the reason says it all
         entry = f"the UNet could not be captured for {layout.describe()}: {exc}"

@@ -67,6 +67,23 @@ def test_compiled_graphs_match_eager_and_compile_once():
     assert max_rel_error(moved, sample(optimized_fn(eager_fr, cond), scheduler("sd15"), STEPS)) < 1e-4
 
 
+def test_inductors_conv_layout_matches_the_eager_graphs():
+    # conv_layout="inductor": the graphs' convolutions run channels_last on copies of the weights, the cache
+    # buffers and the blend keep the layouts the trace gave them (the runtime allocates them from the trace).
+    unet = make_unet("sd15", layers_per_block=1)
+    cond = unet_inputs("sd15")
+    expected = sample(optimized_fn(frdiff_compile.optimize(unet, FRDiffConfig(compile=False)), cond),
+                      scheduler("sd15"), 6)
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(compile=True, conv_layout="inductor"))
+    got, codes = generated_code(sample, optimized_fn(fr, cond), scheduler("sd15"), 6)
+    assert fr.stats.compiles == 2 and fr.stats.reuse_calls > 0, fr.stats
+    weights = [re.findall(r"extern_kernels\.convolution\(\w+, (\w+),", code) for code in codes]
+    # 3x3 weights are copied to channels_last; a 1x1 weight is channels_last as it is, and read where it lives.
+    assert all(any(not re.fullmatch(r"arg\d+_1", w) for w in ws) for ws in weights), weights
+    err = max_rel_error(got, expected)
+    assert err < 1e-4, f"conv_layout='inductor' trajectory differs from eager graphs by {err:.2e} (fp32, tiny sd15)"
+
+
 class _Toy(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -102,6 +119,28 @@ def test_only_modes_with_inductor_cuda_graphs_go_through_dynamo_and_all_use_the_
         caches = {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")}
         assert not caches.get("fxgraph_cache_bypass") and sum(caches.values()) == 1, (mode, caches)
         assert (stats.compiles, stats.recompiles) == (1, 0) and stats.compile_seconds > 0, (mode, stats)
+
+
+class _Convs(torch.nn.Module):
+    def forward(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        conv = torch.nn.functional.conv2d
+        return conv(torch.relu(conv(x, w1, padding=1)), w2, padding=1)
+
+
+@pytest.mark.parametrize("conv_layout", ["traced", "inductor"])
+def test_conv_layout_decides_whether_weights_reach_the_convolutions_as_they_are(conv_layout):
+    # "traced": each convolution reads its weight argument where it lives. "inductor": inductor's layout
+    # optimization runs them channels_last and copies the weights into new buffers at every call (CPU
+    # inductor takes it for any convolution; on CUDA its heuristic picks, channels_last for SD in fp16).
+    x, w1, w2 = torch.randn(2, 8, 16, 16), torch.randn(16, 8, 3, 3), torch.randn(8, 16, 3, 3)
+    gm = make_fx(_Convs())(x, w1, w2)
+    compiled = CompiledGraph(gm, None, RuntimeStats(), conv_layout=conv_layout)
+    with torch.no_grad():
+        out, codes = generated_code(compiled, x, w1, w2)
+    torch.testing.assert_close(out, gm(x, w1, w2))
+    weights = re.findall(r"extern_kernels\.convolution\(\w+, (\w+),", codes[0])
+    assert len(weights) == 2 and all(re.fullmatch(r"arg[12]_1", w) for w in weights) == (conv_layout == "traced"), \
+        weights
 
 
 def test_a_failing_direct_compile_falls_back_to_torch_compile_with_one_warning(monkeypatch):

@@ -23,6 +23,7 @@ from frdiff_compile.steps import RECENT, StepTracker
         ("compile", "yes"),
         ("score_mixing", 1),
         ("cache_point", "shallow"),
+        ("conv_layout", "channels_last"),  # a layout, not who picks it: convert the UNet for that
         ("compile_mode", "max-autotune-nocudagraphs"),  # a typo: torch's own list of modes decides
         ("compile_mode", 3),
         ("version", 99),
@@ -34,8 +35,9 @@ def test_invalid_config_names_the_field(field, value):
 
 
 def test_config_json_round_trip():
-    config = FRDiffConfig(keyframes=(True, False, True), mix_bias=0.3, compile=False)
+    config = FRDiffConfig(keyframes=(True, False, True), mix_bias=0.3, compile=False, conv_layout="inductor")
     assert FRDiffConfig.from_json(config.to_json()) == config
+    assert not config.same_graphs(FRDiffConfig(keyframes=(True, False, True), compile=False))  # the layout differs
     with pytest.raises(ValueError, match="malformed"):
         FRDiffConfig.from_json("{not json")
     with pytest.raises(ValueError, match="unknown FRDiffConfig fields"):

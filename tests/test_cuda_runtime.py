@@ -225,12 +225,16 @@ def test_moved_parameters_keep_the_graphs_and_are_never_read_stale(warm):
     assert new.cudagraph_fallbacks == 0 and new.reuse_replays == new.reuse_calls > 0, new  # captured again
 
 
-def test_channels_last_unet_under_compile_and_cuda_graphs():
-    """The layout users pick for speed: inductor's own layout choices must not break the blend's operands."""
-    unet = device_unet(torch.float16).to(memory_format=torch.channels_last)
+@pytest.mark.parametrize("layout", ["channels_last_unet", "conv_layout_inductor"])
+def test_channels_last_convolutions_under_compile_and_cuda_graphs(layout):
+    """The layout users pick for speed (the UNet converted), and inductor's pick on an NCHW UNet
+    (`conv_layout="inductor"`, weights copied per call): neither may break the blend's operands."""
+    unet = device_unet(torch.float16)
+    if layout == "channels_last_unet":
+        unet = unet.to(memory_format=torch.channels_last)
     cond = device_inputs(torch.float16)
     expected = trajectory(eager_graphs(unet), cond)
-    fr = compiled(unet)
+    fr = compiled(unet, **({"conv_layout": "inductor"} if layout == "conv_layout_inductor" else {}))
     got = trajectory(fr, cond)
     assert max_rel_error(got, expected) < TOLERANCE[torch.float16]
     s = fr.stats

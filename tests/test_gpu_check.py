@@ -42,7 +42,10 @@ def test_summary_judges_the_newest_run_against_the_targets(tmp_path):
          "measured_over_model": "", "first_loop_s": "2"},
         # Written before the compiled baseline existed: its speedup against it is computed from loop times.
         {"date": new, "provider": "frdiff-m2", "loop_ms": "380", "vs_eager": "2.63", "vs_compiled": "",
-         "measured_over_model": "1.04", "first_loop_s": "75", "runtime_host_ms": "12.5"},
+         "measured_over_model": "1.04", "first_loop_s": "75", "runtime_host_ms": "12.5", "keyframe_ms": "7.3",
+         "reuse_ms": "3.4"},
+        # conv_layout="inductor" (a PEER_PROVIDERS choice): reported against the same stock, no target.
+        {"date": new, "provider": "frdiff-m2-lo", "loop_ms": "316.7", "keyframe_ms": "7.5", "reuse_ms": "2.1"},
         {"date": new, "provider": "compiled", "loop_ms": "570", "vs_eager": "1.75", "vs_compiled": "1",
          "measured_over_model": "", "first_loop_s": "90"},
         # The faster compiled stock provider is the baseline the target names.
@@ -105,6 +108,10 @@ def test_summary_judges_the_newest_run_against_the_targets(tmp_path):
     assert not any(k.startswith("layouts: frdiff-m3-cl") for k in verdicts)  # not measured (no eager either)
     assert verdicts["frdiff-m2 measured / cost model"][3] == "met"
     assert verdicts["frdiff-m2 runtime host ms per loop"][1:] == ("12.5", "", "-")
+    assert verdicts["frdiff-m2 keyframe / reuse ms"][1] == "7.3 / 3.4"
+    assert verdicts["frdiff-m2-lo keyframe / reuse ms"][1] == "7.5 / 2.1"
+    assert verdicts["frdiff-m2-lo vs best compiled stock"][1:] == ("1.5", "", "-")
+    assert "frdiff-m2-lo vs eager" not in verdicts  # only the targets' providers are judged
     assert verdicts["frdiff-m2 first loop s (compile)"][3] == "MISSED"
     assert verdicts["frdiff-m3 vs eager"][1:] == ("missing", ">= 3", "-")
 
@@ -115,7 +122,7 @@ def test_bench_peers_dry_run_measures_every_requested_provider(tmp_path):
         [sys.executable, str(BENCH / "bench_peers.py"), "--dry-run",
          "--providers",
          "eager,compiled-static,compiled-static-nchw,frdiff-m2,frdiff-m3,frdiff-m2-nocg,frdiff-m3-nocg,frdiff-deep3,"
-         "frdiff-deep2,compiled-static-cl,frdiff-m2-cl,frdiff-m3-cl",
+         "frdiff-deep2,compiled-static-cl,frdiff-m2-cl,frdiff-m3-cl,frdiff-m2-lo,frdiff-m3-lo",
          "--csv", str(out)],
         capture_output=True, text=True, timeout=600,
     )
@@ -124,7 +131,7 @@ def test_bench_peers_dry_run_measures_every_requested_provider(tmp_path):
         rows = {r["provider"]: r for r in csv.DictReader(f)}
     assert set(rows) == {"eager", "compiled-static", "compiled-static-nchw", "frdiff-m2", "frdiff-m3", "frdiff-m2-nocg",
                          "frdiff-m3-nocg", "frdiff-deep3", "frdiff-deep2", "compiled-static-cl", "frdiff-m2-cl",
-                         "frdiff-m3-cl"}
+                         "frdiff-m3-cl", "frdiff-m2-lo", "frdiff-m3-lo"}
     assert all(float(r["loop_ms"]) > 0 for r in rows.values()), rows
     frdiff = rows["frdiff-m2"]
     assert float(frdiff["keyframe_ms"]) > 0 and float(frdiff["model_ms"]) > 0
@@ -146,6 +153,8 @@ def test_bench_peers_dry_run_measures_every_requested_provider(tmp_path):
     assert rows["frdiff-m2-cl"]["note"].startswith("2/1/1") and float(rows["frdiff-m2-cl"]["vs_compiled_static_cl"]) > 0
     m3 = rows["frdiff-m3-cl"]["note"]
     assert m3.startswith("graphs of frdiff-m2-cl (reconfigure); 2/1/1") and "0 graphs" in m3, m3
+    m3 = rows["frdiff-m3-lo"]["note"]  # inductor's conv layout: graphs of their own, M=3 on M=2-lo's
+    assert m3.startswith("graphs of frdiff-m2-lo (reconfigure); 2/1/1") and "0 graphs" in m3, m3
 
 
 def test_channels_last_providers_run_on_one_converted_copy_of_the_unet():
@@ -160,6 +169,8 @@ def test_channels_last_providers_run_on_one_converted_copy_of_the_unet():
     config = frdiff_config("frdiff-m3-cl", "cuda")
     assert config.keyframe_interval == 3 and config.cuda_graphs is None and config.cache_point == "features"
     assert frdiff_config("frdiff-m2-nocg", "cuda").cuda_graphs is False
+    assert config.conv_layout == "traced" and frdiff_config("frdiff-m3-lo", "cuda").conv_layout == "inductor"
+    assert graphs_of("frdiff-m3-lo") == "frdiff-m2-lo"
 
 
 def test_direct_graph_loop_follows_the_runtimes_schedule():
