@@ -7,6 +7,8 @@ Run (a process per shape mode, each compile cold):
     python benchmarks/bench_codegen.py --shapes static --keyframe-parts 3 --parts-in-turn   # keyframe_parts=3
     python benchmarks/bench_codegen.py --backend cuda-stub --shapes static --dump-code /tmp/code --csv ''
                                                                 # and each graph's generated code, to read
+    python benchmarks/bench_codegen.py --backend cuda-stub --conv-layout inductor --dump-code /tmp/code
+                                                                # FRDiffConfig(conv_layout="inductor")
 
 Why: on the H200 (2026-11-28) the cold compile of both SD 1.5 graphs took 97 s, and inductor's own phase
 timers put 85 s of it in single-threaded Python (AOTAutograd's trace, lowering, scheduling, code generation)
@@ -162,14 +164,16 @@ def child(args: argparse.Namespace) -> None:
                       for kind, (gm, example, ops) in graphs.items()}
         for kind, (gm, example, ops) in graphs.items():
             before = {k: len(metrics.get(v, [])) for k, v in PHASES.items()}
-            options = {**CompiledGraph(gm, None, RuntimeStats()).options, **extra}
+            options = {**CompiledGraph(gm, None, RuntimeStats(), conv_layout=args.conv_layout).options, **extra}
             start = time.perf_counter()
             kernels, symbols, source = _compile(gm, example, options, args.mode, fake_mode)
             if args.dump_code:  # to read what a graph runs: its kernels, library calls and copies
-                name = f"{args.backend}_{args.mode}_{kind.replace(' ', '_').replace('/', 'of')}.py"
+                layout = "_inductor-layout" if args.conv_layout == "inductor" else ""
+                name = f"{args.backend}_{args.mode}{layout}_{kind.replace(' ', '_').replace('/', 'of')}.py"
                 Path(args.dump_code, name).write_text(source)
-            row = {"backend": args.backend, "shapes": args.mode, "graph": kind, "ops": ops,
-                   "to_code_s": time.perf_counter() - start, "triton_kernels": kernels, "symbolic_sizes": symbols}
+            row = {"backend": args.backend, "shapes": args.mode, "conv_layout": args.conv_layout, "graph": kind,
+                   "ops": ops, "to_code_s": time.perf_counter() - start, "triton_kernels": kernels,
+                   "symbolic_sizes": symbols}
             row.update({k: sum(metrics.get(v, [])[before[k]:]) for k, v in PHASES.items()})
             rows.append(row)
     print(json.dumps(rows))
@@ -216,6 +220,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=900, help="seconds per process")
     parser.add_argument("--csv", default=str(RESULTS / "bench_codegen.csv"), help="'' to write none")
     parser.add_argument("--dump-code", default="", help="a folder to write each graph's generated code into")
+    parser.add_argument("--conv-layout", default="traced", choices=["traced", "inductor"],
+                        help="FRDiffConfig.conv_layout the graphs are compiled with (default traced)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="static", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--part", default="", help=argparse.SUPPRESS)  # "k/K": one keyframe part, static
@@ -242,7 +248,8 @@ def main() -> None:
     rows: list[dict] = []
     base = [sys.executable, __file__, "--child", "--backend", args.backend, "--config", args.config, "--latent",
             str(args.latent), "--batch", str(args.batch), "--dtype", args.dtype, "--cache-point", args.cache_point,
-            "--dump-code", str(Path(args.dump_code).resolve()) if args.dump_code else ""]
+            "--dump-code", str(Path(args.dump_code).resolve()) if args.dump_code else "",
+            "--conv-layout", args.conv_layout]
     for mode in modes:
         rows.extend(_run([[*base, "--mode", mode]], env, args.timeout, {"backend": args.backend, "shapes": mode}))
     if args.keyframe_parts > 1:  # all parts at once, a process each: the wait is the slowest part's
@@ -251,7 +258,8 @@ def main() -> None:
         for batch in ([[c] for c in parts] if args.parts_in_turn else [parts]):
             rows.extend(_run(batch, env, args.timeout, {"backend": args.backend, "shapes": "static"}))
     rows = [{**row, "shape": shape} for row in rows]
-    columns = ["backend", "shapes", "graph", "ops", "triton_kernels", "symbolic_sizes", "to_code_s", *PHASES, "note"]
+    columns = ["backend", "shapes", "conv_layout", "graph", "ops", "triton_kernels", "symbolic_sizes", "to_code_s",
+               *PHASES, "note"]
     print_table(rows, columns, f"bench_codegen ({shape}; {args.backend}: inductor's code generation, no kernel built)")
     if args.csv:
         append_csv(Path(args.csv), rows, environment(torch.device("cpu")))
