@@ -140,15 +140,16 @@ class CompiledGraph:
         # fuse, a hotswap) went unseen, 9.1 off stock, and moved parameters would be kept twice. Nor are
         # inductor's own CUDA graphs on unless the mode asks for them: a global `triton.cudagraphs = True`
         # would have the direct compile replay graphs inside the runtime's captures.
-        # conv_layout "traced": convolutions in the layouts the graph was traced in (a channels_last UNet's
-        # are channels_last). Inductor's layout optimization ("inductor") runs them channels_last instead, and
-        # with parameters as call arguments (never frozen, above) it copies every convolution weight to that
-        # layout at every call (its own TODO in `kernel/conv.py`): 1.1 GiB per keyframe call of SD 1.5 in
-        # fp16, 0.56 ms at an H200's copy bandwidth, and its activation copies besides. On CPU (small config,
-        # 32x32 latents, fp32, two pairs of processes) both graphs were 6-12% faster without it. On GPUs the
-        # one reading is mixed: an H100 run with it on (static sizes) had the reuse call at 0.28 of a keyframe
-        # call, an H200 run with NCHW convolutions (symbolic sizes) at 0.47; bench_peers' frdiff-m2-lo runs it.
-        # Set explicitly either way, so that a worker process compiles under the same key.
+        # conv_layout "traced": convolutions in the layouts the graph was traced in (a channels_last UNet's are
+        # channels_last). Inductor's layout optimization ("inductor") runs them channels_last instead, and with
+        # parameters as call arguments (never frozen, above) it copies every convolution weight to that layout at
+        # every call (its own TODO in `kernel/conv.py`): 52 3x3 weights, 1032 MiB read and as much written, per
+        # keyframe call of SD 1.5 in fp16 (bench_codegen's cuda-stub), about 0.52 ms at an H200's copy bandwidth,
+        # and 482 MiB per reuse call. On CPU (small config, 32x32 latents, fp32, two pairs of processes) both graphs
+        # were 6-12% faster without it. The GPU runs point the other way, with a second difference between them: the
+        # reuse call took 0.28 of a keyframe call on an H100 with it on, 0.47 on an H200 with NCHW convolutions and
+        # symbolic sizes. bench_peers' frdiff-m2-lo measures it. Set explicitly either way, so that a worker process
+        # compiles under the same key.
         self.options = {"triton.cudagraphs": False, **inductor_mode_options(mode), "freezing": False,
                         "layout_optimization": conv_layout == "inductor"}
         self.via_dynamo = bool(self.options.get("triton.cudagraphs"))

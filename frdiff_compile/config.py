@@ -59,8 +59,8 @@ class FRDiffConfig:
             tensors have (NCHW as diffusers loads a UNet, channels_last after
             `unet.to(memory_format=torch.channels_last)`), with every weight read where it lives. "inductor":
             inductor's layout optimization picks (channels_last for SD-class graphs in fp16 on CUDA), and
-            copies every convolution weight not already in that layout at every call (1.1 GiB read and
-            written per SD 1.5 keyframe call in fp16), since the graphs take the parameters as arguments.
+            copies every convolution weight not already in that layout at every call (1032 MiB read and as
+            much written per SD 1.5 keyframe call in fp16), since the graphs take the parameters as arguments.
             "traced" was 6-12% faster on CPU; which is faster on a GPU is unmeasured (README, "Convolution
             layouts"), and converting the UNet to channels_last gets those convolutions without the copies.
         cuda_graphs: capture each graph as a CUDA graph over static input buffers and replay it every step.

@@ -45,7 +45,7 @@ def test_compiled_graphs_match_eager_and_compile_once():
     symbolic = [sorted(set(re.findall(r"\bk?s\d+\b", code))) for code in codes]
     assert symbolic == [[], []], symbolic
     # Every convolution reads its weight straight from the graph's arguments (`argN_1`): inductor's layout
-    # optimization would copy each weight to channels_last at every call (1.1 GiB per SD 1.5 keyframe in fp16).
+    # optimization would copy each weight to channels_last at every call (1 GiB per SD 1.5 keyframe in fp16).
     weights = [re.findall(r"extern_kernels\.convolution\(\w+, (\w+),", code) for code in codes]
     assert all(weights) and all(re.fullmatch(r"arg\d+_1", w) for ws in weights for w in ws), weights
     assert fr.stats.reuse_calls > 1 and fr.stats.full_calls > 1, fr.stats
