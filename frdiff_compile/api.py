@@ -63,12 +63,10 @@ def _check_model(unet: object) -> None:
 def optimize(unet: torch.nn.Module, config: FRDiffConfig | None = None) -> FRDiffUNet:
     """Wrap `unet` so every generation runs FRDiff's keyframe and reuse graphs.
 
-    Use it as `pipe.unet = frdiff_compile.optimize(pipe.unet)`; generating needs no other change. Three kinds of
-    pipeline-level diffusers call act only on diffusers' own model classes, so with the wrapper in place they
-    need the UNet spelled out (README, "Saving, loading, copying" and "LoRA in a pipeline"): `pipe.set_adapters`,
-    `pipe.disable_lora` and the other LoRA management methods skip the UNet without a word (call them on
-    `pipe.unet`); `pipe.save_pretrained` refuses it (register `pipe.unet.unet` for the save); and
-    `from_pretrained(..., unet=...)` refuses it (load, then optimize).
+    Use it as `pipe.unet = frdiff_compile.optimize(pipe.unet)`; generating needs no other change. diffusers'
+    pipeline-level LoRA management (`pipe.set_adapters`, `pipe.disable_lora`, ...) skips a UNet that is not one
+    of its own classes without a word, and `pipe.save_pretrained` refuses it: make those calls inside
+    `with frdiff_compile.unwrapped(pipe):`. `from_pretrained(..., unet=...)` refuses it too: load, then optimize.
     """
     if config is None:
         config = FRDiffConfig()

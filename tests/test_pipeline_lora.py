@@ -5,9 +5,10 @@ diffusers' pipeline-level LoRA methods (`set_adapters`, `disable_lora`, `enable_
 `issubclass(model.__class__, ModelMixin)`, which neither this wrapper nor torch.compile's passes (diffusers issues
 11408 and 11766), so they skip the UNet without a word. `load_lora_weights` does reach it (it calls the UNet's own
 `load_lora_adapter`), and so does every method called on `pipe.unet`, which the wrapper passes to the UNet. These
-tests pin both halves: what README tells users to call works and gives the stock UNet's images, and the
-pipeline-level skip is still diffusers' behaviour (when a diffusers release unwraps such modules, the second test
-fails and README's advice can be relaxed).
+tests pin both halves: what README tells users to call works and gives the stock UNet's images (the methods on
+`pipe.unet`, or the pipeline's own inside `frdiff_compile.unwrapped(pipe)`), and the pipeline-level skip is still
+diffusers' behaviour (when a diffusers release unwraps such modules, that test fails and README's advice can be
+relaxed).
 """
 
 import copy
@@ -32,8 +33,8 @@ def lora_weights(unet, seed: int) -> dict[str, torch.Tensor]:
     donor.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS, init_lora_weights=False), "x")
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in donor.named_parameters():
-            if "lora" in name:
+        for name, p in donor.named_parameters():  # adapter "x" only: the same values whatever `unet` holds
+            if ".x." in name:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
     return {f"unet.{k}": v for k, v in get_peft_model_state_dict(donor, adapter_name="x").items()}
 
@@ -133,3 +134,48 @@ def test_pipeline_level_lora_methods_still_skip_the_wrapper(lora_pipe):
     assert set(stock.peft_config) == {"a", "b"}, "diffusers now unloads LoRA through the wrapper"
     pipe.unet.unload_lora()  # what README says to call
     assert not getattr(stock, "peft_config", None)
+
+
+def test_pipeline_level_lora_methods_work_inside_unwrapped(lora_pipe):
+    """`frdiff_compile.unwrapped(pipe)` registers the stock UNet for the block, so diffusers' own methods reach
+    it; after the block the wrapper serves the state they left, with the stock UNet's images."""
+    pipe, stock = lora_pipe, lora_pipe.unet
+    changes = {  # pipeline-level calls, each made on the stock pipeline and then inside unwrapped()
+        "mix": lambda: pipe.set_adapters(["a", "b"], [0.5, 0.8]),
+        "off": pipe.disable_lora,
+        "on": pipe.enable_lora,
+        "unloaded": pipe.unload_lora_weights,
+    }
+    state = copy.deepcopy(stock.state_dict())
+    expected = {}
+    for name, change in changes.items():
+        change()
+        expected[name] = generate(pipe)
+    for seed, name in ((1, "a"), (2, "b")):  # back to the fixture's two adapters, as loaded
+        pipe.load_lora_weights(lora_weights(stock, seed), adapter_name=name)
+    assert all(torch.equal(v, state[k]) for k, v in stock.state_dict().items())
+    fr = frdiff_compile.optimize(stock, FRDiffConfig(keyframe_interval=1, compile=False))  # M=1: exactly the UNet
+    pipe.unet = fr
+    for name, change in changes.items():
+        with frdiff_compile.unwrapped(pipe) as same:
+            assert same is pipe and pipe.unet is stock and pipe.config.unet == ("diffusers", "UNet2DConditionModel")
+            change()
+        assert pipe.unet is fr and pipe.config.unet == ("frdiff_compile.unet", "FRDiffUNet")
+        assert np.abs(generate(pipe) - expected[name]).max() < 1e-5, f"after {name!r} the image differs from stock"
+    assert fr.stats.eager_calls == 0, fr.stats
+
+
+def test_unwrapped_says_what_it_takes_and_leaves_a_replaced_component_alone(sd_pipe):
+    with pytest.raises(TypeError, match="takes a diffusers pipeline"), frdiff_compile.unwrapped(sd_pipe.unet):
+        pass
+    with pytest.raises(ValueError, match="found no UNet optimized"), frdiff_compile.unwrapped(sd_pipe):
+        pass
+    stock = sd_pipe.unet
+    other = copy.deepcopy(stock)
+    try:
+        sd_pipe.unet = frdiff_compile.optimize(stock)
+        with pytest.warns(UserWarning, match="pipe.unet was replaced inside"), frdiff_compile.unwrapped(sd_pipe):
+            sd_pipe.unet = other
+        assert sd_pipe.unet is other
+    finally:
+        sd_pipe.unet = stock

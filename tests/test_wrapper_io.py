@@ -144,11 +144,11 @@ def test_a_dropped_runtime_frees_its_graphs_and_buffers_at_once():
             gc.enable()
 
 
-def test_pipeline_saves_with_the_stock_unet_registered_even_after_a_failed_save(sd_pipe, tmp_path):
+def test_pipeline_saves_inside_unwrapped_even_after_a_failed_save(sd_pipe, tmp_path):
     # diffusers' save_pretrained saves only classes it knows. With the wrapper in place it warns, skips the
     # UNet and records `unet: (None, None)` in the pipeline's config; a plain `pipe.unet = fr.unet` keeps that
-    # record (diffusers' __setattr__ only refreshes entries that are not None), so the README's recipe
-    # registers the stock UNet, which rewrites the record, and puts the wrapper (with its graphs) back after.
+    # record (diffusers' __setattr__ only refreshes entries that are not None), so `unwrapped(pipe)` registers
+    # the stock UNet, which rewrites the record, and registers the wrapper (with its graphs) again after.
     import json
 
     from diffusers import StableDiffusionPipeline
@@ -161,9 +161,9 @@ def test_pipeline_saves_with_the_stock_unet_registered_even_after_a_failed_save(
         generate()
         sd_pipe.save_pretrained(tmp_path / "refused")  # what a user tries first
         assert json.loads((tmp_path / "refused" / "model_index.json").read_text())["unet"] == [None, None]
-        sd_pipe.register_modules(unet=fr.unet)
-        sd_pipe.save_pretrained(tmp_path / "saved")
-        sd_pipe.unet = fr
+        with frdiff_compile.unwrapped(sd_pipe):
+            sd_pipe.save_pretrained(tmp_path / "saved")
+        assert sd_pipe.unet is fr
         generate()
         assert fr.stats.generations == 2 and fr.stats.captures == 1, "the swap for the save kept the graphs"
         assert sd_pipe.config.unet == ("frdiff_compile.unet", "FRDiffUNet")
