@@ -103,10 +103,15 @@ class StaticStock:
         return types.SimpleNamespace(sample=self.graph(tensors))
 
 
+def _without_suffixes(name: str) -> str:
+    """A frdiff provider's name without its variant suffixes: frdiff-m3-nocg-cl is frdiff-m3."""
+    return name.removesuffix(CHANNELS_LAST).removesuffix(INDUCTOR_LAYOUT).removesuffix("-nocg")
+
+
 def graphs_of(name: str) -> str:
     """The frdiff provider whose graphs `name` runs where that one was built: M=3 runs M=2's, deep2 deep3's
     (each with the same suffixes: frdiff-m3-cl runs frdiff-m2-cl's)."""
-    base = name.removesuffix(CHANNELS_LAST).removesuffix(INDUCTOR_LAYOUT).removesuffix("-nocg")
+    base = _without_suffixes(name)
     return SHARES_GRAPHS.get(base, base) + name[len(base):]
 
 
@@ -120,8 +125,7 @@ def channels_last_copy(unet, copies: dict):
 
 def frdiff_config(name: str, mode: str) -> FRDiffConfig:
     """frdiff-m<M>[-nocg][-cl|-lo] (FRDiff's cache points) or frdiff-deep<N>[-nocg] (DeepCache's deep feature)."""
-    method = name.removeprefix("frdiff-").removesuffix(CHANNELS_LAST).removesuffix(INDUCTOR_LAYOUT)
-    method = method.removesuffix("-nocg")
+    method = _without_suffixes(name).removeprefix("frdiff-")
     deep = method.startswith("deep")
     return FRDiffConfig(keyframe_interval=int(method.removeprefix("deep" if deep else "m")),
                         cache_point="deep" if deep else "features",

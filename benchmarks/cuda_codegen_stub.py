@@ -128,9 +128,8 @@ def cuda_codegen_stub():
 
 def to_cuda(gm: fx.GraphModule, fake_mode) -> fx.GraphModule:
     """`gm` (captured on CPU) as a graph on "cuda": device arguments, the attention op, fake parameters."""
-    from frdiff_compile.kernels.blend import score_blend_op
-
     from frdiff_compile.compiled_graph import copy_graph_module
+    from frdiff_compile.kernels.blend import score_blend_op
 
     aten, cuda = torch.ops.aten, torch.device("cuda")
     gm = copy_graph_module(gm)

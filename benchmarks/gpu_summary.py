@@ -125,9 +125,7 @@ def summary(out: Path) -> list[tuple[str, str, str, str]]:
     for name, row in peers.items():
         if not name.startswith("frdiff"):
             continue
-        if number(row.get("reuse_ms")):
-            lines.append((f"{name} keyframe / reuse ms",
-                          f"{number(row['keyframe_ms']):.3g} / {number(row['reuse_ms']):.3g}", "", "-"))
+        lines += call_ms_lines(name, row)
         if name not in ("frdiff-m2", "frdiff-m3") and loop.get(name) and base_ms["compiled"]:
             lines.append(line(f"{name} vs best compiled stock", base_ms["compiled"] / loop[name], "", None))
     # Both graphs' compile time as the runtime counts it, for M=2 (M=3 runs M=2's graphs); older rows have
@@ -170,9 +168,8 @@ def summary(out: Path) -> list[tuple[str, str, str, str]]:
     layouts = newest(out / "bench_layouts.csv")
     lines += speedup_lines(out / "bench_layouts.csv", ("frdiff-m2-cl", "frdiff-m3-cl", "frdiff-m2"), "layouts:")
     for r in layouts:
-        if r["provider"] in ("frdiff-m2-cl", "frdiff-m2") and number(r.get("reuse_ms")):
-            lines.append((f"layouts: {r['provider']} keyframe / reuse ms",
-                          f"{number(r['keyframe_ms']):.3g} / {number(r['reuse_ms']):.3g}", "", "-"))
+        if r["provider"] in ("frdiff-m2-cl", "frdiff-m2"):
+            lines += call_ms_lines(f"layouts: {r['provider']}", r)
     ran = [stage.split()[0] for stage in filter(None, stages)]  # in the order they ran
     peers_first = {"bench_peers", "profile_graphs"} <= set(ran) and ran.index("bench_peers") < ran.index(
         "profile_graphs")
@@ -201,6 +198,14 @@ def profile_lines(path: Path, peers_first: bool = False) -> list[tuple[str, str,
         longest = f"longest: {top['kernel'][:48]} ({number(top['share']):.0%})"
         lines.append((f"profile: {cache_point} {graph} call", value, longest, "-"))
     return lines
+
+
+def call_ms_lines(what: str, row: dict[str, str]) -> list[tuple[str, str, str, str]]:
+    """A frdiff row's keyframe and reuse call times as one line (no target); none where it has no reuse time."""
+    if not number(row.get("reuse_ms")):
+        return []
+    return [(f"{what} keyframe / reuse ms", f"{number(row['keyframe_ms']):.3g} / {number(row['reuse_ms']):.3g}", "",
+             "-")]
 
 
 def speedup_lines(path: Path, names: tuple[str, ...], prefix: str) -> list[tuple[str, str, str, str]]:
