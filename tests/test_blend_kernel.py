@@ -94,7 +94,6 @@ def test_channels_last_and_bad_layouts():
         launch_blend(weight, a.double(), b.double(), torch.empty_like(a.double()))
 
 
-
 def test_float64_blends_in_float64_through_the_op():
     """A UNet run in double precision: the ops take fp64 and blend it in fp64 (the kernel, fp32 math, never
     sees it); other dtypes get a clear error that names the supported ones."""
@@ -110,6 +109,7 @@ def test_float64_blends_in_float64_through_the_op():
     assert torch.equal(compiled(weight, a, b), got)
     with pytest.raises(ValueError, match="float64.*got torch.int32"):
         score_blend(weight, a.int(), b.int())
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_arena_blend_equals_a_loop_of_single_blends(dtype):
