@@ -31,6 +31,7 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from .background_compile import BackgroundCompile
 from .config import inductor_mode_options
+from .passes.capture import forget_real_tensors
 from .passes.split import SplitGraph, split_graph
 from .warn import warn
 
@@ -71,8 +72,11 @@ def compile_with_inductor(gm: fx.GraphModule, args: tuple[torch.Tensor, ...], op
     # otherwise fakes the inputs with symbolic sizes, and every kernel was compiled for any shape (sizes read
     # at run time, index arithmetic on them) though a graph serves one signature. Seen in the H200 run: a
     # reuse call took 0.47 of a keyframe call's time for 0.27 of its FLOPs (0.28 on an H100, before this path).
-    with torch._guards.tracing(context):
-        return compile_fx(copy_graph_module(gm), examples, config_patches=options, ignore_shape_env=True)
+    try:
+        with torch._guards.tracing(context):
+            return compile_fx(copy_graph_module(gm), examples, config_patches=options, ignore_shape_env=True)
+    finally:  # what inductor compiled keeps this mode alive, on a cold compile (a cache hit makes no fakes)
+        forget_real_tensors(context.fake_mode)
 
 
 def _wait_for(background: BackgroundCompile | None, stats: RuntimeStats, kind: str) -> None:

@@ -6,7 +6,8 @@ generation's start and never runs graphs built under another fingerprint, so no 
 state that has since changed. Replaced parameters drop every graph pair; a change of the other settings
 (`Fingerprint.settings`) switches to the pairs built under the new ones, keeping the old for a switch back.
 Where the tensors live is tracked apart from it (`tensor_placement`): parameters that only moved to new
-storage of the same dtype, device and layout keep the graphs (see `FRDiffUNet._placement_changed`).
+storage of the same dtype, device and layout keep the graphs (see `FRDiffUNet._placement_changed`). A
+tensor subclass that keeps its data in inner tensors (torchao's quantized weights) is tracked by theirs.
 
 Invariants:
 - Host metadata only: identities and plain Python values (and, for `tensor_placement`, storage addresses
@@ -63,6 +64,7 @@ import types
 from typing import NamedTuple
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .code_reads import CodeReads, GlobalValues
 from .module_values import ValueReader, adapter_state, config_state, processor_state
@@ -148,6 +150,27 @@ def hooks_reason(hooks: tuple[str, ...]) -> str:
             "run (sequential or group offload, layerwise casting, caching hooks, torch's register_forward_hook)")
 
 
+_PARAMETER, _TENSOR = torch.nn.Parameter, torch.Tensor
+
+
+def _add_addresses(t: torch.Tensor, out: list[int]) -> None:
+    """Appends the storage addresses `t`'s values live at: its own, or its inner tensors' for a tensor
+    subclass that keeps its data in them (torchao's quantized weights), whose own `data_ptr()` is 0.
+
+    `.to()` moves such a parameter by `torch.utils.swap_tensors`: the same object, new inner tensors. With
+    only the wrapper's address (0 before and after) no move would be seen, and CUDA graphs captured over
+    the old inner tensors would replay reading freed memory.
+    """
+    # Exact types first: the subclass check costs more, and nearly every tensor of a UNet is one of these two.
+    if type(t) is _PARAMETER or type(t) is _TENSOR or not is_traceable_wrapper_subclass(t):
+        out.append(t.data_ptr())
+        return
+    for name in t.__tensor_flatten__()[0]:
+        inner = getattr(t, name)
+        if inner is not None:  # torchao leaves optional parts (a zero point) None
+            _add_addresses(inner, out)
+
+
 def _walk(unet: torch.nn.Module) -> list[torch.nn.Module]:
     """Every module of `unet` once, breadth first: what `unet.modules()` yields, in another order.
 
@@ -196,10 +219,10 @@ def module_snapshot(unet: torch.nn.Module, reads: CodeReads | None = None) -> tu
         for parameter in module._parameters.values():
             if parameter is not None:
                 params.append(id(parameter))
-                addresses.append(parameter.data_ptr())
+                _add_addresses(parameter, addresses)
         for buffer in module._buffers.values():  # loops, not generators: one generator per module costs more
             if buffer is not None:
-                addresses.append(buffer.data_ptr())
+                _add_addresses(buffer, addresses)
         kind = type(module)
         classes.append(kind)
         state = module.__dict__
@@ -262,14 +285,21 @@ def _tensors(unet: torch.nn.Module) -> list[torch.Tensor]:
     return [t for t in tensors if t is not None]  # one filter, not two generators per module
 
 
+def _addresses(tensors: list[torch.Tensor]) -> tuple[int, ...]:
+    found: list[int] = []
+    for t in tensors:
+        _add_addresses(t, found)
+    return tuple(found)
+
+
 def tensor_addresses(unet: torch.nn.Module) -> tuple[int, ...]:
     """The cheap half of `tensor_placement`: enough to tell whether anything moved."""
-    return tuple(t.data_ptr() for t in _tensors(unet))
+    return _addresses(_tensors(unet))
 
 
 def tensor_placement(unet: torch.nn.Module) -> TensorPlacement:
     tensors = _tensors(unet)
     return TensorPlacement(
-        addresses=tuple(t.data_ptr() for t in tensors),
+        addresses=_addresses(tensors),
         layout=tuple((t.dtype, t.device, tuple(t.shape), t.stride()) for t in tensors),
     )

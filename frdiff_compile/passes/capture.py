@@ -11,7 +11,8 @@ Invariants:
   and one tensor out, export's guard call and metadata assertions are dropped, and eval-mode dropout
   becomes the identity (dropout is tagged nondeterministic, which would keep dead transformer branches
   alive through dead-code elimination).
-- The returned graph's parameters are the UNet's own `Parameter` objects.
+- The returned graph's parameters are the UNet's own `Parameter` objects, and nothing it keeps holds a
+  weak reference to them (`torch.utils.swap_tensors`, which `.to()` uses on tensor subclasses, needs that).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from .side_effects import changes_undone, describe_changes
 
@@ -292,6 +294,30 @@ def normalize(gm: fx.GraphModule) -> dict[str, int]:
 _EXPORT_LOCK = threading.Lock()
 
 
+def forget_real_tensors(mode: FakeTensorMode) -> None:
+    """Drop the weak references `mode` keeps to the real tensors it made fake ones of.
+
+    A graph keeps the fake modes it was traced or compiled under alive (export's, through its nodes'
+    `meta["val"]`; the compile's, through what inductor keeps), and a mode's describer keeps a weak
+    reference to every parameter it saw. `.to()` moves a tensor-subclass parameter (torchao's quantized
+    weights) by `torch.utils.swap_tensors`, which refuses any tensor with a weak reference: `pipe.to("cpu")`
+    or model offload on an optimized quantized UNet raised "Couldn't swap". The references only memoize
+    which real tensor became which fake one, which nothing asks once the trace or compile is done.
+    """
+    converter = mode.fake_tensor_converter
+    converter.tensor_memo.clear()
+    converter.meta_converter.describer.lookup_tensor.clear()
+    converter.meta_converter.describer.lookup_storage.clear()
+
+
+def _forget_traced_tensors(gm: fx.GraphModule) -> None:
+    """`forget_real_tensors` for every fake mode `gm`'s node metadata keeps alive."""
+    values = [node.meta.get("val") for node in gm.graph.nodes]
+    modes = {id(v.fake_mode): v.fake_mode for v in values if isinstance(v, FakeTensor)}
+    for mode in modes.values():
+        forget_real_tensors(mode)
+
+
 def capture(unet: torch.nn.Module, layout: CallLayout, tensors: list[torch.Tensor]) -> Captured:
     """Export `unet` for calls of `layout` (example `tensors`) and normalize the graph.
 
@@ -302,6 +328,7 @@ def capture(unet: torch.nn.Module, layout: CallLayout, tensors: list[torch.Tenso
     with _EXPORT_LOCK, changes_undone(unet) as changed:
         program = torch.export.export(adapter, tuple(tensors), strict=False)
         gm = program.module()
+    _forget_traced_tensors(gm)
     if changed:
         raise UnsupportedCall(describe_changes(changed))
     counts = normalize(gm)
