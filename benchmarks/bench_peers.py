@@ -7,6 +7,7 @@ the UNet loop only: no VAE, no text encoder):
     python benchmarks/bench_peers.py --dry-run     # CPU, tiny config, nothing compiled: checks the script
     python benchmarks/bench_peers.py --cpu --config small --latent 32 --providers eager,frdiff-m2,...
                                                    # CPU inductor, fp32, no CUDA graphs: ratios only
+    python benchmarks/bench_peers.py --quantize float8-dynamic   # every provider on torchao's quantized UNet
 
 Providers, in one process on one UNet (DeepCache on a deep copy, since it rewrites module forwards): eager
 diffusers (SDPA attention); "compiled-static": torch.compile of the stock UNet (inductor, default mode)
@@ -74,6 +75,23 @@ SHARES_GRAPHS = {"frdiff-m3": "frdiff-m2", "frdiff-deep2": "frdiff-deep3"}
 BASELINES = ("eager", "compiled-static", "compiled-static-nchw", "compiled-static-cl", "compiled")
 CHANNELS_LAST = "-cl"  # the suffix of the providers that run on the channels_last copy of the UNet
 INDUCTOR_LAYOUT = "-lo"  # the suffix of the frdiff providers compiled with conv_layout="inductor"
+
+
+# torchao's configs by the names --quantize takes: what `quantize_` does to every Linear layer (the
+# convolutions stay as they are). The float8 ones need a GPU with float8 matrix products (H100 and later).
+QUANTIZE = {"none": None, "int8-weight-only": "Int8WeightOnlyConfig",
+            "int8-dynamic": "Int8DynamicActivationInt8WeightConfig", "float8-weight-only": "Float8WeightOnlyConfig",
+            "float8-dynamic": "Float8DynamicActivationFloat8WeightConfig"}
+
+
+def quantized(unet: torch.nn.Module, name: str) -> torch.nn.Module:
+    """`unet` with its Linear layers quantized by torchao's config `name` (a QUANTIZE key), in place."""
+    if QUANTIZE[name] is None:
+        return unet
+    from torchao import quantization  # only for --quantize: the benchmark runs without torchao otherwise
+
+    quantization.quantize_(unet, getattr(quantization, QUANTIZE[name])())
+    return unet
 
 
 class StaticStock:
@@ -175,6 +193,8 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true",
                         help="CPU, fp32, compiled by CPU inductor, no CUDA graphs (compiled-static emulates them): "
                              "ratios between providers, not GPU times")
+    parser.add_argument("--quantize", default="none", choices=sorted(QUANTIZE),
+                        help="quantize the UNet with torchao before every provider (the test extra installs it)")
     parser.add_argument("--csv", default=None, help="default: benchmarks/results/bench_peers.csv, bench_peers_cpu.csv "
                                                     "with --cpu (none for --dry-run)")
     args = parser.parse_args()
@@ -193,12 +213,13 @@ def main() -> None:
         mode, device, dtype = "cuda", torch.device("cuda"), torch.float16
 
     torch.manual_seed(0)
-    unet = build_unet(args.config, args.latent).to(device, dtype)
+    unet = quantized(build_unet(args.config, args.latent).to(device, dtype), args.quantize)
     call = example_call(unet, args.batch, args.latent, device, dtype)
     latents = call.pop("sample")
     scheduler = DDIMScheduler()
     env = environment(device)
     shape = f"{args.config} {args.batch}x4x{args.latent}x{args.latent} {str(dtype).replace('torch.', '')}"
+    shape += f" {args.quantize}" if args.quantize != "none" else ""
     print(f"bench_peers: {shape}, {args.steps} DDIM steps on {env['device']} (torch {env['torch']}, git {env['git']})",
           flush=True)
     rows: list[dict] = []
