@@ -225,8 +225,8 @@ def main() -> None:
     rows: list[dict] = []
     default_csv = {"dry": None, "cpu": RESULTS / "bench_peers_cpu.csv", "cuda": RESULTS / "bench_peers.csv"}[mode]
     csv_path = args.csv or (default_csv and str(default_csv))
-    extra = {"shape": shape, "steps": args.steps, "loops": args.loops, "dry_run": args.dry_run,
-             "deepcache_interval": args.deepcache_interval}
+    extra = {"shape": shape, "quantize": args.quantize, "steps": args.steps, "loops": args.loops,
+             "dry_run": args.dry_run, "deepcache_interval": args.deepcache_interval}
     runtimes: dict = {}  # frdiff runtimes by provider, kept for the providers that share their graphs
     copies: dict = {}  # the channels_last copy of the UNet, made for the first -cl provider
     with torch.no_grad():

@@ -54,7 +54,9 @@ BUDGET_S=${BUDGET_S:-$(( DRY ? 900 : 560 ))}
 # compiled stock on a channels_last copy of the UNet, and FRDiff M=2 on the NCHW UNet in the same run: whether
 # channels_last convolutions make the reuse call cheaper; three cold compiles, about 290 s by the H200's compile
 # times, an estimate, with frdiff-m2 last so that a cut loses only the comparison;
-# STAGES=bench_layouts BUDGET_S=320).
+# STAGES=bench_layouts BUDGET_S=320) and bench_quant (compiled stock and FRDiff M=2 and M=3 on the UNet
+# quantized by torchao, QUANTIZE=float8-dynamic unless set, a bench_peers --quantize name; carry torchao's
+# wheel: ../shared/gpu/carry-wheels torchao==0.18.0; two cold compiles; STAGES=bench_quant BUDGET_S=320).
 STAGES=" ${STAGES:-gpu_tests bench_blend bench_peers} "
 START=$(date +%s)
 
@@ -94,6 +96,7 @@ if (( DRY )); then
   COMPILE=(--dry-run --variants default,parts3 --phases cold)
   CALLS=(--config tiny --latent 16 --steps 4)
   PROFILE=(--small --latent 8 --calls 2)
+  QUANT=(--quantize int8-weight-only)  # float8 needs a GPU's float8 matrix products
 else
   PY=python3
   export PYTHONUNBUFFERED=1
@@ -116,6 +119,7 @@ else
   COMPILE=(--variants "${COMPILE_VARIANTS:-default,background,parts3}" --phases cold)
   CALLS=(--config sd15 --latent 64 --views 4 --steps 30 --repeats 3 --calls per-view)
   PROFILE=(--latent 64 --calls 10)
+  QUANT=(--quantize "${QUANTIZE:-float8-dynamic}")
 fi
 $PY -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$LOG"
 
@@ -144,6 +148,8 @@ stage bench_deep 300 $PY benchmarks/bench_peers.py "${PEERS[@]}" \
 # The channels_last providers first (their numbers are the point), then the NCHW frdiff for the same run.
 stage bench_layouts 300 $PY benchmarks/bench_peers.py "${PEERS[@]}" \
   --providers frdiff-m2-cl,compiled-static-cl,frdiff-m3-cl,frdiff-m2 --csv "$OUT/bench_layouts.csv"
+stage bench_quant 300 $PY benchmarks/bench_peers.py "${PEERS[@]}" "${QUANT[@]}" \
+  --providers compiled-static,frdiff-m2,frdiff-m3 --csv "$OUT/bench_quant.csv"
 stage bench_sdxl 240 $PY benchmarks/bench_peers.py "${PEERS[@]}" "${SDXL[@]}" --csv "$OUT/bench_peers_sdxl.csv"
 stage bench_unet 60 $PY benchmarks/bench_unet.py "${UNET[@]}" --csv "$OUT/bench_unet.csv"
 stage bench_compile 300 $PY benchmarks/bench_compile.py "${COMPILE[@]}" --csv "$OUT/bench_compile.csv"

@@ -2,10 +2,10 @@
 
 Usage: python benchmarks/gpu_summary.py OUT_DIR [--dry-run]
 Reads OUT_DIR/stages.txt, gpu_tests.txt, bench_blend.csv, bench_peers.csv and, when present,
-bench_peers_sdxl.csv, bench_compile.csv, bench_methods.csv, bench_deep.csv and profile_graphs.csv (the newest
-run in each; in profile_graphs.csv, of each cache point), and prints one line per target: measured value,
-target, and whether it is met. Missing files or rows print as
-"missing" rather than failing, so a partial run still reports what it has.
+bench_peers_sdxl.csv, bench_compile.csv, bench_methods.csv, bench_deep.csv, bench_layouts.csv, bench_quant.csv
+and profile_graphs.csv (the newest run in each; in profile_graphs.csv, of each cache point), and prints one line
+per target: measured value, target, and whether it is met. Missing files or rows print as "missing" rather than
+failing, so a partial run still reports what it has.
 """
 
 from __future__ import annotations
@@ -170,6 +170,11 @@ def summary(out: Path) -> list[tuple[str, str, str, str]]:
     for r in layouts:
         if r["provider"] in ("frdiff-m2-cl", "frdiff-m2"):
             lines += call_ms_lines(f"layouts: {r['provider']}", r)
+    # Every provider on the UNet quantized by torchao (optional stage), against its compiled stock: no target.
+    lines += speedup_lines(out / "bench_quant.csv", ("frdiff-m2", "frdiff-m3"), "quant:")
+    for r in newest(out / "bench_quant.csv"):
+        if r["provider"] == "frdiff-m2":
+            lines += call_ms_lines(f"quant ({r.get('quantize')}): frdiff-m2", r)
     ran = [stage.split()[0] for stage in filter(None, stages)]  # in the order they ran
     peers_first = {"bench_peers", "profile_graphs"} <= set(ran) and ran.index("bench_peers") < ran.index(
         "profile_graphs")

@@ -60,6 +60,11 @@ def test_summary_judges_the_newest_run_against_the_targets(tmp_path):
         {"date": new, "provider": "compiled-static-cl", "loop_ms": "360"},
         {"date": new, "provider": "frdiff-m2", "loop_ms": "330", "keyframe_ms": "7.3", "reuse_ms": "3.4"},
     ])
+    write_csv(tmp_path / "bench_quant.csv", [  # every provider on the torchao-quantized UNet
+        {"date": new, "provider": "compiled-static", "quantize": "float8-dynamic", "loop_ms": "300"},
+        {"date": new, "provider": "frdiff-m2", "quantize": "float8-dynamic", "loop_ms": "200", "keyframe_ms": "5.2",
+         "reuse_ms": "2.5"},
+    ])
     write_csv(tmp_path / "bench_compile.csv", [
         {"date": new, "variant": "default", "phase": "cold", "compile_s": "72.5", "triton_binaries": "140"},
         {"date": new, "variant": "default", "phase": "warm", "compile_s": "9.1", "triton_binaries": "140"},
@@ -106,6 +111,8 @@ def test_summary_judges_the_newest_run_against_the_targets(tmp_path):
     assert verdicts["layouts: frdiff-m2-cl keyframe / reuse ms"][1] == "7.1 / 2.2"
     assert verdicts["layouts: frdiff-m2 keyframe / reuse ms"][1] == "7.3 / 3.4"
     assert not any(k.startswith("layouts: frdiff-m3-cl") for k in verdicts)  # not measured (no eager either)
+    assert verdicts["quant: frdiff-m2 vs best compiled stock"][1:] == ("1.5", "", "-")  # its own stock, quantized
+    assert verdicts["quant (float8-dynamic): frdiff-m2 keyframe / reuse ms"][1] == "5.2 / 2.5"
     assert verdicts["frdiff-m2 measured / cost model"][3] == "met"
     assert verdicts["frdiff-m2 runtime host ms per loop"][1:] == ("12.5", "", "-")
     assert verdicts["frdiff-m2 keyframe / reuse ms"][1] == "7.3 / 3.4"
@@ -155,6 +162,29 @@ def test_bench_peers_dry_run_measures_every_requested_provider(tmp_path):
     assert m3.startswith("graphs of frdiff-m2-cl (reconfigure); 2/1/1") and "0 graphs" in m3, m3
     m3 = rows["frdiff-m3-lo"]["note"]  # inductor's conv layout: graphs of their own, M=3 on M=2-lo's
     assert m3.startswith("graphs of frdiff-m2-lo (reconfigure); 2/1/1") and "0 graphs" in m3, m3
+
+
+def test_bench_peers_quantizes_the_unet_every_provider_runs_on(tmp_path):
+    pytest.importorskip("torchao.quantization", reason="torchao (the test extra) is not installed")
+    from bench_peers import quantized
+    from conftest import make_unet
+
+    unet = make_unet("sd15")
+    assert quantized(unet, "none") is unet and type(unet.conv_in.weight) is torch.nn.Parameter
+    linear = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    assert quantized(unet, "int8-weight-only") is unet and type(linear.weight).__name__ == "Int8Tensor"
+    assert type(unet.conv_in.weight) is torch.nn.Parameter  # torchao's configs quantize Linear layers only
+    out = tmp_path / "quant.csv"
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "bench_peers.py"), "--dry-run", "--quantize", "int8-weight-only",
+         "--providers", "compiled-static,frdiff-m2", "--csv", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    with out.open() as f:
+        rows = {r["provider"]: r for r in csv.DictReader(f)}
+    assert {r["quantize"] for r in rows.values()} == {"int8-weight-only"} and not rows["compiled-static"]["note"]
+    assert float(rows["frdiff-m2"]["vs_compiled_static"]) > 0 and "2/1/1 full/reuse/skip" in rows["frdiff-m2"]["note"]
 
 
 def test_channels_last_providers_run_on_one_converted_copy_of_the_unet():
