@@ -5,8 +5,9 @@
 #
 #   benchmarks/gpu_check.sh            on the GPU machine, from the repository root, with the wheels from
 #                                      `../shared/gpu/carry-wheels DeepCache==0.1.1 accelerate==1.15.0
-#                                      psutil pyyaml peft==0.21.2` carried in .whl/ (accelerate: the
-#                                      offload test; peft: the LoRA hotswap test, skipped without it)
+#                                      psutil pyyaml peft==0.21.2 torchao==0.18.0` carried in .whl/
+#                                      (accelerate: the offload test; peft: the LoRA hotswap test; torchao:
+#                                      the quantized-weights test and bench_quant; each skips without it)
 #                                      (device tool: carry [".whl"], timeout_s 600, and the command
 #                                      `FRDIFF_GIT_REV=<this commit> bash benchmarks/gpu_check.sh`, since
 #                                      the device's copy of the checkout may carry a stale .git)

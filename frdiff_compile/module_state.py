@@ -158,8 +158,9 @@ def _add_addresses(t: torch.Tensor, out: list[int]) -> None:
     subclass that keeps its data in them (torchao's quantized weights), whose own `data_ptr()` is 0.
 
     `.to()` moves such a parameter by `torch.utils.swap_tensors`: the same object, new inner tensors. With
-    only the wrapper's address (0 before and after) no move would be seen, and CUDA graphs captured over
-    the old inner tensors would replay reading freed memory.
+    only the wrapper's address (0 before and after), a move that keeps dtype, device and layout (new storage
+    in place) would go unseen, and CUDA graphs captured over the old inner tensors would replay reading freed
+    memory; a move elsewhere changes `tensor_placement`'s layout, which is seen either way.
     """
     # Exact types first: the subclass check costs more, and nearly every tensor of a UNet is one of these two.
     if type(t) is _PARAMETER or type(t) is _TENSOR or not is_traceable_wrapper_subclass(t):

@@ -1,5 +1,6 @@
 """diffusers' features on the device (gpu-marked): LoRA hotswap under captured graphs, the CFG pipeline under
-compiled graphs and CUDA graphs, and model CPU offload moving the UNet off the GPU and back between generations.
+compiled graphs and CUDA graphs, model CPU offload moving the UNet off the GPU and back between generations, and
+torchao's quantized weights moved under captured graphs.
 
 Run with `pytest -m gpu tests` on a CUDA machine; with FRDIFF_EMULATE_GPU=1 they run on CPU (see
 test_cuda_runtime.py, whose helpers they share).
@@ -23,6 +24,8 @@ from test_cuda_runtime import (
     two_devices,
 )
 from test_module_state import load_lora, lora_layers
+from test_quantized import move_subclass_weights
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 import frdiff_compile
 from frdiff_compile import FRDiffConfig
@@ -110,3 +113,33 @@ def test_model_cpu_offload_after_optimize_keeps_the_graphs(sd_pipe):
         sd_pipe.remove_all_hooks()
         sd_pipe.unet = stock
         sd_pipe.to("cpu")
+
+
+def test_quantized_weights_moved_in_place_or_off_the_device_and_back_are_captured_again():
+    """torchao's quantized weights keep their data in inner tensors (their own `data_ptr()` is 0), and a move
+    swaps new inner tensors into the same Parameter. Moved on the device (new storage, same layout: only the
+    inner tensors' addresses tell), then off it and back (`pipe.to("cpu")` raised "Couldn't swap" before), the
+    CUDA graphs captured over the old tensors must be captured again, never replayed over the freed memory,
+    which is filled with NaN here after each move."""
+    quantization = pytest.importorskip("torchao.quantization", reason="needs torchao (carry torchao==0.18.0)")
+    unet = make_unet("sd15", layers_per_block=1).to(DEVICE)
+    quantization.quantize_(unet, quantization.Int8WeightOnlyConfig())
+    cond = device_inputs(torch.float32)
+    expected = trajectory(eager_graphs(unet), cond)
+    fr = compiled(unet)
+    assert max_rel_error(trajectory(fr, cond), expected) < TOLERANCE[torch.float32]
+    inner = [getattr(p, name) for p in unet.parameters() if is_traceable_wrapper_subclass(p)
+             for name in p.__tensor_flatten__()[0]]
+    sizes = [t.nbytes for t in inner if t is not None]
+    del inner
+    # Emulated (one device), a float64 round trip stands in for the trip off the device, as in test_cudagraphs.py.
+    away_and_back = (lambda: fr.double().float()) if EMULATED else (lambda: fr.to("cpu").to(DEVICE))
+    for trip, move in enumerate([lambda: fr._apply(move_subclass_weights), away_and_back], 1):
+        move()
+        # Take the freed blocks back (the allocator reuses a block of the same size) and fill them with 0xFF
+        # bytes, NaN as float32: a replay still reading the old weights reads garbage.
+        poison = [torch.full((n,), 255, dtype=torch.uint8, device=DEVICE) for n in sizes]
+        del poison
+        got = trajectory(fr, cond)
+        assert fr.stats.relinks == trip and fr.stats.compiles == 2 and fr.stats.cudagraph_captures == 2 * (trip + 1)
+        assert torch.isfinite(got).all() and max_rel_error(got, expected) < TOLERANCE[torch.float32], trip

@@ -5,9 +5,10 @@ a move of the weights must be seen although such a weight's own `data_ptr()` is 
 The move is what `.to()` does to such a weight: `torch.utils.swap_tensors`, the same Parameter object with
 new inner tensors, which it refuses while anything holds a weak reference to the weight (the fake-tensor
 modes of a trace or a cold compile did: `pipe.to("cpu")` raised). CUDA graphs bake the inner tensors'
-addresses, so an unseen move would replay over freed memory; here (no GPU) the emulated CUDA graphs re-run
-the graph, so the tests check that the runtime saw the move (`stats.relinks`), which is what makes it
-capture again on a GPU.
+addresses, so a move that keeps dtype, device and layout, seen only by those addresses, would replay over
+freed memory if unseen; here (no GPU) the emulated CUDA graphs re-run the graph, so the tests check that the
+runtime saw the move (`stats.relinks`), which is what makes it capture again on a GPU
+(test_cuda_pipelines.py has the device's version).
 """
 
 import pytest
@@ -26,7 +27,7 @@ from frdiff_compile.module_state import module_snapshot, tensor_addresses
 STEPS = 8
 
 
-def _move_subclass_weights(t: torch.Tensor) -> torch.Tensor:
+def move_subclass_weights(t: torch.Tensor) -> torch.Tensor:
     """For `Module._apply`: new storage for the subclass weights only, every other tensor left in place."""
     return t.clone() if is_traceable_wrapper_subclass(t) else t
 
@@ -41,7 +42,7 @@ def test_a_subclass_weight_moved_in_place_changes_the_addresses():
     conv.weight = torch.nn.Parameter(TwoTensor(weight, weight.clone()), requires_grad=False)
     assert conv.weight.data_ptr() == 0  # why the wrapper's own address says nothing
     before, kept = tensor_addresses(unet), conv.weight
-    unet._apply(_move_subclass_weights)
+    unet._apply(move_subclass_weights)
     assert conv.weight is kept  # swapped in place, as `.to()` does
     after = tensor_addresses(unet)
     tensors = len([*unet.parameters(), *unet.buffers()])
@@ -95,7 +96,7 @@ def test_int8_weight_only_compiled_graphs_match_and_a_move_of_the_weights_is_see
     err = max_rel_error(got, expected)
     assert err < 1e-4, f"compiled graphs on the int8 UNet differ from the eager graphs by {err:.2e} (relative)"
     assert fr.stats.compiles == 2 and fr.stats.relinks == 0, fr.stats
-    fr._apply(_move_subclass_weights)
+    fr._apply(move_subclass_weights)
     err = max_rel_error(run(fr), expected)
     assert fr.stats.relinks == 1 and fr.stats.compiles == 2 and fr.stats.captures == 1, fr.stats
     assert err < 1e-4, f"after the move: {err:.2e}"
