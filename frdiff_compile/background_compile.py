@@ -16,6 +16,8 @@ Invariants:
   never by value), this process's inductor and functorch configs, the process-wide numerics flags that
   pick kernels (`numerics.py`: deterministic algorithms, TF32, fp32 precisions, cuBLAS's and cuDNN's
   switches, SDPA's backends), and its thread count, for which CPU kernels are generated.
+- A graph whose parameters include tensor subclasses (torchao's quantized weights) gets no worker (logged):
+  the worker rebuilds parameters as plain tensors, which would not compute what a subclass does.
 - Nothing is left behind: the job folder is removed and a running worker killed once the compile here no
   longer needs it (`wait`, `cancel`, or the object collected).
 - A worker may be spawned before its graph exists (`spawn`, while this process exports the UNet): it
@@ -39,6 +41,7 @@ from pathlib import Path
 
 import torch
 from torch import fx
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .numerics import apply_numerics_settings, numerics_settings
 
@@ -66,9 +69,9 @@ def _replace_parameters(gm: fx.GraphModule, make: Callable[[torch.nn.Parameter],
         module._parameters[leaf] = torch.nn.Parameter(make(parameter), requires_grad=parameter.requires_grad)
 
 
-def _worker_can_help(args: tuple[torch.Tensor, ...]) -> bool:
-    """Whether a worker could fill the caches this process will look in for calls like `args`; why not is
-    logged."""
+def _worker_can_help(args: tuple[torch.Tensor, ...], gm: fx.GraphModule | None = None) -> bool:
+    """Whether a worker could fill the caches this process will look in for calls like `args` (of `gm`, where
+    it exists already); why not is logged."""
     import torch._functorch.config
     import torch._inductor.config
 
@@ -77,6 +80,11 @@ def _worker_can_help(args: tuple[torch.Tensor, ...]) -> bool:
         reason = "inductor's FX-graph or AOTAutograd cache is off, so the worker's result could not be found"
     elif any(torch.is_autocast_enabled(d) for d in {a.device.type for a in args}):
         reason = "autocast is on, and the worker would compile outside it"
+    elif gm is not None and (kinds := sorted({type(p).__name__ for p in gm.parameters()
+                                              if is_traceable_wrapper_subclass(p)})):
+        # The worker rebuilds parameters as plain tensors from their shapes; a subclass computes through its
+        # own Python code (torchao's dequantizing matrix products), so the worker's graph would fail or differ.
+        reason = f"the graph's parameters include tensor subclasses ({', '.join(kinds)}), which a worker cannot rebuild"
     if reason is not None:
         logger.info("background compile not started: %s", reason)
     return reason is None
@@ -148,12 +156,12 @@ class BackgroundCompile:
               spare: list[BackgroundCompile] | None = None) -> BackgroundCompile | None:
         """Start compiling `gm` for calls like `args` with inductor `options`; None (logged) if it cannot.
         A worker from `spare` (spawned ahead; taken off the list) gets the job where there is one."""
+        if not _worker_can_help(args, gm):  # spare workers left on the list are stopped by their owner
+            return None
         while spare:
             worker = spare.pop()
             if worker.give(gm, args, options):
                 return worker
-        if not _worker_can_help(args):
-            return None
         try:
             job = _job(gm, args, options)
         except Exception as exc:  # noqa: BLE001 - anything unpicklable means: compile here, as without a worker

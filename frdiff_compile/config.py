@@ -71,7 +71,8 @@ class FRDiffConfig:
             for the longer of the two compilations, not their sum (`background_compile.py`). The worker
             needs inductor's on-disk caches (on by default), a free CPU core, and as much device memory as
             the UNet's parameters (uninitialised) for the minute it runs. Off by default until measured on
-            a GPU; a worker that fails costs a compile here, never a wrong result.
+            a GPU; a worker that fails costs a compile here, never a wrong result. A UNet with tensor-subclass
+            weights (torchao's quantized ones) gets no worker: it rebuilds plain tensors in their place.
         keyframe_parts: with background_compile, compile the keyframe graph as this many consecutive parts
             (`passes/split.py`), all but the first in worker processes, so the first generation waits for
             about the largest part's compile, not the whole graph's: inductor's work on a graph runs on one

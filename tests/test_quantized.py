@@ -100,3 +100,18 @@ def test_int8_weight_only_compiled_graphs_match_and_a_move_of_the_weights_is_see
     err = max_rel_error(run(fr), expected)
     assert fr.stats.relinks == 1 and fr.stats.compiles == 2 and fr.stats.captures == 1, fr.stats
     assert err < 1e-4, f"after the move: {err:.2e}"
+
+
+def test_no_background_worker_is_started_for_quantized_weights(caplog):
+    """A worker rebuilds the parameters as plain tensors from their shapes, which a subclass weight is not: it
+    failed, with a warning, and the graph compiled here anyway. Now no worker starts, and the log says why."""
+    unet = _quantized_unet("Int8WeightOnlyConfig")
+    cond = unet_inputs("sd15")
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(compile=True, background_compile=True))
+    with caplog.at_level("INFO", logger="frdiff_compile"):
+        got = sample(optimized_fn(fr, cond), scheduler("sd15"), STEPS)
+    assert "tensor subclasses (Int8Tensor), which a worker cannot rebuild" in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text
+    assert (fr.stats.background_compiles, fr.stats.background_failures, fr.stats.compiles) == (0, 0, 2), fr.stats
+    expected = sample(optimized_fn(frdiff_compile.optimize(unet), cond), scheduler("sd15"), STEPS)
+    assert max_rel_error(got, expected) < 1e-4
