@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -69,9 +69,9 @@ def _replace_parameters(gm: fx.GraphModule, make: Callable[[torch.nn.Parameter],
         module._parameters[leaf] = torch.nn.Parameter(make(parameter), requires_grad=parameter.requires_grad)
 
 
-def _worker_can_help(args: tuple[torch.Tensor, ...], gm: fx.GraphModule | None = None) -> bool:
-    """Whether a worker could fill the caches this process will look in for calls like `args` (of `gm`, where
-    it exists already); why not is logged."""
+def _worker_can_help(args: tuple[torch.Tensor, ...], parameters: Iterable[torch.Tensor]) -> bool:
+    """Whether a worker could fill the caches this process will look in for calls like `args` of a graph over
+    `parameters`; why not is logged."""
     import torch._functorch.config
     import torch._inductor.config
 
@@ -80,8 +80,7 @@ def _worker_can_help(args: tuple[torch.Tensor, ...], gm: fx.GraphModule | None =
         reason = "inductor's FX-graph or AOTAutograd cache is off, so the worker's result could not be found"
     elif any(torch.is_autocast_enabled(d) for d in {a.device.type for a in args}):
         reason = "autocast is on, and the worker would compile outside it"
-    elif gm is not None and (kinds := sorted({type(p).__name__ for p in gm.parameters()
-                                              if is_traceable_wrapper_subclass(p)})):
+    elif kinds := sorted({type(p).__name__ for p in parameters if is_traceable_wrapper_subclass(p)}):
         # The worker rebuilds parameters as plain tensors from their shapes; a subclass computes through its
         # own Python code (torchao's dequantizing matrix products), so the worker's graph would fail or differ.
         reason = f"the graph's parameters include tensor subclasses ({', '.join(kinds)}), which a worker cannot rebuild"
@@ -125,9 +124,10 @@ class BackgroundCompile:
         return cls(process, folder, time.perf_counter())
 
     @classmethod
-    def spawn(cls, args: tuple[torch.Tensor, ...]) -> BackgroundCompile | None:
-        """A worker started ahead of its job, for graphs called like `args` (`give` hands it the job)."""
-        if not _worker_can_help(args):
+    def spawn(cls, args: tuple[torch.Tensor, ...], parameters: Iterable[torch.Tensor]) -> BackgroundCompile | None:
+        """A worker started ahead of its job, for graphs over `parameters` called like `args` (`give` hands it
+        the job)."""
+        if not _worker_can_help(args, parameters):
             return None
         worker = cls._launch(None, args[0].device)
         if worker is not None:
@@ -156,7 +156,7 @@ class BackgroundCompile:
               spare: list[BackgroundCompile] | None = None) -> BackgroundCompile | None:
         """Start compiling `gm` for calls like `args` with inductor `options`; None (logged) if it cannot.
         A worker from `spare` (spawned ahead; taken off the list) gets the job where there is one."""
-        if not _worker_can_help(args, gm):  # spare workers left on the list are stopped by their owner
+        if not _worker_can_help(args, gm.parameters()):  # spare workers left on the list are stopped by their owner
             return None
         while spare:
             worker = spare.pop()

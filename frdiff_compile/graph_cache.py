@@ -302,7 +302,9 @@ def build_entry(
     # overlap the export below; handed their graphs once they exist, stopped if they are not needed.
     spare: list[BackgroundCompile] = []
     if config.background_compile and compile_graphs:
-        spare = [w for w in (BackgroundCompile.spawn(tuple(tensors)) for _ in range(config.keyframe_parts)) if w]
+        parameters = list(unet.parameters())  # a worker cannot rebuild tensor subclasses: none is spawned for them
+        workers = (BackgroundCompile.spawn(tuple(tensors), parameters) for _ in range(config.keyframe_parts))
+        spare = [w for w in workers if w]
     try:
         captured = capture(unet, layout, tensors)
         plan = plan_cache_points(captured.graph_module, unet, captured.module_prefix, config.cache_point)

@@ -102,7 +102,7 @@ def test_keyframe_parts_after_the_first_are_compiled_by_workers(empty_caches, ca
 
 
 def test_a_worker_started_ahead_and_never_given_a_job_is_stopped(empty_caches):
-    worker = BackgroundCompile.spawn((torch.randn(2, 4),))
+    worker = BackgroundCompile.spawn((torch.randn(2, 4),), [torch.nn.Parameter(torch.randn(4))])
     assert worker is not None and worker.process.poll() is None and worker.folder.is_dir()
     process, folder = worker.process, worker.folder
     worker.cancel()

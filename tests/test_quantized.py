@@ -4,7 +4,7 @@ a move of the weights must be seen although such a weight's own `data_ptr()` is 
 
 The move is what `.to()` does to such a weight: `torch.utils.swap_tensors`, the same Parameter object with
 new inner tensors, which it refuses while anything holds a weak reference to the weight (the fake-tensor
-modes of a trace or a cold compile did: `pipe.to("cpu")` raised). CUDA graphs bake the inner tensors'
+modes of a trace or a cold compile did: `.to()` raised). CUDA graphs bake the inner tensors'
 addresses, so a move that keeps dtype, device and layout, seen only by those addresses, would replay over
 freed memory if unseen; here (no GPU) the emulated CUDA graphs re-run the graph, so the tests check that the
 runtime saw the move (`stats.relinks`), which is what makes it capture again on a GPU
@@ -111,6 +111,7 @@ def test_no_background_worker_is_started_for_quantized_weights(caplog):
     with caplog.at_level("INFO", logger="frdiff_compile"):
         got = sample(optimized_fn(fr, cond), scheduler("sd15"), STEPS)
     assert "tensor subclasses (Int8Tensor), which a worker cannot rebuild" in caplog.text
+    assert "started ahead" not in caplog.text  # none spawned ahead of the export either
     assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text
     assert (fr.stats.background_compiles, fr.stats.background_failures, fr.stats.compiles) == (0, 0, 2), fr.stats
     expected = sample(optimized_fn(frdiff_compile.optimize(unet), cond), scheduler("sd15"), STEPS)

@@ -300,9 +300,9 @@ def forget_real_tensors(mode: FakeTensorMode) -> None:
     A graph keeps the fake modes it was traced or compiled under alive (export's, through its nodes'
     `meta["val"]`; the compile's, through what inductor keeps), and a mode's describer keeps a weak
     reference to every parameter it saw. `.to()` moves a tensor-subclass parameter (torchao's quantized
-    weights) by `torch.utils.swap_tensors`, which refuses any tensor with a weak reference: `pipe.to("cpu")`
-    or model offload on an optimized quantized UNet raised "Couldn't swap". The references only memoize
-    which real tensor became which fake one, which nothing asks once the trace or compile is done.
+    weights) by `torch.utils.swap_tensors`, which refuses any tensor with a weak reference: `.to()` of an
+    optimized quantized UNet (`pipe.to("cpu")`, model offload) raised "Couldn't swap". The references only
+    memoize which real tensor became which fake one, which nothing asks once the trace or compile is done.
     """
     converter = mode.fake_tensor_converter
     converter.tensor_memo.clear()
