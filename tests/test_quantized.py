@@ -116,3 +116,23 @@ def test_no_background_worker_is_started_for_quantized_weights(caplog):
     assert (fr.stats.background_compiles, fr.stats.background_failures, fr.stats.compiles) == (0, 0, 2), fr.stats
     expected = sample(optimized_fn(frdiff_compile.optimize(unet), cond), scheduler("sd15"), STEPS)
     assert max_rel_error(got, expected) < 1e-4
+
+
+def test_a_lora_loaded_onto_the_quantized_unet_is_served_as_stock_serves_it():
+    """PEFT wraps the quantized Linear layers (base weights int8, adapter weights plain): new graphs for the
+    adapter and for its new scale, each equal to the quantized stock UNet at M=1."""
+    pytest.importorskip("peft", reason="LoRA adapters need peft (the test extra)")
+    from test_module_state import load_lora
+
+    unet = _quantized_unet("Int8WeightOnlyConfig")
+    cond = unet_inputs("sd15")
+    fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=1))
+    stock = lambda: sample(lambda i, n, x, t: unet(x, t, **cond).sample, scheduler("sd15"), STEPS)  # noqa: E731
+    run = lambda: sample(optimized_fn(fr, cond), scheduler("sd15"), STEPS)  # noqa: E731
+    without = run()
+    load_lora(unet, 1, 4)
+    with_lora = run()
+    assert torch.equal(with_lora, stock()) and max_rel_error(with_lora, without) > 1e-2
+    unet.set_adapters(["a"], [0.3])
+    assert torch.equal(run(), stock())
+    assert fr.stats.captures == 3 and fr.stats.eager_calls == 0, fr.stats
