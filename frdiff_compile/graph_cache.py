@@ -301,10 +301,11 @@ def build_entry(
     # Workers for the reuse graph and the keyframe graph's later parts, started now so that their imports
     # overlap the export below; handed their graphs once they exist, stopped if they are not needed.
     spare: list[BackgroundCompile] = []
-    if config.background_compile and compile_graphs:
-        parameters = list(unet.parameters())  # a worker cannot rebuild tensor subclasses: none is spawned for them
-        workers = (BackgroundCompile.spawn(tuple(tensors), parameters) for _ in range(config.keyframe_parts))
-        spare = [w for w in workers if w]
+    for _ in range(config.keyframe_parts if config.background_compile and compile_graphs else 0):
+        worker = BackgroundCompile.spawn(tuple(tensors), unet.parameters())
+        if worker is None:  # why is logged; the same holds for the rest, so it is checked and logged once
+            break
+        spare.append(worker)
     try:
         captured = capture(unet, layout, tensors)
         plan = plan_cache_points(captured.graph_module, unet, captured.module_prefix, config.cache_point)
