@@ -7,8 +7,9 @@ and dtypes only), and the few questions inductor asks of the device are answered
 
 Invariants:
 - Needs a CUDA build of torch (torch.version.cuda set) and no GPU: where there is one, a real compile is the
-  measurement (bench_compile). Tried with torch 2.11.0+cu130 and triton 3.6.0, the GPU machine's versions;
-  the patches reach torch internals, so another release may need them changed, and fails loudly if so.
+  measurement (bench_compile). Tried with torch 2.11.0+cu130 and triton 3.6.0, the GPU machine's versions, and
+  torch 2.14.1 (CUDA 13.0) with triton 3.8.0; the patches reach torch internals, so another release may need
+  them changed, and fails loudly if so.
 - Nothing runs on a device. Where inductor would run something at compile time, that step is left out, and so its
   time: pad_mm's benchmarks of padded matmuls (`shape_padding` off), the SDPA fusion patterns' setup (the captured
   graphs hold SDPA ops already), and constant folding of values computed on the device (left unfolded).
@@ -90,6 +91,7 @@ def cuda_codegen_stub():
     import torch._inductor.fx_passes.fuse_attention as fuse_attention
     import torch._subclasses.fake_tensor as fake_tensor
     from torch._dynamo.device_interface import CudaInterface
+    from torch.utils._triton import has_triton
 
     answers = {"is_available": lambda: True, "device_count": lambda: 1, "current_device": lambda: 0,
                "get_device_properties": lambda *a, **k: H200, "get_device_capability": lambda *a, **k: (9, 0),
@@ -114,6 +116,10 @@ def cuda_codegen_stub():
             return self.unknown_value
 
     with contextlib.ExitStack() as stack:
+        # has_triton() is cached: asked before the stub (torchao asks it at import, and diffusers imports torchao
+        # where it is installed), it holds "no device" and inductor raises TritonMissing. Ask again, and after.
+        has_triton.cache_clear()
+        stack.callback(has_triton.cache_clear)
         for name, answer in answers.items():
             stack.enter_context(mock.patch.object(torch.cuda, name, answer))
         for name, answer in interface.items():
