@@ -34,14 +34,18 @@ def sqnr(x: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    from scipy import linalg
+    """||mu1 - mu2||² + tr(S1) + tr(S2) - 2·tr((S1·S2)^½), for covariances S1, S2 (symmetric, PSD).
 
-    covmean, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
-    if not np.isfinite(covmean).all():  # near-singular product: regularize, as FID implementations do
-        offset = np.eye(sigma1.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    covmean = covmean.real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    tr((S1·S2)^½) is the sum of the square roots of the eigenvalues of S1^½·S2·S1^½, a symmetric PSD matrix
+    similar to S1·S2, so two symmetric eigendecompositions give it, singular covariances included. Not scipy's
+    `sqrtm` of the product, as FID code often writes it: its `disp` argument, which kept it from printing on a
+    singular product, was removed in scipy 1.18 (the release Python 3.12 installs), and the unsymmetric
+    square root can come back complex or non-finite where the covariances are rank-deficient."""
+    w1, v1 = np.linalg.eigh(sigma1)
+    root1 = (v1 * np.sqrt(np.clip(w1, 0.0, None))) @ v1.T
+    inner = root1 @ sigma2 @ root1
+    trace_root = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0.0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_root)
 
 
 class DigitsJudge:

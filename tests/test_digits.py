@@ -37,6 +37,23 @@ def test_metrics_on_known_inputs(judge):
     mu, sigma = np.zeros(3), np.eye(3)
     assert frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-9)
     assert frechet_distance(mu + 1, sigma, mu, sigma) == pytest.approx(3.0)
+    a, b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 0.0])  # commuting: sum of (sqrt(a) - sqrt(b))^2
+    assert frechet_distance(mu, np.diag(a), mu, np.diag(b)) == pytest.approx(1.0 + 1.0 + 9.0)
+    # Non-commuting covariances: the textbook formula through scipy's matrix square root (well conditioned here).
+    from scipy import linalg
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(50, 6)), rng.normal(size=(50, 6)) @ rng.normal(size=(6, 6))
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    textbook = np.trace(s1) + np.trace(s2) - 2.0 * np.trace(linalg.sqrtm(s1 @ s2).real)
+    assert frechet_distance(mu[:1].repeat(6), s1, mu[:1].repeat(6), s2) == pytest.approx(textbook, rel=1e-9)
+    # Fewer samples than features (singular covariances, as a small sample gives): finite, and 0 against itself.
+    few_a, few_b = (np.cov(rng.normal(size=(5, 20)), rowvar=False) for _ in range(2))
+    zeros = np.zeros(20)
+    # (abs: the null space's rounding-level eigenvalues, ~1e-16 each, have square roots of ~1e-8; scipy's sqrtm
+    # of the product gives the same -6e-7 here)
+    assert frechet_distance(zeros, few_a, zeros, few_a) == pytest.approx(0.0, abs=1e-6 * np.trace(few_a))
+    assert 0.0 < frechet_distance(zeros, few_a, zeros, few_b) < math.inf
     real, labels = digits_dataset()
     assert judge.accuracy(real[:500], labels[:500]) > 0.95, "the judge must recognise real digits"
     assert judge.fid_proxy(real[::3]) < 0.2 * judge.fid_proxy(torch.rand(600, 1, 16, 16) * 2 - 1)
