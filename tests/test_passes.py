@@ -9,7 +9,7 @@ from diffusers import UNet2DConditionModel
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from frdiff_compile.passes import CallLayout, build_graphs, capture, plan_cache_points
-from frdiff_compile.passes.plan import RESNET_CONV1, TRANSFORMER_DELTA, CachePoint, Plan, alias_args
+from frdiff_compile.passes.plan import RESNET_CONV1, TRANSFORMER_DELTA, CachePoint, Plan, alias_args, canonical_path
 from frdiff_compile.passes.split import split_graph
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
@@ -137,6 +137,39 @@ def test_plan_counts_and_report(kind):
     assert report.removed.get("GroupNorm", 0) >= n_resnets, str(report)
     text = str(plan)
     assert "MiB" in text and f"{len(plan.points)} cache points" in text
+
+
+@torch.no_grad()
+def test_a_module_shared_across_the_unet_leaves_no_cache_point_behind():
+    """diffusers 0.30 to 0.32 give every resnet and the time embedding one shared SiLU instance. A module held
+    under two names makes non-strict export record the path each module was reached by, so the mid block's
+    loop over `self.resnets[1:]` traced its second resnet as "resnets.slice(1, None, None).0", and the planner
+    skipped it (and warned): its conv1 ran at every reuse step. The shared SiLU is built here by hand."""
+    unet = make_unet("sd15")
+    shared = torch.nn.SiLU()
+    unet.conv_act = unet.time_embedding.act = shared
+    for module in unet.modules():
+        if hasattr(module, "nonlinearity"):
+            module.nonlinearity = shared
+    kwargs = dict(sample=torch.randn(2, 4, 8, 8), timestep=torch.tensor(500), **unet_inputs("sd15"))
+    captured, plan, pair, tensors = _build(unet, kwargs)
+    assert not plan.skipped and "mid_block.resnets.1" in {p.module for p in plan.points}, str(plan)
+    paths = {path for n in captured.graph_module.graph.nodes for path, _ in n.meta.get("nn_module_stack", {}).values()}
+    assert any(".slice(1, None, None)." in path for path in paths), "the trace no longer names sliced lists so"
+    expected = unet(**kwargs).sample
+    caches, keyframe_out = _buffers(plan, expected)
+    assert torch.equal(pair.keyframe(*tensors, *caches, keyframe_out), expected)
+    assert torch.equal(pair.reuse(*tensors, *caches, keyframe_out, torch.tensor(1.0)), expected)
+
+
+def test_canonical_path_names_sliced_list_items_by_their_place():
+    assert canonical_path("unet.mid_block.resnets.slice(1, None, None).0.conv1") == "unet.mid_block.resnets.1.conv1"
+    assert canonical_path("a.slice(1, None, None).slice(1, None, None).0") == "a.2"  # [1:][1:][0]
+    assert canonical_path("a.slice(None, -1, None).1.b") == "a.1.b" and canonical_path("a.slice(2, 9, 3).1") == "a.5"
+    # Negative starts and steps need the list's length: left as they are (the module is then reported skipped).
+    assert canonical_path("a.slice(-2, None, None).0") == "a.slice(-2, None, None).0"
+    assert canonical_path("a.slice(None, None, -1).0") == "a.slice(None, None, -1).0"
+    assert canonical_path("down_blocks.1.resnets.10") == "down_blocks.1.resnets.10"
 
 
 @torch.no_grad()

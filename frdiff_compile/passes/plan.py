@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 
 import torch
 from torch import fx
@@ -124,9 +125,37 @@ class Plan:
         return "\n".join(lines)
 
 
+# An item of a sliced ModuleList as non-strict export names it: "<list>.slice(start, stop, step).<k>".
+_SLICE_ITEM = re.compile(r"\.slice\((-?\d+|None), (-?\d+|None), (-?\d+|None)\)\.(\d+)(?=\.|$)")
+
+
+def canonical_path(path: str) -> str:
+    """`path` with every item of a sliced ModuleList named by its place in the list itself.
+
+    Where the module tree holds one module under two names, non-strict export records the path a module was
+    reached by, so a block that loops over `self.resnets[1:]` (diffusers' cross-attention mid blocks) has its
+    second resnet traced as "resnets.slice(1, None, None).0", where `named_modules` says "resnets.1". diffusers
+    0.30 to 0.32 share one SiLU instance across the UNet, so there every SD UNet's mid block was traced so.
+    A slice whose mapping needs the list's length (negative start or step) is left as it is: its module is
+    then not found, and is named in the planner's warning.
+    """
+    def item(match: re.Match) -> str:
+        start, _, step, k = match.groups()
+        start_i = 0 if start == "None" else int(start)
+        step_i = 1 if step == "None" else int(step)
+        if start_i < 0 or step_i <= 0:
+            return match.group(0)
+        return f".{start_i + step_i * int(k)}"
+
+    previous = None
+    while previous != path:  # a slice of a slice: the one next to the item resolves first, one per pass
+        previous, path = path, _SLICE_ITEM.sub(item, path)
+    return path
+
+
 def _module_paths(node: fx.Node) -> list[str]:
     stack = node.meta.get("nn_module_stack") or {}
-    return [path for path, _ in stack.values()]
+    return [canonical_path(path) for path, _ in stack.values()]
 
 
 def _members(graph: fx.Graph, path: str, innermost: bool) -> set[fx.Node]:
