@@ -103,6 +103,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def needs_unet_method(name: str, added_in: str):
+    """Skip mark for a test that drives `UNet2DConditionModel.<name>`, which diffusers releases before
+    `added_in` lack. The library takes diffusers from 0.30 on; only these tests need the newer API."""
+    import diffusers
+
+    return pytest.mark.skipif(not hasattr(UNet2DConditionModel, name),
+                              reason=f"diffusers {diffusers.__version__} has no UNet2DConditionModel.{name} (added "
+                                     f"in {added_in}); it is what this test drives")
+
+
 def max_rel_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     """max |got - expected| relative to max |expected| (DDIM latents of random tiny UNets reach ~1e2)."""
     return ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import generated_code, make_unet, max_rel_error, unet_inputs
+from conftest import generated_code, make_unet, max_rel_error, needs_unet_method, unet_inputs
 from test_runtime import optimized_fn, sample, scheduler
 from torch import fx
 from torch._dynamo.utils import counters
@@ -217,6 +217,7 @@ def test_an_outer_fullgraph_compile_says_what_to_do():
     assert fr.stats.generations == 0, fr.stats
 
 
+@needs_unet_method("compile_repeated_blocks", "0.35")
 def test_regional_compilation_of_the_unet_leaves_the_graphs_alone():
     """`pipe.unet.compile_repeated_blocks(...)` (diffusers' regional compilation), before or after optimize().
 

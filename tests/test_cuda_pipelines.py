@@ -11,7 +11,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import make_unet, max_rel_error
+from conftest import make_unet, max_rel_error, needs_unet_method
 from test_cuda_runtime import (
     DEVICE,
     EMULATED,
@@ -33,6 +33,7 @@ from frdiff_compile import FRDiffConfig
 pytestmark = [pytest.mark.gpu, pytest.mark.cpu_emulation]
 
 
+@needs_unet_method("enable_lora_hotswap", "0.33")
 @pytest.mark.parametrize("load", ["after_to", "before_to"])
 def test_lora_hotswap_under_captured_graphs(load):
     """diffusers' LoRA hotswap copies the new adapter's weights into the old ones and fills PEFT's scaling

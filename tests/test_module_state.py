@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_unet, unet_inputs
+from conftest import make_unet, needs_unet_method, unet_inputs
 from test_runtime import optimized_fn, sample, scheduler
 
 import frdiff_compile
@@ -149,6 +149,7 @@ def lora_layers(unet) -> list[torch.nn.Module]:
     return [m for m in unet.modules() if isinstance(getattr(m, "scaling", None), dict)]
 
 
+@needs_unet_method("enable_lora_hotswap", "0.33")
 def test_lora_hotswap_keeps_the_graphs_and_a_scale_that_rewrites_scalings_is_refused():
     """diffusers' LoRA hotswap (`enable_lora_hotswap`, then `load_lora_adapter(..., hotswap=True)`): the new
     adapter's weights are copied into the old ones and its scale filled into PEFT's scaling tensors, both
@@ -190,6 +191,7 @@ def test_lora_hotswap_keeps_the_graphs_and_a_scale_that_rewrites_scalings_is_ref
     assert module_fingerprint(unet) != before
 
 
+@needs_unet_method("enable_lora_hotswap", "0.33")
 def test_a_cpu_scaling_beside_device_weights_counts_by_value():
     """Hotswap enabled before `pipe.to("cuda")` leaves PEFT's scaling tensors on the CPU (`.to()` moves only
     parameters and buffers). CUDA kernels take a CPU scalar's value at launch, so a CUDA graph keeps the
@@ -209,6 +211,7 @@ def test_a_cpu_scaling_beside_device_weights_counts_by_value():
     assert module_fingerprint(unet) != before
 
 
+@needs_unet_method("enable_lora_hotswap", "0.33")
 def test_lora_hotswap_scalings_made_under_inference_mode_keep_the_graphs():
     """An adapter loaded under `torch.inference_mode()` leaves inference tensors, which keep no version
     counter: the capture's write check compares their bits instead (reading the counter raised, and every
@@ -267,6 +270,7 @@ def test_lora_scale_in_cross_attention_kwargs_is_served_by_the_graphs():
     assert not torch.equal(outputs[0.3], outputs[None])
 
 
+@needs_unet_method("enable_layerwise_casting", "0.33")
 def test_forward_hooks_of_other_libraries_are_refused_at_optimize_and_run_eagerly_later():
     """Hooks that move or recast weights inside the forward (offload, layerwise casting) or change what it
     computes per call (diffusers' caches) are Python a captured graph never runs: no call may use graphs."""

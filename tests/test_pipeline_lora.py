@@ -125,9 +125,12 @@ def test_pipeline_level_lora_methods_still_skip_the_wrapper(lora_pipe):
     fr = frdiff_compile.optimize(stock, FRDiffConfig(keyframe_interval=1, compile=False))
     pipe.unet = fr
     assert "unet" not in pipe.get_list_adapters()
-    with pytest.raises(ValueError, match="not in the list of present adapters"):
-        pipe.set_adapters(["a"], [0.5])  # the adapters are the UNet's alone
     with_lora = generate(pipe)
+    try:  # the adapters are the UNet's alone: diffusers 0.42.1 raises that they are not present, 0.30.0 skips
+        pipe.set_adapters(["a"], [0.5])
+    except ValueError as error:
+        assert "not in the list of present adapters" in str(error)
+    assert np.array_equal(generate(pipe), with_lora), "diffusers now sets adapters through the wrapper"
     pipe.disable_lora()
     assert np.array_equal(generate(pipe), with_lora), "diffusers now disables LoRA through the wrapper"
     pipe.unload_lora_weights()

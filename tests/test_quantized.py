@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch._functorch.config
 import torch._inductor.config
-from conftest import make_unet, max_rel_error, unet_inputs
+from conftest import make_unet, max_rel_error, needs_unet_method, unet_inputs
 from frdiff_reference import EagerFRDiff
 from test_runtime import optimized_fn, sample, scheduler
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
@@ -118,6 +118,7 @@ def test_no_background_worker_is_started_for_quantized_weights(caplog):
     assert max_rel_error(got, expected) < 1e-4
 
 
+@needs_unet_method("load_lora_adapter", "0.32")
 def test_a_lora_loaded_onto_the_quantized_unet_is_served_as_stock_serves_it():
     """PEFT wraps the quantized Linear layers (base weights int8, adapter weights plain): new graphs for the
     adapter and for its new scale, each equal to the quantized stock UNet at M=1."""
