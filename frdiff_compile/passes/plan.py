@@ -139,6 +139,9 @@ def canonical_path(path: str) -> str:
     A slice whose mapping needs the list's length (negative start or step) is left as it is: its module is
     then not found, and is named in the planner's warning.
     """
+    if ".slice(" not in path:  # nearly every path: the planner asks for each module's nodes, so this is hot
+        return path
+
     def item(match: re.Match) -> str:
         start, _, step, k = match.groups()
         start_i = 0 if start == "None" else int(start)
