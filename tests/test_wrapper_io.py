@@ -1,4 +1,5 @@
-"""The wrapper and the ways weights move: checkpoints, other libraries' hooks, copies, pickles, saving.
+"""The wrapper: the UNet's interface and argument binding, what `optimize` refuses, and the ways weights move
+(checkpoints, other libraries' hooks, copies, pickles, saving).
 
 Code written for `pipe.unet` (loading fine-tuned weights, `copy.deepcopy(pipe)`, offload, saving) must keep
 working after `pipe.unet = optimize(pipe.unet)`.
@@ -13,10 +14,11 @@ import weakref
 import pytest
 import torch
 from conftest import make_unet, unet_inputs
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from test_runtime import optimized_fn, sample, scheduler
 
 import frdiff_compile
-from frdiff_compile import FRDiffConfig, FRDiffUNet
+from frdiff_compile import FRDiffConfig, FRDiffUNet, UnsupportedModelError
 
 STEPS = 6
 
@@ -176,3 +178,49 @@ def test_pipeline_saves_inside_unwrapped_even_after_a_failed_save(sd_pipe, tmp_p
         assert (tmp_path / "unet_alone" / "config.json").exists()
     finally:
         sd_pipe.register_modules(unet=stock_unet)  # the fixture is shared: leave its config as it was
+
+
+@torch.no_grad()
+def test_wrapper_keeps_the_unet_interface():
+    unet = make_unet("sdxl")
+    fr = frdiff_compile.optimize(unet)
+    assert fr.config is unet.config and fr.dtype == unet.dtype and fr.device == unet.device
+    assert fr.add_embedding is unet.add_embedding and fr.config.in_channels == 4
+    sched = scheduler("sdxl")
+    sched.set_timesteps(3)
+    x, cond = torch.randn(2, 4, 8, 8), unet_inputs("sdxl")
+    out = fr(x, sched.timesteps[0], **cond)
+    assert isinstance(out, UNet2DConditionOutput)
+    tup = fr(x, sched.timesteps[1], cond["encoder_hidden_states"], added_cond_kwargs=cond["added_cond_kwargs"],
+             return_dict=False)
+    assert isinstance(tup, tuple) and len(tup) == 1 and tup[0].shape == x.shape
+
+
+def test_argument_binding_agrees_with_inspect():
+    """The per-step fast path binds exactly what inspect.Signature.bind binds, and leaves errors to it."""
+    import inspect
+
+    fr = frdiff_compile.optimize(make_unet("sdxl"))
+    signature = inspect.signature(fr.unet.forward)
+    x, t, text = torch.randn(2, 4, 8, 8), torch.tensor(3), torch.randn(2, 7, 32)
+    extra = {"added_cond_kwargs": {}, "return_dict": False}
+    calls = [((x, t, text), {}), ((x,), {"timestep": t, "encoder_hidden_states": text, **extra}),
+             ((), {"sample": x, "timestep": t, "encoder_hidden_states": text}), ((x, t, text, None), extra)]
+    for args, kwargs in calls:
+        assert fr._bind(args, kwargs) == dict(signature.bind(*args, **kwargs).arguments), (len(args), sorted(kwargs))
+    for args, kwargs in [((x, t), {}), ((x, t, text), {"sample": x}), ((x, t, text), {"bogus": 1}), ((x,) * 20, {})]:
+        with pytest.raises(TypeError):
+            fr._bind(args, kwargs)
+
+
+def test_optimize_rejects_what_it_cannot_accelerate():
+    unet = make_unet("sd15")
+    with pytest.raises(UnsupportedModelError, match="supports diffusers UNet2DConditionModel.*found torch.nn"):
+        frdiff_compile.optimize(torch.nn.Linear(2, 2))
+    fr = frdiff_compile.optimize(unet)
+    with pytest.raises(UnsupportedModelError, match="already been applied"):
+        frdiff_compile.optimize(fr)
+    with pytest.raises(UnsupportedModelError, match="before torch.compile"):
+        frdiff_compile.optimize(torch.compile(unet))
+    with pytest.raises(ValueError, match="config must be an FRDiffConfig"):
+        frdiff_compile.optimize(unet, {"keyframe_interval": 2})
