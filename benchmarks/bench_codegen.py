@@ -170,6 +170,7 @@ def child(args: argparse.Namespace) -> None:
             if args.dump_code:  # to read what a graph runs: its kernels, library calls and copies
                 layout = "_inductor-layout" if args.conv_layout == "inductor" else ""
                 name = f"{args.backend}_{args.mode}{layout}_{kind.replace(' ', '_').replace('/', 'of')}.py"
+                Path(args.dump_code).mkdir(parents=True, exist_ok=True)
                 Path(args.dump_code, name).write_text(source)
             row = {"backend": args.backend, "shapes": args.mode, "conv_layout": args.conv_layout, "graph": kind,
                    "ops": ops, "to_code_s": time.perf_counter() - start, "triton_kernels": kernels,

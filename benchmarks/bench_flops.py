@@ -13,7 +13,13 @@ modules' (FlopCounterMode counts matmuls and convolutions by module). DeepCache'
 by running the DeepCache package's UNet at a non-cache step. The counts leave out elementwise work (norms,
 activations, the blend), which weighs more in the cheap calls than in the full one, so time ratios are
 likely to sit above these (on the H100, in fp16 with CUDA graphs, a SD 1.5 reuse call took 0.28 of a
-keyframe call against 0.272 here). Writes benchmarks/results/bench_flops.csv.
+keyframe call against 0.272 here).
+
+The reuse call is also split by what its work reads. In every resnet, norm2/SiLU/conv2 run on the cached conv1
+output plus the time embedding's projection, so they and the time embedding (and SDXL's added embedding) never
+read the sample: work that could run beside the chain from the sample to the output (conv_in, the shortcuts
+and resamplers, conv_out), or batched, where the compiled reuse graph runs it one convolution after another.
+tests/test_passes.py checks the split on the graph itself. Writes benchmarks/results/bench_flops.csv.
 """
 
 from __future__ import annotations
@@ -61,6 +67,18 @@ def frdiff_skipped(unet: torch.nn.Module, flops: dict[str, int]) -> int:
     return skipped
 
 
+def frdiff_sample_independent(unet: torch.nn.Module, flops: dict[str, int]) -> int:
+    """FLOPs of the reuse call that never read the sample: the time embedding, an added embedding (SDXL's, of
+    the text embeds and time ids) and, in every resnet, time_emb_proj and conv2 (on conv1's cached output plus
+    that projection). Module names as FlopCounterMode reports them."""
+    root = type(unet).__name__
+    found = sum(flops.get(f"{root}.{name}", 0) for name in ("time_embedding", "add_embedding"))
+    for name, module in unet.named_modules():
+        if isinstance(module, ResnetBlock2D):
+            found += flops.get(f"{root}.{name}.conv2", 0) + flops.get(f"{root}.{name}.time_emb_proj", 0)
+    return found
+
+
 def deepcache_shallow(unet: torch.nn.Module, x: torch.Tensor, kwargs: dict, branch: int) -> int:
     """FLOPs of DeepCache's call at a non-cache step (the full call at step 0 fills its cache first)."""
     scheduler = DDIMScheduler()
@@ -87,6 +105,10 @@ def main() -> None:
             rows.append({"config": name, "call": "full", "gflops": full / 1e9, "of_full": 1.0})
             reuse = full - frdiff_skipped(unet, flops)
             rows.append({"config": name, "call": "FRDiff reuse", "gflops": reuse / 1e9, "of_full": reuse / full})
+            independent = frdiff_sample_independent(unet, flops)
+            for call, part in (("FRDiff reuse: independent of the sample", independent),
+                               ("FRDiff reuse: on the sample's path", reuse - independent)):
+                rows.append({"config": name, "call": call, "gflops": part / 1e9, "of_full": part / full})
             for branch in args.branches:
                 shallow = deepcache_shallow(unet, x, kwargs, branch)
                 rows.append({"config": name, "call": f"DeepCache shallow, branch {branch}", "gflops": shallow / 1e9,

@@ -13,7 +13,8 @@ from frdiff_compile.passes.plan import RESNET_CONV1, TRANSFORMER_DELTA, CachePoi
 from frdiff_compile.passes.split import split_graph
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from bench_flops import counted, frdiff_skipped  # noqa: E402
+from bench_flops import counted, frdiff_sample_independent, frdiff_skipped  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 
 def _build(unet, kwargs):
@@ -186,6 +187,41 @@ def test_reuse_graph_does_the_full_calls_flops_less_the_cached_modules(kind):
     reuse = counted(lambda: pair.reuse(*tensors, *caches, keyframe_out, torch.tensor(0.5)))["Global"]
     cached = frdiff_skipped(unet, stock)
     assert 0 < cached < stock["Global"] and reuse == stock["Global"] - cached, (kind, stock["Global"], cached, reuse)
+
+
+class _FlopsBySample(torch.fx.Interpreter):
+    """Runs a graph and counts each node's FLOPs as on or off the path from its first input (the sample)."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        super().__init__(gm)
+        # The first placeholder: CallLayout puts the sample first.
+        self.on_path = {next(iter(gm.graph.find_nodes(op="placeholder")))}
+        self.flops = {True: 0, False: 0}
+
+    def run_node(self, n: torch.fx.Node):
+        if any(a in self.on_path for a in n.all_input_nodes):
+            self.on_path.add(n)
+        with FlopCounterMode(display=False) as counter:
+            out = super().run_node(n)
+        self.flops[n in self.on_path] += counter.get_total_flops()
+        return out
+
+
+@torch.no_grad()
+def test_reuse_flops_off_the_samples_path_are_the_resnets_second_convs_and_the_embeddings(kind):
+    """bench_flops.py's split of the reuse call, checked on the graph itself: what never reads the sample is
+    every resnet's time_emb_proj and conv2 and the time (and added) embeddings; the rest is on its path."""
+    unet = make_unet(kind)
+    kwargs = dict(sample=torch.randn(2, 4, 8, 8), timestep=torch.tensor(500), **unet_inputs(kind))
+    _, plan, pair, tensors = _build(unet, kwargs)
+    stock = counted(lambda: unet(**kwargs))
+    caches, keyframe_out = _buffers(plan, kwargs["sample"])
+    pair.keyframe(*tensors, *caches, keyframe_out)
+    split = _FlopsBySample(pair.reuse)
+    split.run(*tensors, *caches, keyframe_out, torch.tensor(0.5))
+    independent = frdiff_sample_independent(unet, stock)
+    assert split.flops[False] == independent > 0, (kind, split.flops, independent)
+    assert split.flops[True] == stock["Global"] - frdiff_skipped(unet, stock) - independent > 0, (kind, split.flops)
 
 
 @torch.no_grad()
