@@ -17,11 +17,12 @@
 #                                      CUDA graphs emulated), all but the two that inspect the Triton kernel
 #
 # Everything goes to $OUT (a temporary folder when unset): gpu_check.log (every stage's output), the CSVs
-# bench_blend.csv and bench_peers.csv (bench_unet.csv, bench_compile.csv, bench_methods.csv, bench_deep.csv and
-# profile_graphs.csv when those stages are asked for), gpu_tests.txt and stages.txt. Each stage has its own
-# time limit inside one overall deadline (BUDGET_S, 560 s by default, the install included); a failing or
-# timed-out stage is reported and the next one still runs. Stages run in this script's order, whatever
-# the order of STAGES. STAGES picks stages for a partial rerun, e.g. STAGES="bench_blend" BUDGET_S=120.
+# bench_blend.csv and bench_peers.csv (bench_unet.csv, bench_compile.csv, bench_methods.csv, bench_deep.csv,
+# profile_graphs.csv and profile_convs.csv when those stages are asked for), gpu_tests.txt and stages.txt. Each
+# stage has its own time limit inside one overall deadline (BUDGET_S, 560 s by default, the install
+# included); a failing or timed-out stage is reported and the next one still runs. Stages run in this
+# script's order, whatever the order of STAGES. STAGES picks stages for a partial rerun, e.g.
+# STAGES="bench_blend" BUDGET_S=120.
 # Seen on an H200 (2026-11-28, b491c71): the 32 GPU tests on 4 xdist workers 164 s (pytest: 138 s);
 # bench_blend 63 s; bench_peers cut by its then 240 s limit after five of its six providers (now 300 s);
 # bench_deep alone 129 s. Run 1 (tests, blend, peers) and run 2 (bench_deep) held the machine 727 s of the

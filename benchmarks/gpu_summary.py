@@ -179,6 +179,7 @@ def summary(out: Path) -> list[tuple[str, str, str, str]]:
     peers_first = {"bench_peers", "profile_graphs"} <= set(ran) and ran.index("bench_peers") < ran.index(
         "profile_graphs")
     lines += profile_lines(out / "profile_graphs.csv", peers_first)
+    lines += conv_lines(out / "profile_convs.csv")
     return lines
 
 
@@ -202,6 +203,24 @@ def profile_lines(path: Path, peers_first: bool = False) -> list[tuple[str, str,
         value = f"{number(top['profiled_ms']):.3g} ms, {number(top['launches_per_call']):.0f} launches"
         longest = f"longest: {top['kernel'][:48]} ({number(top['share']):.0%})"
         lines.append((f"profile: {cache_point} {graph} call", value, longest, "-"))
+    return lines
+
+
+def conv_lines(path: Path) -> list[tuple[str, str, str, str]]:
+    """Per graph and cache point (profile_graphs' convolutions by shape): their time and TFLOP/s per call, and
+    the shape with the lowest TFLOP/s, which says whether small convolutions leave the GPU idle."""
+    graphs: dict[tuple[str, str], list[dict[str, str]]] = {}
+    for r in newest(path, per="cache_point"):
+        if number(r.get("tflops")):
+            graphs.setdefault((r["cache_point"], r["graph"]), []).append(r)
+    lines = []
+    for (cache_point, graph), rows in graphs.items():
+        us = sum(number(r["us"]) for r in rows)
+        gflop = sum(number(r["gflop"]) * number(r["launches"]) for r in rows)
+        worst = min(rows, key=lambda r: number(r["tflops"]))
+        value = f"{us / 1e3:.3g} ms, {gflop / us * 1e3:.3g} TFLOP/s"
+        lowest = f"lowest: {number(worst['tflops']):.3g} TFLOP/s, {worst['conv']} x{number(worst['launches']):.0f}"
+        lines.append((f"profile: {cache_point} {graph} convolutions", value, lowest, "-"))
     return lines
 
 

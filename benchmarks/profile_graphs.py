@@ -15,6 +15,13 @@ alone (the host) set the pace.
 Prints per graph the call time, the device time and launches per call and the top kernels, and the seconds the
 runtime counted building and compiling the pair; appends one row per kernel to benchmarks/results/profile_graphs.csv
 (or --csv), its graph's totals and those seconds on every row.
+
+Also each graph's convolutions by shape (input, weight, stride, groups), with their device time per call (CPU
+time on CPU), FLOPs and TFLOP/s, into profile_convs.csv beside that CSV: one reuse call runs 44 convolutions on
+SD 1.5, 22 of them (every resnet's conv2) off the sample's path and some so small that one alone leaves a GPU
+mostly idle (8x8 maps at 1280 channels; see bench_flops.py). Their TFLOP/s against the large ones' says whether
+that is where the reuse call's time above its FLOP share goes. A kernel name alone cannot: one cuDNN kernel
+serves many shapes.
 """
 
 from __future__ import annotations
@@ -41,12 +48,42 @@ import frdiff_compile
 from frdiff_compile import FRDiffConfig
 
 
-def profile(fn, device: torch.device, calls: int) -> list[dict[str, object]]:
-    """Kernels (CUDA) or aten ops by self time (CPU) of `calls` runs of `fn`, per call, longest first."""
+def convolutions(events, device: torch.device, calls: int) -> list[dict[str, object]]:
+    """`aten::convolution` calls grouped by shape, per graph call, longest first: launches, device time
+    (CUDA; the kernels each call launched, its children's included) or CPU time, GFLOP and TFLOP/s."""
+    groups: dict[tuple, list[float]] = {}
+    for event in events:
+        if event.name != "aten::convolution" or len(event.input_shapes) < 2:
+            continue
+        x, w = event.input_shapes[:2]
+        stride, padding, dilation, transposed, _, n_groups = event.concrete_inputs[3:9]
+        spent = event.device_time_total if device.type == "cuda" else event.cpu_time_total
+        group = groups.setdefault((tuple(x), tuple(w), tuple(stride), tuple(padding), tuple(dilation),
+                                   bool(transposed), int(n_groups)), [0, 0.0])
+        group[0] += 1
+        group[1] += spent
+    rows = []
+    for (x, w, stride, padding, dilation, transposed, n_groups), (n, us) in groups.items():
+        gflop = None
+        if not transposed and len(x) == 4 and len(w) == 4:  # conv2d: 2 * output elements * (Cin/g * kh * kw)
+            out = [(x[2 + i] + 2 * padding[i] - dilation[i] * (w[2 + i] - 1) - 1) // stride[i] + 1 for i in range(2)]
+            gflop = 2 * x[0] * w[0] * out[0] * out[1] * w[1] * w[2] * w[3] / 1e9
+        # GFLOP per us is 1e15 FLOP/s, so 1e3 TFLOP/s.
+        rows.append({"conv": f"x {'x'.join(map(str, x))} w {'x'.join(map(str, w))} stride {stride[0]}"
+                             + (f" groups {n_groups}" if n_groups > 1 else "") + (" transposed" if transposed else ""),
+                     "launches": n / calls, "us": us / calls, "gflop": gflop,
+                     "tflops": gflop * n / us * 1e3 if gflop is not None and us > 0 else None})
+    rows.sort(key=lambda r: -r["us"])
+    return rows
+
+
+def profile(fn, device: torch.device, calls: int) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+    """Kernels (CUDA) or aten ops by self time (CPU) of `calls` runs of `fn`, per call, longest first; and
+    its convolutions by shape (`convolutions`)."""
     fn()
     synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
         for _ in range(calls):
             fn()
         synchronize(device)
@@ -67,7 +104,7 @@ def profile(fn, device: torch.device, calls: int) -> list[dict[str, object]]:
     whole = sum(r["us"] for r in rows) or 1.0
     for rank, row in enumerate(rows, 1):
         row.update(rank=rank, share=row["us"] / whole)
-    return rows
+    return rows, convolutions(prof.events(), device, calls)
 
 
 def main() -> None:
@@ -76,6 +113,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=10, help="profiled (and timed) calls per graph")
     parser.add_argument("--top", type=int, default=15, help="kernels printed per graph (the CSV has them all)")
     parser.add_argument("--csv", default=str(RESULTS / "profile_graphs.csv"))
+    parser.add_argument("--conv-csv", default="", help="convolutions by shape (default: profile_convs.csv by --csv)")
     args = parser.parse_args()
 
     setup = unet_from_arguments(args)
@@ -101,10 +139,10 @@ def main() -> None:
                  "reuse_compile_s": stats.reuse_compile_seconds}
         print(f"export and passes {stats.build_seconds:.1f} s; compile of both graphs {stats.compile_seconds:.1f} s "
               f"(reuse graph {stats.reuse_compile_seconds:.1f} s, {stats.compiles} graphs)")
-        csv_rows = []
+        csv_rows, conv_rows = [], []
         for name, fn in graphs.items():
             call_ms = time_ms(fn, device, repeats=args.calls)
-            rows = profile(fn, device, args.calls)
+            rows, convs = profile(fn, device, args.calls)
             device_ms, launches = sum(r["us"] for r in rows) / 1e3, sum(r["launches"] for r in rows)
             what = "device" if device.type == "cuda" else "aten self CPU"
             print_table(rows[: args.top], ["rank", "kernel", "launches", "us", "share"],
@@ -113,8 +151,13 @@ def main() -> None:
             totals = {"graph": name, "call_ms": call_ms, "profiled_ms": device_ms, "launches_per_call": launches,
                       **built}
             csv_rows += [{"shape": shape, "cache_point": args.cache_point, **totals, **row} for row in rows]
+            print_table(convs, ["conv", "launches", "us", "gflop", "tflops"],
+                        f"{name} graph: {sum(r['launches'] for r in convs):.0f} convolutions per call by shape, "
+                        f"{'device' if device.type == 'cuda' else 'CPU'} {sum(r['us'] for r in convs) / 1e3:.3f} ms")
+            conv_rows += [{"shape": shape, "cache_point": args.cache_point, "graph": name, **row} for row in convs]
     path = append_csv(Path(args.csv), csv_rows, env)
-    print(f"\nappended {len(csv_rows)} rows to {path}")
+    conv_path = append_csv(Path(args.conv_csv or Path(args.csv).with_name("profile_convs.csv")), conv_rows, env)
+    print(f"\nappended {len(csv_rows)} rows to {path} and {len(conv_rows)} to {conv_path}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 from gpu_summary import summary  # noqa: E402
+from models import build_unet, example_call  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 
 def write_csv(path, rows):
@@ -306,12 +308,24 @@ def test_profile_graphs_lists_each_graphs_work_and_the_summary_reads_both_cache_
     for key in launches:
         shares = [float(r["share"]) for r in rows if (r["cache_point"], r["graph"]) == key]
         assert abs(sum(shares) - 1) < 1e-6 and shares == sorted(shares, reverse=True), key
+    # The convolutions by shape: the keyframe graph runs the UNet's, FLOP for FLOP; the reuse graph fewer.
+    with (tmp_path / "profile_convs.csv").open() as f:
+        convs = [r for r in csv.DictReader(f) if r["cache_point"] == "features"]
+    gflop = {g: sum(float(r["gflop"]) * float(r["launches"]) for r in convs if r["graph"] == g)
+             for g in ("keyframe", "reuse")}
+    unet = build_unet("small", 8)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(**example_call(unet, 2, 8, "cpu", torch.float32), timestep=torch.tensor(500))
+    stock = counter.get_flop_counts()["Global"][torch.ops.aten.convolution] / 1e9
+    assert abs(gflop["keyframe"] - stock) < 1e-6 * stock and 0 < gflop["reuse"] < stock, (gflop, stock)
+    assert all(float(r["tflops"]) > 0 for r in convs), convs
     built = {r["cache_point"]: (float(r["export_s"]), float(r["compile_s"])) for r in rows}
     assert all(export > 0 and compile_s == 0 for export, compile_s in built.values()), built  # eager graphs on CPU
     lines = {row[0]: row for row in summary(tmp_path)}
     for cache_point in ("features", "deep"):
         for graph in ("keyframe", "reuse"):
             assert lines[f"profile: {cache_point} {graph} call"][2].startswith("longest: aten::"), lines
+            assert lines[f"profile: {cache_point} {graph} convolutions"][2].startswith("lowest: "), lines
         assert lines[f"profile: {cache_point} export / compile s"][1].endswith(" / 0"), lines
     # Run after bench_peers (gpu_check's order), the features graphs were compiled there: the line says so.
     (tmp_path / "stages.txt").write_text("bench_peers 0 200\nprofile_graphs 0 40\nprofile_deep 0 90\n")
