@@ -56,22 +56,30 @@ def convolutions(events, device: torch.device, calls: int) -> list[dict[str, obj
         if event.name != "aten::convolution" or len(event.input_shapes) < 2:
             continue
         x, w = event.input_shapes[:2]
-        stride, padding, dilation, transposed, _, n_groups = event.concrete_inputs[3:9]
+        # stride, padding, dilation, transposed, output_padding, groups; a torch that records no argument
+        # values leaves the shape without FLOPs rather than failing the profile.
+        concrete = list(getattr(event, "concrete_inputs", None) or [])[3:9]
+        known = len(concrete) == 6 and all(v is not None for v in concrete)
+        stride, padding, dilation, transposed, _, n_groups = concrete if known else ([0], [0], [1], False, None, 1)
         spent = event.device_time_total if device.type == "cuda" else event.cpu_time_total
         group = groups.setdefault((tuple(x), tuple(w), tuple(stride), tuple(padding), tuple(dilation),
-                                   bool(transposed), int(n_groups)), [0, 0.0])
+                                   bool(transposed), int(n_groups), known), [0, 0.0])
         group[0] += 1
         group[1] += spent
     rows = []
-    for (x, w, stride, padding, dilation, transposed, n_groups), (n, us) in groups.items():
+    for (x, w, stride, padding, dilation, transposed, n_groups, known), (n, us) in groups.items():
         gflop = None
-        if not transposed and len(x) == 4 and len(w) == 4:  # conv2d: 2 * output elements * (Cin/g * kh * kw)
+        if known and not transposed and len(x) == 4 and len(w) == 4:  # 2 * output elements * Cin/g * kh * kw
             out = [(x[2 + i] + 2 * padding[i] - dilation[i] * (w[2 + i] - 1) - 1) // stride[i] + 1 for i in range(2)]
             gflop = 2 * x[0] * w[0] * out[0] * out[1] * w[1] * w[2] * w[3] / 1e9
+        label = f"x {'x'.join(map(str, x))} w {'x'.join(map(str, w))}"
+        if known:
+            label += f" stride {stride[0]}" + (f" groups {n_groups}" if n_groups > 1 else "")
+            label += " transposed" if transposed else ""
+        else:
+            label += " (arguments not recorded)"
         # GFLOP per us is 1e15 FLOP/s, so 1e3 TFLOP/s.
-        rows.append({"conv": f"x {'x'.join(map(str, x))} w {'x'.join(map(str, w))} stride {stride[0]}"
-                             + (f" groups {n_groups}" if n_groups > 1 else "") + (" transposed" if transposed else ""),
-                     "launches": n / calls, "us": us / calls, "gflop": gflop,
+        rows.append({"conv": label, "launches": n / calls, "us": us / calls, "gflop": gflop,
                      "tflops": gflop * n / us * 1e3 if gflop is not None and us > 0 else None})
     rows.sort(key=lambda r: -r["us"])
     return rows
