@@ -60,7 +60,7 @@ def convolutions(events, device: torch.device, calls: int) -> list[dict[str, obj
         # values leaves the shape without FLOPs rather than failing the profile.
         concrete = list(getattr(event, "concrete_inputs", None) or [])[3:9]
         known = len(concrete) == 6 and all(v is not None for v in concrete)
-        stride, padding, dilation, transposed, _, n_groups = concrete if known else ([0], [0], [1], False, None, 1)
+        stride, padding, dilation, transposed, _, n_groups = concrete if known else ((), (), (), False, None, 1)
         spent = event.device_time_total if device.type == "cuda" else event.cpu_time_total
         group = groups.setdefault((tuple(x), tuple(w), tuple(stride), tuple(padding), tuple(dilation),
                                    bool(transposed), int(n_groups), known), [0, 0.0])

@@ -2,13 +2,13 @@
 recipe for speed pairs it with torch.compile): the graphs must compute what the quantized UNet computes, and
 a move of the weights must be seen although such a weight's own `data_ptr()` is 0 wherever its data lives.
 
-The move is what `.to()` does to such a weight: `torch.utils.swap_tensors`, the same Parameter object with
-new inner tensors, which it refuses while anything holds a weak reference to the weight (the fake-tensor
-modes of a trace or a cold compile did: `.to()` raised). CUDA graphs bake the inner tensors'
-addresses, so a move that keeps dtype, device and layout, seen only by those addresses, would replay over
-freed memory if unseen; here (no GPU) the emulated CUDA graphs re-run the graph, so the tests check that the
-runtime saw the move (`stats.relinks`), which is what makes it capture again on a GPU
-(test_cuda_pipelines.py has the device's version).
+The move is what `.to()` does to such a weight: `torch.utils.swap_tensors`, the same Parameter object with new
+inner tensors, which it refuses while anything holds a weak reference to the weight (the fake-tensor modes of a
+trace or a cold compile did: `.to()` raised). CUDA graphs bake the inner tensors' addresses, so a move that
+keeps dtype, device and layout, seen only by those addresses, would replay over freed memory if unseen; here (no
+GPU) the emulated CUDA graphs re-run the graph, so the tests check that the runtime saw the move
+(`stats.relinks`), which is what makes it capture again on a GPU (test_cuda_pipelines.py has the device's
+version).
 """
 
 import pytest
