@@ -3,6 +3,7 @@
 Run (on a CUDA machine; on CPU it says so and times only the torch paths):
     python benchmarks/bench_blend.py
     python benchmarks/bench_blend.py --quick        # fewer sizes, for a smoke run
+    python benchmarks/bench_blend.py --target       # only the cases the bandwidth targets cover (seconds)
 
 Shapes: every SD 1.5 cache point at 64x64 latents and SDXL's at 128x128 (CFG batch 2, planned by the
 project's own planner on the meta device), and a size sweep from 4 KB to 256 MB; fp16 and bf16. Also one
@@ -17,7 +18,10 @@ copy" compares it with a 256 MB device-to-device copy timed the same way in the 
 are >= 90% of that copy bandwidth for tensors >= 8 MB and >= 80% for the arena launch. Each sweep, cache-shape
 and (on CUDA) configuration case also times a copy of its own size ("device copy", 2 bytes moved per element
 byte) and "% same-size copy" compares with that: how far a size's shortfall is the kernel's, and how far any
-kernel's at that size. Appends rows to benchmarks/results/bench_blend.csv.
+kernel's at that size. `--target` keeps only what the targets read: sizes from 8 MB (the sweep's and SDXL's
+cache shapes), the arena launch, and no torch.compile provider or launch-configuration sweep, whose compiles
+take most of a full run; it fits beside the other stages of one device lease. Appends rows to
+benchmarks/results/bench_blend.csv.
 """
 
 from __future__ import annotations
@@ -81,11 +85,12 @@ def same_size(rows: list[dict], case: str, dtype: torch.dtype) -> None:
         r["% same-size copy"] = 100 * r["GB/s"] / copy_gbs
 
 
-def providers(device: torch.device) -> dict:
+def providers(device: torch.device, target: bool) -> dict:
     found = {"torch eager": score_blend_reference}
-    # dynamic=True: one compiled kernel serves every size of the sweep (a static compile per shape would
-    # spend the device check's time budget compiling).
-    found["torch.compile"] = torch.compile(score_blend_reference, dynamic=True)
+    if not target:
+        # dynamic=True: one compiled kernel serves every size of the sweep (a static compile per shape would
+        # spend the device check's time budget compiling).
+        found["torch.compile"] = torch.compile(score_blend_reference, dynamic=True)
     if kernel_available(torch.empty(1, device=device)) and device.type == "cuda":
         found["triton"] = score_blend
     return found
@@ -95,6 +100,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    parser.add_argument("--target", action="store_true",
+                        help="only the cases the bandwidth targets cover (>= 8 MB and the arena), no torch.compile")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--csv", default=str(RESULTS / "bench_blend.csv"))
     args = parser.parse_args()
@@ -112,7 +119,9 @@ def main() -> None:
     cases += [(f"sd15 {tuple(s)}", s) for s in sorted(set(sd15), key=math.prod, reverse=True)[:3 if args.quick else None]]
     if not args.quick:
         cases += [(f"sdxl {tuple(s)}", s) for s in sorted(set(cache_shapes("sdxl", 128)), key=math.prod, reverse=True)]
-    funcs = providers(device)
+    if args.target:  # fp16 sizes: the same cut at 8 MB as the targets' (gpu_summary.py reads "MB" >= 8)
+        cases = [(label, shape) for label, shape in cases if math.prod(shape) * 2 >= 8 * 2**20]
+    funcs = providers(device, args.target)
     weight = torch.tensor(0.37, device=device)
     rows = []
 
@@ -145,7 +154,7 @@ def main() -> None:
             # The arenas (2 x 90 MB for SD 1.5) already spill the L2 cache: no rotation needed.
             row(f"sd15 all {len(sd15)} cache points", dtype, name, mbytes, graph_time_ms([fn], device, repeats),
                 time_ms(fn, device, repeats))
-    if "triton" in funcs and not args.quick:
+    if "triton" in funcs and not args.quick and not args.target:
         for mb in CONFIG_MB:
             shape = (int(mb * 2**20 / 2),)
             sets = input_sets(shape, torch.float16, device)

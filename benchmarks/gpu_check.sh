@@ -134,6 +134,9 @@ if [[ "$STAGES" == *" gpu_tests "* ]]; then
     echo "cut short: $(grep -c ' PASSED' "$LOG") PASSED, $(grep -cE ' (FAILED|ERROR)' "$LOG") FAILED so far" > "$OUT/gpu_tests.txt"
   fi
 fi
+# BLEND_TARGET=1: bench_blend --target, only the cases its bandwidth targets read (sizes from 8 MB and the arena,
+# no torch.compile provider or launch-configuration sweep), so it fits in a call with the tests and bench_peers.
+[[ "${BLEND_TARGET:-0}" == 1 ]] && BLEND+=(--target)
 stage bench_blend 100 $PY benchmarks/bench_blend.py "${BLEND[@]}" --csv "$OUT/bench_blend.csv"
 # PEER_PROVIDERS: bench_peers' providers for this run (its default set when unset), e.g. to add frdiff-m2-lo
 # (conv_layout="inductor") and the compiled-static-nchw baseline in place of providers an earlier run measured.
