@@ -11,7 +11,7 @@ import torch
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
-from gpu_summary import summary  # noqa: E402
+from gpu_summary import reuse_ms_for, summary  # noqa: E402
 from models import build_unet, example_call  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
@@ -123,6 +123,27 @@ def test_summary_judges_the_newest_run_against_the_targets(tmp_path):
     assert "frdiff-m2-lo vs eager" not in verdicts  # only the targets' providers are judged
     assert verdicts["frdiff-m2 first loop s (compile)"][3] == "MISSED"
     assert verdicts["frdiff-m3 vs eager"][1:] == ("missing", ">= 3", "-")
+
+
+def test_summary_says_what_reuse_call_the_m2_target_takes(tmp_path):
+    """The H200 run of b491c71: keyframe calls, scheduler steps and the measured/model ratio as measured, 1.6x
+    compiled stock (381 ms) is a loop of 238 ms, which a reuse call of 1.86 ms (3.40 measured) would give."""
+    row = {"date": "2026-11-28T14:26:00Z", "provider": "frdiff-m2", "loop_ms": "261.35", "model_ms": "243.67",
+           "measured_over_model": "1.0726", "keyframe_ms": "7.287", "reuse_ms": "3.4006",
+           "note": "25/14/11 full/reuse/skip; compile 97 s"}
+    stock = {"date": row["date"], "provider": "compiled-static", "loop_ms": "381.08"}
+    write_csv(tmp_path / "bench_peers.csv", [row, stock])
+    verdicts = {r[0]: r for r in summary(tmp_path)}
+    assert verdicts["frdiff-m2 reuse ms that 1.6x compiled stock takes"][1:] == ("1.86", "measured 3.4", "-")
+    # With the reuse call at that time, the model's loop meets the target exactly.
+    needed = reuse_ms_for(row, 381.08, 1.6)
+    model = 243.67 - 14 * 3.4006 + 14 * needed
+    assert abs(381.08 / (model * 1.0726) - 1.6) < 1e-9
+    # Keyframe calls that alone take the loop past the target: no reuse call can make it.
+    write_csv(tmp_path / "bench_peers.csv", [{**row, "model_ms": "400"}, stock])
+    verdicts = {r[0]: r for r in summary(tmp_path)}
+    assert verdicts["frdiff-m2 reuse ms that 1.6x compiled stock takes"][1] == "none"
+    assert reuse_ms_for({**row, "note": ""}, 381.08, 1.6) is None  # no call counts, no answer
 
 
 def test_bench_peers_dry_run_measures_every_requested_provider(tmp_path):
