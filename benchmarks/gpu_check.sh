@@ -18,9 +18,9 @@
 #
 # Everything goes to $OUT (a temporary folder when unset): gpu_check.log (every stage's output), the CSVs
 # bench_blend.csv and bench_peers.csv (bench_unet.csv, bench_compile.csv, bench_methods.csv, bench_deep.csv,
-# profile_graphs.csv and profile_convs.csv when those stages are asked for), gpu_tests.txt and stages.txt. Each
-# stage has its own time limit inside one overall deadline (BUDGET_S, 560 s by default, the install
-# included); a failing or timed-out stage is reported and the next one still runs. Stages run in this
+# bench_offpath.csv, profile_graphs.csv and profile_convs.csv when those stages are asked for), gpu_tests.txt
+# and stages.txt. Each stage has its own time limit inside one overall deadline (BUDGET_S, 560 s by default, the
+# install included); a failing or timed-out stage is reported and the next one still runs. Stages run in this
 # script's order, whatever the order of STAGES. STAGES picks stages for a partial rerun, e.g.
 # STAGES="bench_blend" BUDGET_S=120.
 # Seen on an H200 (2026-11-28, b491c71): the 32 GPU tests on 4 xdist workers 164 s (pytest: 138 s);
@@ -58,7 +58,10 @@ BUDGET_S=${BUDGET_S:-$(( DRY ? 900 : 560 ))}
 # times, an estimate, with frdiff-m2 last so that a cut loses only the comparison;
 # STAGES=bench_layouts BUDGET_S=320) and bench_quant (compiled stock and FRDiff M=2 and M=3 on the UNet
 # quantized by torchao, QUANTIZE=float8-dynamic unless set, a bench_peers --quantize name; carry torchao's
-# wheel: ../shared/gpu/carry-wheels torchao==0.18.0; two cold compiles; STAGES=bench_quant BUDGET_S=320).
+# wheel: ../shared/gpu/carry-wheels torchao==0.18.0; two cold compiles; STAGES=bench_quant BUDGET_S=320) and
+# bench_offpath (every resnet's conv2, the reuse call's convolutions off the sample's path, one after another
+# against split over 2-4 streams and grouped by shape, in captured graphs: whether running them at once could
+# bring the reuse call under its FLOP share; no compile, seconds expected; STAGES=bench_offpath BUDGET_S=90).
 STAGES=" ${STAGES:-gpu_tests bench_blend bench_peers} "
 START=$(date +%s)
 
@@ -94,6 +97,7 @@ if (( DRY )); then
   TESTS_LIMIT=420  # CPU inductor on 2 cores: about 300 s for the 17 emulated GPU tests (2026-11-27)
   PYTEST=(-q -n 2 --dist load)
   BLEND=(--quick)
+  OFFPATH=(--config tiny --latent 16 --dtype float32 --repeats 3)
   UNET=(--small --latent 8 --steps 4 --repeats 1)
   COMPILE=(--dry-run --variants default,parts3 --phases cold)
   CALLS=(--config tiny --latent 16 --steps 4)
@@ -111,6 +115,7 @@ else
   TESTS_LIMIT=230
   SDXL=(--config sdxl --latent 128 --steps 30 --loops 3 --providers eager,frdiff-m2,compiled-static,frdiff-m3)
   BLEND=()
+  OFFPATH=()
   # pytest-timeout (in the GPU image): a slow test fails with its traceback instead of the stage's kill
   # swallowing every failure report. pytest-xdist (in the image too): most of the stage is inductor
   # compiling tiny UNets on the host, so 4 workers on the 16 cores share it out; per test file
@@ -138,6 +143,7 @@ fi
 # no torch.compile provider or launch-configuration sweep), so it fits in a call with the tests and bench_peers.
 [[ "${BLEND_TARGET:-0}" == 1 ]] && BLEND+=(--target)
 stage bench_blend 100 $PY benchmarks/bench_blend.py "${BLEND[@]}" --csv "$OUT/bench_blend.csv"
+stage bench_offpath 60 $PY benchmarks/bench_offpath.py "${OFFPATH[@]}" --csv "$OUT/bench_offpath.csv"
 # PEER_PROVIDERS: bench_peers' providers for this run (its default set when unset), e.g. to add frdiff-m2-lo
 # (conv_layout="inductor") and the compiled-static-nchw baseline in place of providers an earlier run measured.
 stage bench_peers 300 $PY benchmarks/bench_peers.py "${PEERS[@]}" ${PEER_PROVIDERS:+--providers "$PEER_PROVIDERS"} \

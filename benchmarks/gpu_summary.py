@@ -2,10 +2,10 @@
 
 Usage: python benchmarks/gpu_summary.py OUT_DIR [--dry-run]
 Reads OUT_DIR/stages.txt, gpu_tests.txt, bench_blend.csv, bench_peers.csv and, when present,
-bench_peers_sdxl.csv, bench_compile.csv, bench_methods.csv, bench_deep.csv, bench_layouts.csv, bench_quant.csv
-and profile_graphs.csv (the newest run in each; in profile_graphs.csv, of each cache point), and prints one line
-per target: measured value, target, and whether it is met. Missing files or rows print as "missing" rather than
-failing, so a partial run still reports what it has.
+bench_peers_sdxl.csv, bench_compile.csv, bench_methods.csv, bench_deep.csv, bench_layouts.csv, bench_quant.csv,
+bench_offpath.csv and profile_graphs.csv (the newest run in each; in profile_graphs.csv, of each cache point), and
+prints one line per target: measured value, target, and whether it is met. Missing files or rows print as
+"missing" rather than failing, so a partial run still reports what it has.
 """
 
 from __future__ import annotations
@@ -206,6 +206,13 @@ def summary(out: Path) -> list[tuple[str, str, str, str]]:
         "profile_graphs")
     lines += profile_lines(out / "profile_graphs.csv", peers_first)
     lines += conv_lines(out / "profile_convs.csv")
+    # The reuse call's convolutions off the sample's path (optional stage): at once against one after another.
+    for r in newest(out / "bench_offpath.csv"):
+        if r["mode"] == "one stream":
+            us = number(r["us"])
+            lines.append(line(f"offpath: {r['convolutions']} conv2s on one stream, ms", us and us / 1e3, "", None))
+        elif number(r.get("vs one stream")) is not None:
+            lines.append(line(f"offpath: {r['mode']} vs one stream", number(r["vs one stream"]), "", None))
     return lines
 
 

@@ -144,6 +144,17 @@ def test_summary_says_what_reuse_call_the_m2_target_takes(tmp_path):
     verdicts = {r[0]: r for r in summary(tmp_path)}
     assert verdicts["frdiff-m2 reuse ms that 1.6x compiled stock takes"][1] == "none"
     assert reuse_ms_for({**row, "note": ""}, 381.08, 1.6) is None  # no call counts, no answer
+    # bench_offpath's rows beside them: the one-stream time and each other case's speedup over it.
+    write_csv(tmp_path / "bench_offpath.csv", [
+        {"date": row["date"], "mode": "one stream", "convolutions": "22", "us": "1900", "vs one stream": "1"},
+        {"date": row["date"], "mode": "2 streams", "convolutions": "22", "us": "1200", "vs one stream": "1.58"},
+        {"date": row["date"], "mode": "weight concat (per call, if not laid out once)", "convolutions": "22",
+         "us": "80", "vs one stream": ""},
+    ])
+    verdicts = {r[0]: r for r in summary(tmp_path)}
+    assert verdicts["offpath: 22 conv2s on one stream, ms"][1] == "1.9"
+    assert verdicts["offpath: 2 streams vs one stream"][1:] == ("1.58", "", "-")
+    assert not any("weight concat" in k for k in verdicts)
 
 
 def test_bench_peers_dry_run_measures_every_requested_provider(tmp_path):
@@ -353,3 +364,17 @@ def test_profile_graphs_lists_each_graphs_work_and_the_summary_reads_both_cache_
     lines = {row[0]: row for row in summary(tmp_path)}
     assert "profile: features export / compile s (after bench_peers: warm caches)" in lines, lines
     assert "profile: deep export / compile s" in lines, lines
+
+
+def test_offpath_streams_share_the_convolutions_out_evenly():
+    """bench_offpath's K-stream case: every convolution on exactly one stream, the streams' FLOPs within the
+    largest convolution of one another (so a measured gain is the streams', not an uneven split's)."""
+    from bench_offpath import balanced
+
+    flops = [3.8, 3.8, 3.8, 3.8, 3.8, 3.8, 3.8, 0.9, 0.9, 2.4, 2.4, 1.2, 0.6, 0.6, 0.3]
+    for k in (1, 2, 3, 4, 20):
+        groups = balanced(flops, k)
+        assert sorted(i for g in groups for i in g) == list(range(len(flops))), k
+        assert len(groups) == min(k, len(flops))
+        loads = [sum(flops[i] for i in g) for g in groups]
+        assert max(loads) - min(loads) <= max(flops), (k, loads)

@@ -14,6 +14,8 @@ from frdiff_compile.passes.split import split_graph
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from bench_flops import counted, frdiff_sample_independent, frdiff_skipped  # noqa: E402
+from bench_offpath import conv2_shapes  # noqa: E402
+from bench_offpath import gflop as offpath_gflop  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 
@@ -197,6 +199,7 @@ class _FlopsBySample(torch.fx.Interpreter):
         # The first placeholder: CallLayout puts the sample first.
         self.on_path = {next(iter(gm.graph.find_nodes(op="placeholder")))}
         self.flops = {True: 0, False: 0}
+        self.convolutions_off_path = 0
 
     def run_node(self, n: torch.fx.Node):
         if any(a in self.on_path for a in n.all_input_nodes):
@@ -204,6 +207,8 @@ class _FlopsBySample(torch.fx.Interpreter):
         with FlopCounterMode(display=False) as counter:
             out = super().run_node(n)
         self.flops[n in self.on_path] += counter.get_total_flops()
+        if n not in self.on_path and n.target in (torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default):
+            self.convolutions_off_path += counter.get_total_flops()
         return out
 
 
@@ -222,6 +227,9 @@ def test_reuse_flops_off_the_samples_path_are_the_resnets_second_convs_and_the_e
     independent = frdiff_sample_independent(unet, stock)
     assert split.flops[False] == independent > 0, (kind, split.flops, independent)
     assert split.flops[True] == stock["Global"] - frdiff_skipped(unet, stock) - independent > 0, (kind, split.flops)
+    # bench_offpath.py times every resnet's conv2 as the reuse call's convolutions off the path: exactly those.
+    shapes = conv2_shapes(unet, kwargs)
+    assert split.convolutions_off_path == round(sum(offpath_gflop(x, w) for x, w in shapes) * 1e9) > 0, kind
 
 
 @torch.no_grad()
