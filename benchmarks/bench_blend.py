@@ -3,7 +3,7 @@
 Run (on a CUDA machine; on CPU it says so and times only the torch paths):
     python benchmarks/bench_blend.py
     python benchmarks/bench_blend.py --quick        # fewer sizes, for a smoke run
-    python benchmarks/bench_blend.py --target       # only the cases the bandwidth targets cover (seconds)
+    python benchmarks/bench_blend.py --target       # only the cases the bandwidth targets cover
 
 Shapes: every SD 1.5 cache point at 64x64 latents and SDXL's at 128x128 (CFG batch 2, planned by the
 project's own planner on the meta device), and a size sweep from 4 KB to 256 MB; fp16 and bf16. Also one
@@ -19,8 +19,8 @@ are >= 90% of that copy bandwidth for tensors >= 8 MB and >= 80% for the arena l
 and (on CUDA) configuration case also times a copy of its own size ("device copy", 2 bytes moved per element
 byte) and "% same-size copy" compares with that: how far a size's shortfall is the kernel's, and how far any
 kernel's at that size. `--target` keeps only what the targets read: sizes from 8 MB (the sweep's and SDXL's
-cache shapes), the arena launch, and no torch.compile provider or launch-configuration sweep, whose compiles
-take most of a full run; it fits beside the other stages of one device lease. Appends rows to
+cache shapes) and the arena launch, with no torch.compile provider and no launch-configuration sweep, so that it
+fits beside other stages in one device lease (its GPU time is not measured yet). Appends rows to
 benchmarks/results/bench_blend.csv.
 """
 

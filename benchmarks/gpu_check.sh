@@ -61,7 +61,7 @@ BUDGET_S=${BUDGET_S:-$(( DRY ? 900 : 560 ))}
 # wheel: ../shared/gpu/carry-wheels torchao==0.18.0; two cold compiles; STAGES=bench_quant BUDGET_S=320) and
 # bench_offpath (every resnet's conv2, the reuse call's convolutions off the sample's path, one after another
 # against split over 2-4 streams and grouped by shape, in captured graphs: whether running them at once could
-# bring the reuse call under its FLOP share; no compile, seconds expected; STAGES=bench_offpath BUDGET_S=90).
+# bring the reuse call under its FLOP share; no compile, so seconds, an estimate; STAGES=bench_offpath BUDGET_S=90).
 STAGES=" ${STAGES:-gpu_tests bench_blend bench_peers} "
 START=$(date +%s)
 
