@@ -26,7 +26,6 @@ and the sample's path are left out.
 from __future__ import annotations
 
 import argparse
-import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from common import RESULTS, append_csv, environment, graph_time_ms, print_table
 from diffusers.models.resnet import ResnetBlock2D
-from models import build_unet, example_call
+from models import conv_gflop, meta_unet_and_call
 
 
 def conv2_shapes(unet: torch.nn.Module, call: dict) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -54,16 +53,12 @@ def conv2_shapes(unet: torch.nn.Module, call: dict) -> list[tuple[tuple[int, ...
 
 def meta_conv2_shapes(config: str, latent: int, batch: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     """`conv2_shapes` of a benchmark config, from a forward on the meta device (no memory, no compute)."""
-    unet = build_unet(config, latent, device="meta")
-    call = example_call(unet, batch, latent, "meta", torch.float32)
-    call["timestep"] = torch.empty((), dtype=torch.int64, device="meta")
-    return conv2_shapes(unet, call)
+    return conv2_shapes(*meta_unet_and_call(config, latent, batch))
 
 
 def gflop(x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> float:
-    """A stride-1, same-padding convolution: 2 * output elements * (input channels * kernel area)."""
-    b, _, h, w = x_shape
-    return 2 * b * w_shape[0] * h * w * math.prod(w_shape[1:]) / 1e9
+    """A resnet conv2 as this benchmark runs it: stride 1, same padding."""
+    return conv_gflop(x_shape, w_shape, padding=(w_shape[2] // 2, w_shape[3] // 2))
 
 
 def balanced(flops: list[float], k: int) -> list[list[int]]:

@@ -50,11 +50,25 @@ def example_call(unet: UNet2DConditionModel, batch: int, latent: int, device, dt
     return call
 
 
-def cache_shapes(name: str, latent: int, batch: int = 2) -> list[tuple[int, ...]]:
-    """The FRDiff cache point shapes of config `name` at `latent`x`latent` latents and this batch."""
+def meta_unet_and_call(name: str, latent: int, batch: int) -> tuple[UNet2DConditionModel, dict]:
+    """Config `name` and one call of it on the meta device: shapes without memory or compute."""
     unet = build_unet(name, latent, device="meta")
     call = example_call(unet, batch, latent, "meta", torch.float32)
     call["timestep"] = torch.empty((), dtype=torch.int64, device="meta")
+    return unet, call
+
+
+def conv_gflop(x: tuple[int, ...], w: tuple[int, ...], stride: tuple[int, ...] = (1, 1),
+               padding: tuple[int, ...] = (0, 0), dilation: tuple[int, ...] = (1, 1)) -> float:
+    """GFLOP of a 2-d convolution of input shape `x` with weight shape `w` (Cout, Cin/groups, kh, kw):
+    2 * output elements * Cin/groups * kh * kw, as FlopCounterMode counts it (the bias left out)."""
+    out = [(x[2 + i] + 2 * padding[i] - dilation[i] * (w[2 + i] - 1) - 1) // stride[i] + 1 for i in range(2)]
+    return 2 * x[0] * w[0] * out[0] * out[1] * w[1] * w[2] * w[3] / 1e9
+
+
+def cache_shapes(name: str, latent: int, batch: int = 2) -> list[tuple[int, ...]]:
+    """The FRDiff cache point shapes of config `name` at `latent`x`latent` latents and this batch."""
+    unet, call = meta_unet_and_call(name, latent, batch)
     layout, tensors = CallLayout.from_call(call)
     captured = capture(unet, layout, tensors)
     return [p.shape for p in plan_cache_points(captured.graph_module, unet).points]

@@ -41,7 +41,7 @@ from common import (
     unet_from_arguments,
 )
 from diffusers import DDIMScheduler
-from models import example_call
+from models import conv_gflop, example_call
 from torch.profiler import ProfilerActivity
 
 import frdiff_compile
@@ -69,9 +69,8 @@ def convolutions(events, device: torch.device, calls: int) -> list[dict[str, obj
     rows = []
     for (x, w, stride, padding, dilation, transposed, n_groups, known), (n, us) in groups.items():
         gflop = None
-        if known and not transposed and len(x) == 4 and len(w) == 4:  # 2 * output elements * Cin/g * kh * kw
-            out = [(x[2 + i] + 2 * padding[i] - dilation[i] * (w[2 + i] - 1) - 1) // stride[i] + 1 for i in range(2)]
-            gflop = 2 * x[0] * w[0] * out[0] * out[1] * w[1] * w[2] * w[3] / 1e9
+        if known and not transposed and len(x) == 4 and len(w) == 4:
+            gflop = conv_gflop(x, w, stride, padding, dilation)
         label = f"x {'x'.join(map(str, x))} w {'x'.join(map(str, w))}"
         if known:
             label += f" stride {stride[0]}" + (f" groups {n_groups}" if n_groups > 1 else "")
