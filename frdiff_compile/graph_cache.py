@@ -66,6 +66,8 @@ class RuntimeStats:
     cudagraph_captures: int = 0
     cudagraph_fallbacks: int = 0
     full_replays: int = 0  # keyframe steps served by a CUDA-graph replay
+    keyframes_ahead: int = 0  # generations' first steps replayed before the module state was read (unet.py)
+    keyframes_discarded: int = 0  # of those replays, dropped because the module state had changed
     reuse_replays: int = 0  # reuse steps served by a CUDA-graph replay
     relinks: int = 0  # parameter moves the built graphs served (new buffers, CUDA graphs captured again)
     resumed_generations: int = 0  # generations resumed after another's steps (interleaved: no reuse there)
@@ -255,6 +257,32 @@ class GraphEntry:
                 return self.reuse(*tensors, *buffers.caches, buffers.keyframe_out, buffers.weight)
         self.stats.reuse_replays += 1
         return out
+
+    def replays_full(self, slot: int = 0) -> bool:
+        """Whether a keyframe run in `slot` is a replay of its captured graph: nothing compiles or captures."""
+        if slot >= len(self.slots):
+            return False
+        static = self.slots[slot].static_keyframe
+        return static is not None and static.captured
+
+    @torch.no_grad()
+    def replay_full_ahead(self, tensors: list[torch.Tensor], step: int, slot: int = 0) -> torch.Tensor:
+        """Queue a keyframe replay whose step is not decided yet (`replays_full` must hold): until
+        `commit_full`, the slot holds nothing a step may read, since the replay overwrote its caches."""
+        buffers = self.slots[slot]
+        buffers.written_generation, buffers.written_step = -1, step
+        return buffers.static_keyframe(tensors)  # type: ignore[misc]  # replays_full: captured
+
+    def commit_full(self, generation: int, step: int, slot: int = 0) -> None:
+        """The replay `replay_full_ahead` queued is `generation`'s keyframe at `step`."""
+        buffers = self.slots[slot]
+        buffers.written_generation, buffers.written_step = generation, step
+        self.stats.full_replays += 1
+
+    def synchronize(self) -> None:
+        """Wait for the work queued on this pair's device: before a replay's buffers or graph may be freed."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
 
     def run_skip(self, slot: int = 0) -> torch.Tensor:
         return self.slot(slot).keyframe_out.clone()

@@ -66,6 +66,12 @@ class GraphLRU:
                 found.allocate()
         return found
 
+    def peek(self, signature: tuple) -> GraphEntry | None:
+        """The pair for `signature` under the current settings if it holds its buffers; None otherwise. No
+        use is recorded and nothing is allocated (`get` does both)."""
+        found = self._entries.get((self._token, signature))
+        return found if isinstance(found, GraphEntry) and found.allocated else None
+
     def put(self, signature: tuple, entry: GraphEntry | str) -> bool:
         """Keep `entry` for `signature` under the current settings; True if it had been dropped for capacity."""
         key = (self._token, signature)

@@ -2,11 +2,13 @@
 flags), as one comparable fingerprint.
 
 `FRDiffUNet` takes `module_snapshot(unet)` (the fingerprint, and the tensors' addresses) at every
-generation's start and never runs graphs built under another fingerprint, so no graph replays module
-state that has since changed. Replaced parameters drop every graph pair; a change of the other settings
-(`Fingerprint.settings`) switches to the pairs built under the new ones, keeping the old for a switch back.
+generation's start and never serves a step from graphs built under another fingerprint, so no output
+comes from module state that has since changed (a first step replayed while the snapshot is read is
+dropped if it differs: `FRDiffUNet._first_step_ahead`). Replaced parameters drop every graph pair; a change
+of the other settings (`Fingerprint.settings`) switches to the pairs built under the new ones, keeping the
+old for a switch back.
 Where the tensors live is tracked apart from it (`tensor_placement`): parameters that only moved to new
-storage of the same dtype, device and layout keep the graphs (see `FRDiffUNet._placement_changed`). A
+storage of the same dtype, device and layout keep the graphs (see `placement.GraphPlacement`). A
 tensor subclass that keeps its data in inner tensors (torchao's quantized weights) is tracked by theirs.
 
 Invariants:
@@ -275,7 +277,8 @@ class TensorPlacement:
     layout: tuple[tuple, ...]
 
 
-def _tensors(unet: torch.nn.Module) -> list[torch.Tensor]:
+def unet_tensors(unet: torch.nn.Module) -> list[torch.Tensor]:
+    """Every parameter and buffer of `unet`, module by module (shared tensors once per module)."""
     # One walk of the module tree through each module's own tables: `parameters()` then `buffers()` walk it
     # twice, and this runs at every `.to()`, which accelerate's offload hook calls before every forward.
     # The order is `module_snapshot`'s, whose addresses are compared with these.
@@ -286,7 +289,8 @@ def _tensors(unet: torch.nn.Module) -> list[torch.Tensor]:
     return [t for t in tensors if t is not None]  # one filter, not two generators per module
 
 
-def _addresses(tensors: list[torch.Tensor]) -> tuple[int, ...]:
+def addresses_of(tensors: list[torch.Tensor]) -> tuple[int, ...]:
+    """Where `tensors`' values live now (see `_add_addresses`): no module walk, for a list kept from one."""
     found: list[int] = []
     for t in tensors:
         _add_addresses(t, found)
@@ -295,12 +299,13 @@ def _addresses(tensors: list[torch.Tensor]) -> tuple[int, ...]:
 
 def tensor_addresses(unet: torch.nn.Module) -> tuple[int, ...]:
     """The cheap half of `tensor_placement`: enough to tell whether anything moved."""
-    return _addresses(_tensors(unet))
+    return addresses_of(unet_tensors(unet))
 
 
-def tensor_placement(unet: torch.nn.Module) -> TensorPlacement:
-    tensors = _tensors(unet)
+def tensor_placement(unet: torch.nn.Module, tensors: list[torch.Tensor] | None = None) -> TensorPlacement:
+    """`unet`'s placement; `tensors`: `unet_tensors(unet)` when the caller took them already."""
+    tensors = unet_tensors(unet) if tensors is None else tensors
     return TensorPlacement(
-        addresses=_addresses(tensors),
+        addresses=addresses_of(tensors),
         layout=tuple((t.dtype, t.device, tuple(t.shape), t.stride()) for t in tensors),
     )

@@ -11,12 +11,11 @@ Invariants:
   replaced parameters, processors, adapters, module values and configs, classes, their code and the
   globals it reads, numerics flags) forces a keyframe or other graphs (those built under the new settings,
   if any were: a switch back builds nothing). Graphs are only built, compiled and captured under the
-  settings they are filed under.
+  settings they are filed under. A generation's first step may be replayed before the module state is
+  read (`_first_step_ahead`, so that the device runs it meanwhile); if the state changed, that replay is
+  dropped and its slot holds nothing a step may read.
 - Parameters that move (`.to()`, model CPU offload, a swapped `.data`) never leave a graph reading old
-  storage. Back in the layout (dtype, device, shape, stride) the graphs were built for, at new addresses,
-  the graphs are kept and get new buffers and CUDA-graph captures (`stats.relinks`), with no export or
-  compile. Moved out of it, the graphs' device memory is freed at once and the compiled graphs wait: they
-  serve again if the UNet comes back, and are dropped at the first call made anywhere else.
+  storage (`placement.GraphPlacement`).
 - Calls the graphs cannot serve run the eager UNet for the rest of that generation, with one warning that
   names the argument; nothing is silently approximated outside the method.
 - One call at a time through a runtime and its copies, whatever thread or CUDA stream makes it (see
@@ -42,13 +41,14 @@ from .config import FRDiffConfig
 from .cudagraphs import Backend, SharedPool
 from .graph_cache import GraphEntry, RuntimeStats, build_entry
 from .graph_lru import GraphLRU
-from .module_state import hooks_reason, module_fingerprint, module_snapshot, tensor_addresses, tensor_placement
+from .module_state import hooks_reason, module_fingerprint, module_snapshot, tensor_addresses
 from .numerics import numerics_changes, numerics_key
 from .passes import CallLayout
 from .passes.capture import ArgumentBinder, UnsupportedCall
+from .placement import GraphPlacement
 from .policy import check_policy_fingerprint
 from .schedule import Schedule, StepKind, build_schedule
-from .steps import StepTracker
+from .steps import StepPosition, StepTracker
 from .warn import CHANGED_MID_GENERATION, FLAGS_CHANGED_MID_GENERATION, INTERLEAVED, OPAQUE, UNTRACKED, warn
 from .wrapper import UNetWrapper
 
@@ -83,10 +83,7 @@ class FRDiffUNet(UNetWrapper):
         self._code_reads = CodeReads()  # a memo of which globals each class's code looks up
         self._fingerprint = module_fingerprint(self.unet, self._code_reads)
         self._graphs.use_settings(self._fingerprint.settings)
-        # Where the UNet's tensors were when the live graphs were built or last relinked, and whether they
-        # have since left that layout (dtype, device, shape, stride).
-        self._placement = tensor_placement(self.unet)
-        self._away = False
+        self._where = GraphPlacement(self.unet, self._graphs, self.stats)
 
     # --- copies ---------------------------------------------------------------------------------------
     def extra_repr(self) -> str:
@@ -112,45 +109,8 @@ class FRDiffUNet(UNetWrapper):
             before = tensor_addresses(self.unet)
             result = super()._apply(fn, recurse)
             if tensor_addresses(self.unet) != before:
-                self._placement_changed()
+                self._where.moved()
         return result
-
-    def _placement_changed(self) -> None:
-        """React to the UNet's tensors living somewhere new; see the invariants in the module docstring."""
-        now = tensor_placement(self.unet)
-        if not len(self._graphs):  # nothing built yet (or all dropped): nothing to keep
-            self._placement, self._away = now, False
-        elif now.layout == self._placement.layout:
-            if now != self._placement or self._away:
-                kept = self._graphs.relink()
-                self.stats.relinks += 1
-                logger.info("the UNet's parameters moved to new storage of the same dtypes, devices and "
-                            "layouts: %d graph pairs kept, their buffers and CUDA graphs made again", kept)
-            self._placement, self._away = now, False
-        elif not self._away:
-            # Model CPU offload moves the UNet off the GPU after every generation and back before the next:
-            # free what the graphs hold on the device, keep the compiled code for the way back.
-            self._graphs.release()
-            self._away = True
-            logger.info("the UNet's parameters left the dtypes or devices its graphs were built for: graph "
-                        "buffers freed; the graphs serve again if it comes back, else they are rebuilt")
-
-    def _check_placement(self, addresses: tuple[int, ...] | None = None) -> None:
-        """Before graphs run: catch `.data` swaps (no `_apply` sees them) and drop graphs left behind.
-
-        `addresses`: `tensor_addresses(self.unet)` when the caller took them already.
-        """
-        if not self._away and (addresses or tensor_addresses(self.unet)) != self._placement.addresses:
-            self._placement_changed()
-        if self._away:
-            logger.info("the UNet is called where its %d graph pairs were not built: rebuilding them",
-                        len(self._graphs))
-            self._drop_graphs()
-
-    def _drop_graphs(self) -> None:
-        """Drop every graph pair; the next ones are built where the UNet's tensors are now."""
-        self._graphs.clear()
-        self._placement, self._away = tensor_placement(self.unet), False
 
     # --- generations ----------------------------------------------------------------------------------
     def reset(self, num_inference_steps: int | None = None) -> None:
@@ -186,27 +146,27 @@ class FRDiffUNet(UNetWrapper):
             self.reset()
         logger.info("frdiff_compile.reconfigure: %s", config)
 
-    def _use_current_settings(self) -> tuple[str, ...]:
-        """Snapshot the module state and switch to the graphs built under it: at a generation's start, and
-        before `prepare` builds graphs (which must be filed under the settings they are built under). The
-        forward hooks found, which no graph runs."""
-        fingerprint, addresses = module_snapshot(self.unet, self._code_reads)
+    def _use_current_settings(self, snapshot: tuple | None = None) -> tuple[str, ...]:
+        """Snapshot the module state (or take `snapshot`, one just made) and switch to the graphs built under
+        it: at a generation's start, and before `prepare` builds graphs (which must be filed under the settings
+        they are built under). The forward hooks found, which no graph runs."""
+        fingerprint, addresses = snapshot or module_snapshot(self.unet, self._code_reads)
         if fingerprint != self._fingerprint:
             if fingerprint.parameters != self._fingerprint.parameters:
                 # Graphs over replaced Parameters would keep them (and their memory) alive, and serve no one.
                 logger.info("the UNet's parameters were replaced: rebuilding graphs")
-                self._drop_graphs()
+                self._where.drop_graphs()
             else:
                 logger.info("module settings changed (attention processors, adapters, module values or configs, "
                             "classes, their code, the globals it reads, hooks or numerics flags): using graphs "
                             "built under these settings, keeping the others for a switch back")
             self._graphs.use_settings(fingerprint.settings)
             self._fingerprint = fingerprint
-        self._check_placement(addresses)
+        self._where.check(addresses)
         return fingerprint.hooks
 
-    def _start_generation(self, num_steps: int) -> None:
-        hooks = self._use_current_settings()
+    def _start_generation(self, num_steps: int, snapshot: tuple | None = None) -> None:
+        hooks = self._use_current_settings(snapshot)
         number = self._generation.number + 1
         try:
             schedule = build_schedule(num_steps, self.frdiff_config)
@@ -323,13 +283,16 @@ class FRDiffUNet(UNetWrapper):
         if position.resumed:
             self._interleaved()
         if position.new_generation:
-            self._start_generation(position.num_steps)
+            out, snapshot = self._first_step_ahead(arguments, position)
+            if out is not None:
+                return out
+            self._start_generation(position.num_steps, snapshot)
         elif not position.repeated and (changed := self._slots.new_step()) is not None:
             self._fall_back(changed)
         if self._generation.eager_reason is not None:
             return None
-        if self._away:  # moved mid-generation: the graphs' buffers were released
-            self._check_placement()
+        if self._where.away:  # moved mid-generation: the graphs' buffers were released
+            self._where.check()
         try:
             layout, tensors = CallLayout.from_call(arguments)
         except UnsupportedCall as exc:
@@ -352,6 +315,43 @@ class FRDiffUNet(UNetWrapper):
             self._fall_back(slot)
             return None
         return self._run(entry, tensors, position.index, slot)
+
+    def _first_step_ahead(self, arguments: dict[str, Any],
+                          position: StepPosition) -> tuple[torch.Tensor | None, tuple | None]:
+        """A generation's first step replayed before the module state is read, and the snapshot then read.
+
+        A first step is always a keyframe (no cache holds this generation's features). Where it is a replay
+        of a captured graph (nothing to build, compile or capture), the replay is queued first and the module
+        state is read while the device runs it, not while the device waits: from the call to the launch, 4.2
+        to 4.7 ms before and 0.5 to 0.6 ms after for SD 1.5, 12.8 and 1.3 ms for SDXL (host time on the CPU
+        machine, `benchmarks/bench_host.py`). Unchanged: the step is served. Changed: the replay is dropped
+        (its slot already holds nothing a step may read) and the step goes the usual way under the new state.
+        Before the replay only the addresses of the tensors the graphs were captured over are read
+        (`GraphPlacement.unmoved`): a captured graph reads those. (None, None) where this does not apply.
+        """
+        try:
+            layout, tensors = CallLayout.from_call(arguments)
+        except UnsupportedCall:
+            return None, None
+        entry = self._graphs.peek(layout.signature)
+        if (entry is None or not entry.replays_full() or self._fingerprint.hooks or not self._where.unmoved()
+                or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
+            return None, None
+        self._streams.follow(entry.device)
+        out = entry.replay_full_ahead(tensors, position.index)
+        self.stats.keyframes_ahead += 1
+        snapshot = module_snapshot(self.unet, self._code_reads)
+        if snapshot[0] != self._fingerprint or snapshot[1] != self._where.addresses:
+            self.stats.keyframes_discarded += 1
+            entry.synchronize()  # the new state may free this pair's buffers and graphs
+            return None, snapshot
+        self._start_generation(position.num_steps, snapshot)  # a bad step count raises here, as it would anyway
+        self._graphs.get(layout.signature)  # recorded as used
+        self._slots.assign(layout.signature)  # slot 0: the generation's first call
+        entry.commit_full(self._generation.number, position.index)
+        self.stats.forced_keyframes += self._generation.schedule.kinds[position.index] is not StepKind.FULL
+        self.stats.full_calls += 1
+        return out, snapshot
 
     def _interleaved(self) -> None:
         self.stats.resumed_generations += 1

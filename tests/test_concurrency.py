@@ -67,19 +67,21 @@ def in_threads(models, cond, own_streams=False):
 @contextlib.contextmanager
 def recorded_kinds(entry):
     """Thread name -> the kind ("full", "reuse", "skip") of each of its steps through `entry`, recorded
-    inside the runtime's step lock."""
+    inside the runtime's step lock. A generation's first step replayed ahead of the module-state check
+    counts when it is committed (`commit_full`)."""
     kinds = {}
-    for kind in ("full", "reuse", "skip"):
-        def recorded(*args, _run=getattr(entry, f"run_{kind}"), _kind=kind):
+    methods = {"run_full": "full", "commit_full": "full", "run_reuse": "reuse", "run_skip": "skip"}
+    for method, kind in methods.items():
+        def recorded(*args, _run=getattr(entry, method), _kind=kind):
             kinds.setdefault(threading.current_thread().name, []).append(_kind)
             return _run(*args)
 
-        setattr(entry, f"run_{kind}", recorded)
+        setattr(entry, method, recorded)
     try:
         yield kinds
     finally:
-        for kind in ("full", "reuse", "skip"):
-            delattr(entry, f"run_{kind}")  # the class's methods again
+        for method in methods:
+            delattr(entry, method)  # the class's methods again
 
 
 def keyframes_run(kinds, k):

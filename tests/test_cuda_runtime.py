@@ -101,6 +101,7 @@ def assert_nothing_new(fr, before):
     changes = (new.compiles, new.recompiles, new.captures, new.cudagraph_captures, new.cudagraph_fallbacks)
     assert changes == (0,) * 5, new
     assert (new.full_replays, new.reuse_replays) == (new.full_calls, new.reuse_calls), new
+    assert new.keyframes_discarded == 0, new  # nothing changed the module state between generations
 
 
 # One test per case, so each result is named; a failure in one case does not hide the others.
@@ -174,9 +175,10 @@ def test_steps_never_sync_the_host(warm):
     _, cond, fr = warm(torch.float16)
     use_schedule(fr)
     before = copy.copy(fr.stats)
-    trajectory(_NoSync(fr), cond)  # a new generation: the module fingerprint check runs in it too
+    trajectory(_NoSync(fr), cond)  # a new generation: the module state is read in it too
     new = fr.stats.since(before)
     assert new.full_replays > 0 and new.reuse_replays > 0 and new.skip_steps > 0, new
+    assert (new.keyframes_ahead, new.keyframes_discarded) == (1, 0), new  # the state read during a replay
 
 
 def test_second_generation_at_another_resolution_and_batch(warm):
