@@ -323,7 +323,7 @@ class FRDiffUNet(UNetWrapper):
         A first step is always a keyframe (no cache holds this generation's features). Where it is a replay
         of a captured graph (nothing to build, compile or capture), the replay is queued first and the module
         state is read while the device runs it, not while the device waits: from the call to the launch, 4.2
-        to 4.7 ms before and 0.5 to 0.6 ms after for SD 1.5, 12.8 and 1.3 ms for SDXL (host time on the CPU
+        to 4.7 ms before and 0.5 to 0.6 ms after for SD 1.5, 12.8 and 0.8 to 1.3 ms for SDXL (host time on the CPU
         machine, `benchmarks/bench_host.py`). Unchanged: the step is served. Changed: the replay is dropped
         (its slot already holds nothing a step may read) and the step goes the usual way under the new state.
         Before the replay only the addresses of the tensors the graphs were captured over are read

@@ -6,7 +6,11 @@ CUDA-graph backend: the replay comes first, the steps compute what they did befo
 that changed between generations never lets the dropped replay's output or caches through.
 """
 
+import csv
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,3 +142,16 @@ def test_a_slot_replayed_ahead_holds_nothing_until_committed():
     assert not any(entry.holds(generation, 0) for generation in range(5))  # numbered from 1
     entry.commit_full(7, step=0)
     assert entry.holds(7, 0) and not entry.holds(7, 1)
+
+
+def test_bench_host_times_every_step_kind_with_the_first_steps_replayed_ahead(tmp_path):
+    out = tmp_path / "host.csv"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_host.py"
+    result = subprocess.run([sys.executable, str(script), "--config", "tiny", "--steps", "6", "--generations", "3",
+                             "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["item"]: row for row in csv.DictReader(out.open())}
+    assert set(rows) == {"first step", "keyframe", "reuse", "skip", "module_snapshot", "tensor_addresses"}, rows
+    assert rows["first step"]["calls"] == "3" and rows["first step"]["note"].startswith("3 of 3 first steps"), rows
+    assert all(float(rows[kind]["to_launch_us"]) > 0 for kind in ("first step", "keyframe", "reuse")), rows
+    assert rows["skip"]["to_launch_us"] == "" and float(rows["module_snapshot"]["call_us"]) > 0, rows
