@@ -12,9 +12,11 @@ built for an 8x8 latent and captured through the "emulate" CUDA-graph backend (t
 the CUDA path: static inputs copied in, output cloned), then replaced by a function that notes the time
 it is called (the launch) and returns at once: what is timed is the runtime, not a UNet. Rows: each step
 kind (a generation's first step, its later keyframes, reuse steps, skip steps, which launch no graph),
-median µs from the call to the launch and for the whole call; `module_snapshot` and `tensor_addresses`
-alone. It measures the host it runs on (a GPU host's is another); a GPU is not used. Appends rows to
-benchmarks/results/bench_host.csv.
+median µs from the call to the launch and for the whole call, through the runtime and through the same
+graphs called directly (`common.DirectGraphs`: the replay's own host work, the static-input copies
+included, without the runtime's binding, step tracking, module-state check and output wrapping);
+`module_snapshot` and `tensor_addresses` alone. It measures the host it runs on (a GPU host's is
+another); a GPU is not used. Appends rows to benchmarks/results/bench_host.csv.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from common import RESULTS, append_csv, environment, print_table
+from common import RESULTS, DirectGraphs, append_csv, environment, print_table
 from diffusers import DDIMScheduler
 from models import build_unet, example_call
 
@@ -35,6 +37,7 @@ import frdiff_compile
 from frdiff_compile import FRDiffConfig
 from frdiff_compile.code_reads import CodeReads
 from frdiff_compile.module_state import module_snapshot, tensor_addresses
+from frdiff_compile.schedule import Schedule, StepKind, build_schedule
 
 
 def launch_recorder(out: torch.Tensor, stamps: list[float]):
@@ -49,27 +52,35 @@ def median_us(seconds: list[float]) -> float | None:
     return statistics.median(seconds) * 1e6 if seconds else None
 
 
+KIND_NAMES = {StepKind.FULL: "keyframe", StepKind.REUSE: "reuse", StepKind.SKIP: "skip"}
+
+
 @torch.no_grad()
-def step_times(fr, sched, sample: torch.Tensor, cond: dict, steps: int, generations: int,
+def step_times(model, schedule: Schedule, sched, sample: torch.Tensor, cond: dict, generations: int,
                stamps: list[float]) -> dict[str, dict[str, list[float]]]:
-    """Per step kind, the seconds from each call to its graph's launch and of each whole call."""
+    """Per step kind (as `schedule` has them; a generation's first step apart), the seconds from each call of
+    `model` to its graph's launch and of each whole call."""
     times: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"to_launch": [], "call": []})
     for _ in range(generations):
-        sched.set_timesteps(steps)
+        sched.set_timesteps(schedule.num_steps)
         x = sample
         for i, t in enumerate(sched.timesteps):
-            before, launches = copy.copy(fr.stats), len(stamps)
+            launches = len(stamps)
             start = time.perf_counter()
-            out = fr(x, t, **cond).sample
+            out = model(x, t, **cond).sample
             end = time.perf_counter()
-            new = fr.stats.since(before)
-            kind = ("first step" if i == 0 else "keyframe" if new.full_calls else "reuse" if new.reuse_calls
-                    else "skip")
+            kind = "first step" if i == 0 else KIND_NAMES[schedule.kinds[i]]
             if len(stamps) > launches:
                 times[kind]["to_launch"].append(stamps[launches] - start)
             times[kind]["call"].append(end - start)
             x = sched.step(out, t, x).prev_sample
     return times
+
+
+def rows_of(times: dict[str, dict[str, list[float]]], path: str, config: str, note: str = "") -> list[dict]:
+    return [{"config": config, "path": path, "item": kind, "calls": len(t["call"]),
+             "to_launch_us": median_us(t["to_launch"]), "call_us": median_us(t["call"]),
+             "note": note if kind == "first step" else ""} for kind, t in sorted(times.items())]
 
 
 def repeat_us(fn, repeats: int = 50) -> float:
@@ -100,26 +111,28 @@ def main() -> None:
     fr = frdiff_compile.optimize(unet, FRDiffConfig(keyframe_interval=args.interval))
     fr.graph_backend_override = "emulate"
     sched = DDIMScheduler()
+    schedule = build_schedule(args.steps, fr.frdiff_config)
     stamps: list[float] = []
-    step_times(fr, sched, sample, cond, args.steps, 1, stamps)  # builds the pair and captures both graphs
+    step_times(fr, schedule, sched, sample, cond, 1, stamps)  # builds the pair and captures both graphs
     for entry in fr.graph_entries():
         for buffers in entry.slots:
             for static in (buffers.static_keyframe, buffers.static_reuse):
                 static.fn = launch_recorder(buffers.keyframe_out, stamps)
     before = copy.copy(fr.stats)
-    times = step_times(fr, sched, sample, cond, args.steps, args.generations, stamps)
+    times = step_times(fr, schedule, sched, sample, cond, args.generations, stamps)
     new = fr.stats.since(before)
     ahead = f"{new.keyframes_ahead} of {args.generations} first steps replayed before the module state was read"
-
-    rows = [{"config": args.config, "item": kind, "calls": len(t["call"]), "to_launch_us": median_us(t["to_launch"]),
-             "call_us": median_us(t["call"]), "note": ahead if kind == "first step" else ""}
-            for kind, t in sorted(times.items())]
+    # The same graphs called directly (no argument binding, step tracking, module-state check or output
+    # wrapping): what is left of each step's time to launch is the replay's own host work.
+    direct = step_times(DirectGraphs(fr.graph_entries()[0], schedule), schedule, sched, sample, cond,
+                        args.generations, stamps)
+    rows = rows_of(times, "runtime", args.config, ahead) + rows_of(direct, "graphs called directly", args.config)
     reads = CodeReads()  # the runtime keeps one such memo; repeat_us's untimed first call fills this one
     rows.append({"config": args.config, "item": "module_snapshot", "call_us": repeat_us(
         lambda: module_snapshot(unet, reads))})
     rows.append({"config": args.config, "item": "tensor_addresses",
                  "call_us": repeat_us(lambda: tensor_addresses(unet))})
-    print_table(rows, ["item", "calls", "to_launch_us", "call_us", "note"],
+    print_table(rows, ["path", "item", "calls", "to_launch_us", "call_us", "note"],
                 f"Runtime host work, {args.config} config, {args.steps} DDIM steps, M={args.interval}, "
                 f"median over {args.generations} generations (µs)")
     print(f"\nrows appended to {append_csv(args.out, rows, environment(torch.device('cpu')))}")

@@ -150,8 +150,12 @@ def test_bench_host_times_every_step_kind_with_the_first_steps_replayed_ahead(tm
     result = subprocess.run([sys.executable, str(script), "--config", "tiny", "--steps", "6", "--generations", "3",
                              "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = {row["item"]: row for row in csv.DictReader(out.open())}
-    assert set(rows) == {"first step", "keyframe", "reuse", "skip", "module_snapshot", "tensor_addresses"}, rows
-    assert rows["first step"]["calls"] == "3" and rows["first step"]["note"].startswith("3 of 3 first steps"), rows
-    assert all(float(rows[kind]["to_launch_us"]) > 0 for kind in ("first step", "keyframe", "reuse")), rows
-    assert rows["skip"]["to_launch_us"] == "" and float(rows["module_snapshot"]["call_us"]) > 0, rows
+    rows = {(row["path"], row["item"]): row for row in csv.DictReader(out.open())}
+    kinds = ("first step", "keyframe", "reuse", "skip")
+    paths = ("runtime", "graphs called directly")
+    assert set(rows) == {(p, k) for p in paths for k in kinds} | {("", "module_snapshot"), ("", "tensor_addresses")}
+    first = rows["runtime", "first step"]
+    assert first["calls"] == "3" and first["note"].startswith("3 of 3 first steps"), first
+    assert all(float(rows[p, k]["to_launch_us"]) > 0 for p in paths for k in kinds[:3]), rows
+    assert all(rows[p, "skip"]["to_launch_us"] == "" for p in paths), rows  # a skip step launches no graph
+    assert float(rows["", "module_snapshot"]["call_us"]) > 0, rows
