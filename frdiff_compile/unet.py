@@ -12,8 +12,8 @@ Invariants:
   globals it reads, numerics flags) forces a keyframe or other graphs (those built under the new settings,
   if any were: a switch back builds nothing). Graphs are only built, compiled and captured under the
   settings they are filed under. A generation's first step may be replayed before the module state is
-  read (`_first_step_ahead`, so that the device runs it meanwhile); if the state changed, that replay is
-  dropped and its slot holds nothing a step may read.
+  read (`_first_step_ahead`, so that the device runs it meanwhile, unless the last read found a change); if
+  the state changed, that replay is dropped and its slot holds nothing a step may read.
 - Parameters that move (`.to()`, model CPU offload, a swapped `.data`) never leave a graph reading old
   storage (`placement.GraphPlacement`).
 - Calls the graphs cannot serve run the eager UNet for the rest of that generation, with one warning that
@@ -81,6 +81,9 @@ class FRDiffUNet(UNetWrapper):
         self._slots = CallSlots()  # which caches each call of a step uses (one set per call)
         self._generation = _Generation(number=0, schedule=None)
         self._code_reads = CodeReads()  # a memo of which globals each class's code looks up
+        # Whether the module state was found unchanged when last read: only then is a generation's first step
+        # replayed before it is read again (`_first_step_ahead`).
+        self._state_settled = True
         self._fingerprint = module_fingerprint(self.unet, self._code_reads)
         self._graphs.use_settings(self._fingerprint.settings)
         self._where = GraphPlacement(self.unet, self._graphs, self.stats)
@@ -151,6 +154,7 @@ class FRDiffUNet(UNetWrapper):
         it: at a generation's start, and before `prepare` builds graphs (which must be filed under the settings
         they are built under). The forward hooks found, which no graph runs."""
         fingerprint, addresses = snapshot or module_snapshot(self.unet, self._code_reads)
+        self._state_settled = fingerprint == self._fingerprint
         if fingerprint != self._fingerprint:
             if fingerprint.parameters != self._fingerprint.parameters:
                 # Graphs over replaced Parameters would keep them (and their memory) alive, and serve no one.
@@ -327,15 +331,19 @@ class FRDiffUNet(UNetWrapper):
         machine, `benchmarks/bench_host.py`). Unchanged: the step is served. Changed: the replay is dropped
         (its slot already holds nothing a step may read) and the step goes the usual way under the new state.
         Before the replay only the addresses of the tensors the graphs were captured over are read
-        (`GraphPlacement.unmoved`): a captured graph reads those. (None, None) where this does not apply.
+        (`GraphPlacement.unmoved`): a captured graph reads those. Not while the state changes from one
+        generation to the next (a server switching LoRA adapters per request): after a state found changed,
+        the next first step waits for the read, as before, and the one after a read that found no change is
+        replayed ahead again, so each run of changes costs one dropped replay. (None, None) where this does
+        not apply.
         """
         try:
             layout, tensors = CallLayout.from_call(arguments)
         except UnsupportedCall:
             return None, None
         entry = self._graphs.peek(layout.signature)
-        if (entry is None or not entry.replays_full() or self._fingerprint.hooks or not self._where.unmoved()
-                or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
+        if (entry is None or not entry.replays_full() or not self._state_settled or self._fingerprint.hooks
+                or not self._where.unmoved() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
             return None, None
         self._streams.follow(entry.device)
         out = entry.replay_full_ahead(tensors, position.index)

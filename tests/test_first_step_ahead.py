@@ -97,6 +97,27 @@ def test_a_module_change_between_generations_drops_the_replay(change):
     assert s.full_replays == s.full_calls == 2 * STEPS, s  # the dropped replay served no step
 
 
+def test_a_state_that_changes_every_generation_is_read_first_until_it_settles():
+    """A server switching adapters (here FreeU) per request would drop a replay at every generation: after a
+    change the first step waits for the read, and is replayed ahead again once a read finds no change."""
+    unet, cond = make_unet("sd15"), unet_inputs("sd15")
+    fr = emulated(unet, keyframe_interval=1)
+    stock = lambda i, n, x, t: unet(x, t, **cond).sample  # noqa: E731
+    seen = []
+    for freeu in (False, False, True, False, True, True, True):  # generation by generation
+        if freeu:
+            _freeu(unet)
+        else:
+            unet.disable_freeu()
+        got = sample(optimized_fn(fr, cond), scheduler("sd15"), STEPS)
+        assert torch.equal(got, sample(stock, scheduler("sd15"), STEPS)), f"after {len(seen)} generations"
+        seen.append((fr.stats.keyframes_ahead, fr.stats.keyframes_discarded))
+    # 1: built. 2: ahead. 3: changed, dropped. 4: changed, read first. 5: changed, read first. 6: unchanged,
+    # read first. 7: ahead.
+    assert seen == [(0, 0), (1, 0), (2, 1), (2, 1), (2, 1), (2, 1), (3, 1)], seen
+    assert fr.stats.full_replays == fr.stats.full_calls == 7 * STEPS, fr.stats
+
+
 def test_hooks_attached_between_generations_run_the_eager_unet_from_the_first_step():
     unet, cond = make_unet("sd15"), unet_inputs("sd15")
     fr = emulated(unet, keyframe_interval=2)
