@@ -1,9 +1,10 @@
 """A generation's first step replayed before the module state is read (`FRDiffUNet._first_step_ahead`).
 
-On a GPU the replay runs while the host reads the module state, which otherwise took the host 1.7 ms (SD 1.5)
-to 3.4 ms (SDXL) at every generation's start with the device idle. Checked here on CPU through the "emulate"
-CUDA-graph backend: the replay comes first, the steps compute what they did before, and a module state
-that changed between generations never lets the dropped replay's output or caches through.
+On a GPU the replay runs while the host reads the module state, which kept the device waiting at every
+generation's start (from the call to the launch, 4.2 to 4.7 ms for the SD 1.5 config and 12.8 ms for SDXL on
+the CPU machine, `benchmarks/bench_host.py`). Checked here on CPU through the "emulate" CUDA-graph backend:
+the replay comes first, the steps compute what they did before, and a module state that changed between
+generations never lets the dropped replay's output or caches through.
 """
 
 import csv
