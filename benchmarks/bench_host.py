@@ -29,7 +29,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from common import RESULTS, DirectGraphs, append_csv, environment, print_table
+from common import RESULTS, DirectGraphs, append_csv, environment, print_table, time_ms
 from diffusers import DDIMScheduler
 from models import build_unet, example_call
 
@@ -83,16 +83,6 @@ def rows_of(times: dict[str, dict[str, list[float]]], path: str, config: str, no
              "note": note if kind == "first step" else ""} for kind, t in sorted(times.items())]
 
 
-def repeat_us(fn, repeats: int = 50) -> float:
-    fn()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        seconds.append(time.perf_counter() - start)
-    return median_us(seconds)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", choices=("sd15", "sdxl", "small", "tiny"), default="sd15",
@@ -127,11 +117,10 @@ def main() -> None:
     direct = step_times(DirectGraphs(fr.graph_entries()[0], schedule), schedule, sched, sample, cond,
                         args.generations, stamps)
     rows = rows_of(times, "runtime", args.config, ahead) + rows_of(direct, "graphs called directly", args.config)
-    reads = CodeReads()  # the runtime keeps one such memo; repeat_us's untimed first call fills this one
-    rows.append({"config": args.config, "item": "module_snapshot", "call_us": repeat_us(
-        lambda: module_snapshot(unet, reads))})
-    rows.append({"config": args.config, "item": "tensor_addresses",
-                 "call_us": repeat_us(lambda: tensor_addresses(unet))})
+    cpu, reads = torch.device("cpu"), CodeReads()  # the runtime keeps one such memo; the warm-up call fills this
+    for item, fn in (("module_snapshot", lambda: module_snapshot(unet, reads)),
+                     ("tensor_addresses", lambda: tensor_addresses(unet))):
+        rows.append({"config": args.config, "item": item, "call_us": time_ms(fn, cpu, repeats=50, warmup=1) * 1e3})
     print_table(rows, ["path", "item", "calls", "to_launch_us", "call_us", "note"],
                 f"Runtime host work, {args.config} config, {args.steps} DDIM steps, M={args.interval}, "
                 f"median over {args.generations} generations (µs)")

@@ -54,6 +54,17 @@ from .wrapper import UNetWrapper
 
 logger = logging.getLogger(__name__)
 
+def _flatten(arguments: dict[str, Any]) -> tuple[CallLayout, list[torch.Tensor]] | UnsupportedCall:
+    try:  # `CallLayout.from_call`, or the refusal it raised
+        return CallLayout.from_call(arguments)
+    except UnsupportedCall as exc:
+        return exc
+
+
+def _wants_gradients(tensors: list[torch.Tensor]) -> bool:  # the inference graphs record no autograd history
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 @dataclasses.dataclass
 class _Generation:
     number: int
@@ -286,8 +297,10 @@ class FRDiffUNet(UNetWrapper):
             return None
         if position.resumed:
             self._interleaved()
+        call = None  # flattened once per call, where a graph may serve it
         if position.new_generation:
-            out, snapshot = self._first_step_ahead(arguments, position)
+            call = _flatten(arguments)
+            out, snapshot = self._first_step_ahead(call, position) if isinstance(call, tuple) else (None, None)
             if out is not None:
                 return out
             self._start_generation(position.num_steps, snapshot)
@@ -297,12 +310,12 @@ class FRDiffUNet(UNetWrapper):
             return None
         if self._where.away:  # moved mid-generation: the graphs' buffers were released
             self._where.check()
-        try:
-            layout, tensors = CallLayout.from_call(arguments)
-        except UnsupportedCall as exc:
-            self._fall_back(f"argument {exc} is not supported by the captured graphs")
+        call = call or _flatten(arguments)
+        if isinstance(call, UnsupportedCall):  # refused here, once the generation it falls back in has started
+            self._fall_back(f"argument {call} is not supported by the captured graphs")
             return None
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        layout, tensors = call
+        if _wants_gradients(tensors):
             # A caller differentiating through the UNet (guidance by a loss on its output) needs the autograd
             # history the inference graphs never record; a loop that merely forgot no_grad has no such input.
             self._fall_back("an input requires grad and grad mode is on (gradients through the UNet); the "
@@ -320,30 +333,23 @@ class FRDiffUNet(UNetWrapper):
             return None
         return self._run(entry, tensors, position.index, slot)
 
-    def _first_step_ahead(self, arguments: dict[str, Any],
+    def _first_step_ahead(self, call: tuple[CallLayout, list[torch.Tensor]],
                           position: StepPosition) -> tuple[torch.Tensor | None, tuple | None]:
         """A generation's first step replayed before the module state is read, and the snapshot then read.
 
-        A first step is always a keyframe (no cache holds this generation's features). Where it is a replay
-        of a captured graph (nothing to build, compile or capture), the replay is queued first and the module
-        state is read while the device runs it, not while the device waits: from the call to the launch, 4.2
-        to 4.7 ms before and 0.5 to 0.6 ms after for SD 1.5, 12.8 and 0.8 to 1.3 ms for SDXL (host time on the CPU
-        machine, `benchmarks/bench_host.py`). Unchanged: the step is served. Changed: the replay is dropped
-        (its slot already holds nothing a step may read) and the step goes the usual way under the new state.
-        Before the replay only the addresses of the tensors the graphs were captured over are read
-        (`GraphPlacement.unmoved`): a captured graph reads those. Not while the state changes from one
-        generation to the next (a server switching LoRA adapters per request): after a state found changed,
-        the next first step waits for the read, as before, and the one after a read that found no change is
-        replayed ahead again, so each run of changes costs one dropped replay. (None, None) where this does
-        not apply.
+        A first step is always a keyframe. Where it is a replay of a captured graph (nothing to build, compile
+        or capture), it is queued first and the module state is read while the device runs it (README: "The
+        module-state check off the device's path"; `benchmarks/bench_host.py`). Unchanged: the step is served.
+        Changed: the replay is dropped (its slot already holds nothing a step may read) and the step goes the
+        usual way. Before the replay only the addresses the graphs were captured over are read
+        (`GraphPlacement.unmoved`). After a read that found a change (adapters switched per request), the next
+        first step waits for its read, so a run of changes costs one dropped replay. (None, None) where this
+        does not apply.
         """
-        try:
-            layout, tensors = CallLayout.from_call(arguments)
-        except UnsupportedCall:
-            return None, None
+        layout, tensors = call
         entry = self._graphs.peek(layout.signature)
         if (entry is None or not entry.replays_full() or not self._state_settled or self._fingerprint.hooks
-                or not self._where.unmoved() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
+                or not self._where.unmoved() or _wants_gradients(tensors)):
             return None, None
         self._streams.follow(entry.device)
         out = entry.replay_full_ahead(tensors, position.index)
