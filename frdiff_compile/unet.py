@@ -36,7 +36,7 @@ import torch
 
 from .call_slots import TOO_MANY_CALLS, CallSlots
 from .code_reads import CodeReads
-from .concurrency import StreamOrder
+from .concurrency import EXPORT_GATE, StreamOrder
 from .config import FRDiffConfig
 from .cudagraphs import Backend, SharedPool
 from .graph_cache import GraphEntry, RuntimeStats, build_entry
@@ -253,7 +253,7 @@ class FRDiffUNet(UNetWrapper):
             layout, tensors = CallLayout.from_call(arguments)
         except UnsupportedCall as exc:
             raise RuntimeError(f"calls with argument {exc} run the eager UNet; there is no graph to prepare") from None
-        with self._lock:
+        with self._lock, EXPORT_GATE.call():
             hooks = self._use_current_settings()
             if hooks:
                 raise RuntimeError(hooks_reason(hooks) + "; remove them before preparing graphs")
@@ -276,7 +276,8 @@ class FRDiffUNet(UNetWrapper):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         arguments = self._bind(args, kwargs)
         return_dict = arguments.pop("return_dict", True)
-        with self._lock:  # the whole call, the eager UNet too (it may not run during a copy's capture)
+        # The whole call, the eager UNet too: no copy's capture nor any export (`ExportGate`) runs meanwhile.
+        with self._lock, EXPORT_GATE.call():
             out = self._step(arguments)
             if out is None:
                 self.stats.eager_calls += 1
@@ -284,7 +285,6 @@ class FRDiffUNet(UNetWrapper):
         if not return_dict:
             return (out,)
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
         return UNet2DConditionOutput(sample=out)
 
     def _step(self, arguments: dict[str, Any]) -> torch.Tensor | None:

@@ -1,6 +1,7 @@
 """Threads calling runtimes at once: one runtime shared by request threads (diffusers' server recipe shares
-the UNet), a copy per thread, runtimes over two UNets capturing at once; and the CUDA stream order's logic.
-The helpers serve the GPU versions in test_cuda_runtime.py too."""
+the UNet), a copy per thread, runtimes over two UNets capturing at once, a call held off while another
+runtime exports; the export gate's and the CUDA stream order's logic. The helpers serve the GPU versions in
+test_cuda_runtime.py too."""
 
 import contextlib
 import copy
@@ -10,11 +11,12 @@ import threading
 import pytest
 import torch
 from conftest import make_unet, max_rel_error, unet_inputs
+from diffusers.models.attention_processor import AttnProcessor2_0
 from test_runtime import optimized_fn, sample, scheduler
 
 import frdiff_compile
 from frdiff_compile import FRDiffConfig
-from frdiff_compile.concurrency import StreamOrder
+from frdiff_compile.concurrency import ExportGate, StreamOrder
 
 STEPS = 8
 SEEDS = (0, 1, 2)
@@ -144,6 +146,124 @@ def test_runtimes_over_two_unets_capture_in_two_threads_at_once(frequent_switche
         stats = runtime.stats
         assert (stats.captures, stats.capture_failures, stats.eager_calls) == (1, 0, 0), stats
     assert not [w for w in recwarn if "frdiff_compile" in str(w.message)]
+
+
+class _Pause:
+    def __init__(self) -> None:
+        self.entered, self.release, self.exporting = threading.Event(), threading.Event(), None
+
+
+class _PausesOnce(AttnProcessor2_0):
+    """SDPA attention that, at its first call, says so and waits to be released: the first call of a new
+    runtime's UNet is inside its export. (What it records is kept outside the processor, whose own state a
+    capture refuses to see change.)"""
+
+    def __init__(self, pause: _Pause) -> None:
+        super().__init__()
+        self.pause = pause
+
+    def __call__(self, *args, **kwargs):
+        if not self.pause.entered.is_set():
+            self.pause.exporting = torch.compiler.is_exporting()
+            self.pause.entered.set()
+            self.pause.release.wait(60)
+        return super().__call__(*args, **kwargs)
+
+
+def test_a_call_waits_while_another_runtime_exports_and_keeps_its_graphs(recwarn):
+    # torch.export turns cuDNN off process-wide while it traces. Without the export gate, runtime a's next
+    # generation read that flag as a change of its numerics settings and built a second graph pair under the
+    # export's flags (on a GPU it would also capture non-cuDNN convolutions, or fall back to eager).
+    unets = [make_unet("sd15", layers_per_block=1) for _ in range(2)]
+    cond = unet_inputs("sd15")
+    a, b = (frdiff_compile.optimize(unet) for unet in unets)
+    sample(optimized_fn(a, cond), scheduler("sd15"), 2)  # a's graph pair: built, nothing left to export
+    pause = _Pause()
+    unets[1].set_attn_processor(_PausesOnce(pause))
+    results = {}
+
+    def generate(name, runtime):
+        results[name] = sample(optimized_fn(runtime, cond), scheduler("sd15"), STEPS)
+
+    exporting = threading.Thread(target=generate, args=("b", b))
+    exporting.start()
+    assert pause.entered.wait(60), "b's first call never reached its attention"
+    calling = threading.Thread(target=generate, args=("a", a))
+    try:
+        assert pause.exporting, "b paused outside its export"
+        calling.start()
+        calling.join(0.5)
+        assert calling.is_alive() and a.stats.generations == 1, f"a's call ran during b's export: {a.stats}"
+    finally:
+        pause.release.set()
+        exporting.join()
+        calling.join()
+    assert set(results) == {"a", "b"}, "a generation raised (printed above)"
+    expected = sample(optimized_fn(frdiff_compile.optimize(unets[0]), cond), scheduler("sd15"), STEPS)
+    assert max_rel_error(results["a"], expected) < 1e-5
+    for runtime in (a, b):
+        stats = runtime.stats
+        assert (stats.captures, stats.capture_failures, stats.eager_calls) == (1, 0, 0), stats
+    assert not [w for w in recwarn if "frdiff_compile" in str(w.message)]
+
+
+def _in_thread(body) -> threading.Thread:
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_the_export_gate_orders_exports_against_calls_in_other_threads():
+    gate, log = ExportGate(), []
+    call_held, call_done, export_started = threading.Event(), threading.Event(), threading.Event()
+
+    def long_call():
+        with gate.call():
+            call_held.set()
+            call_done.wait(10)
+            log.append("call ends")
+
+    def export():
+        export_started.set()
+        with gate.export():
+            log.append("export")
+
+    def late_call():
+        with gate.call():
+            log.append("late call")
+
+    caller = _in_thread(long_call)
+    call_held.wait(10)
+    exporter = _in_thread(export)
+    export_started.wait(10)
+    exporter.join(0.2)
+    assert exporter.is_alive() and not log, "an export ran during another thread's call"
+    late = _in_thread(late_call)
+    late.join(0.2)
+    assert late.is_alive() and not log, "a new call went ahead of a waiting export"
+    call_done.set()
+    for thread in (caller, exporter, late):
+        thread.join(10)
+    assert log == ["call ends", "export", "late call"], log
+
+
+def test_calls_that_export_from_inside_themselves_in_two_threads_do_not_wait_for_each_other():
+    # A runtime's first call exports inside its own call: each export sets its thread's holds aside, and
+    # calls re-enter (a nested call, or one made from inside the export) without waiting.
+    gate, both_in, log = ExportGate(), threading.Barrier(2, timeout=10), []
+
+    def first_call(name):
+        with gate.call(), gate.call():
+            both_in.wait()
+            with gate.export(), gate.call():
+                log.append(name)
+
+    threads = [_in_thread(lambda n=name: first_call(n)) for name in ("a", "b")]
+    for thread in threads:
+        thread.join(10)
+    assert not any(t.is_alive() for t in threads) and sorted(log) == ["a", "b"], log
+    with gate.export():  # and nothing is left held
+        pass
 
 
 class _Stream:

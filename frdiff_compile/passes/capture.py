@@ -20,13 +20,13 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
-import threading
 from typing import Any
 
 import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
+from ..concurrency import EXPORT_GATE
 from .side_effects import changes_undone, describe_changes
 
 logger = logging.getLogger(__name__)
@@ -287,11 +287,6 @@ def normalize(gm: fx.GraphModule) -> dict[str, int]:
     return counts
 
 
-# torch.export's non-strict tracing is not thread-safe: it keeps process-wide state (the proxy dispatch mode's
-# slot, the constants it lifts), and two exports in two threads at once, even of two different UNets, both
-# failed in each of 5 trials on CPU. So exports take turns across every runtime in the process. This lock is
-# the package's one piece of module-level state; it configures nothing and holds nothing between exports.
-_EXPORT_LOCK = threading.Lock()
 
 
 def forget_real_tensors(mode: FakeTensorMode) -> None:
@@ -325,7 +320,10 @@ def capture(unet: torch.nn.Module, layout: CallLayout, tensors: list[torch.Tenso
     step (`side_effects.changes_undone`; the state is restored first).
     """
     adapter = _ExportAdapter(unet, layout)
-    with _EXPORT_LOCK, changes_undone(unet) as changed:
+    # torch.export's non-strict tracing keeps process-wide state (the proxy dispatch mode's slot, the constants
+    # it lifts, the backends' flags): two exports in two threads at once, even of two different UNets, both
+    # failed in each of 5 trials on CPU. So an export waits for, and holds off, every call in other threads.
+    with EXPORT_GATE.export(), changes_undone(unet) as changed:
         program = torch.export.export(adapter, tuple(tensors), strict=False)
         gm = program.module()
     _forget_traced_tensors(gm)
