@@ -55,7 +55,15 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 def compile_with_inductor(gm: fx.GraphModule, args: tuple[torch.Tensor, ...], options: dict) -> Callable:
     """`gm` compiled by inductor directly, with its on-disk caches on (shared with `background_compile`)."""
-    from torch._inductor.compile_fx import compile_fx  # imported at the first compile, not with the package
+    # Imported at the first compile, not with the package. Dynamo's process-wide lock, which every torch.compile
+    # compile holds: inductor's compile is not thread-safe (pytorch/pytorch#136833). Direct compiles of two small
+    # graphs in two threads at once failed in each of 7 trials on the CPU machine, under torch 2.11 and 2.13
+    # ("CURRENT_PATCHER is None in finally block", "aten.copy_.default DispatchKey.CPU already in dispatch
+    # cache"), and torch 2.11 left the user's inductor config changed (its config patches are process-wide
+    # there). Two runtimes' first generations in two threads compile so; the lock orders them, and orders them
+    # against torch.compile in other threads (tests/test_concurrency.py).
+    from torch._dynamo.convert_frame import compile_lock
+    from torch._inductor.compile_fx import compile_fx
 
     # A tracing context whose fake mode has a shape environment, as inductor's own standalone_compile
     # sets up: without one inductor bypasses its FX-graph and AOTAutograd caches ("No shape env"), and
@@ -73,7 +81,7 @@ def compile_with_inductor(gm: fx.GraphModule, args: tuple[torch.Tensor, ...], op
     # at run time, index arithmetic on them) though a graph serves one signature. Seen in the H200 run: a
     # reuse call took 0.47 of a keyframe call's time for 0.27 of its FLOPs (0.28 on an H100, before this path).
     try:
-        with torch._guards.tracing(context):
+        with compile_lock, torch._guards.tracing(context):
             return compile_fx(copy_graph_module(gm), examples, config_patches=options, ignore_shape_env=True)
     finally:  # what inductor compiled keeps this mode alive, on a cold compile (a cache hit makes no fakes)
         forget_real_tensors(context.fake_mode)
