@@ -5,9 +5,9 @@ diffusers' server recipe shares one UNet between request threads, each with a pi
 at once. A stock UNet is a pure function of its inputs; the runtime is not: it keeps the current
 generation, the feature caches, the keyframe output, the blend weight and, with CUDA graphs, static input
 and output buffers, all of which one step reads after another step wrote them. And capturing a graph pair
-(`torch.export`, non-strict) replaces the `__call__` of the UNet's modules while it traces, so any other
-call into the same modules meanwhile runs inside that trace (measured on CPU with two threads: assertion
-errors in both, or a hang).
+(`torch.export`, non-strict) replaces `torch.nn.Module.__call__` and `__getattr__` for the whole process
+while it traces (seen on torch 2.13), so a call into the same modules meanwhile runs inside that trace
+(measured on CPU with two threads: assertion errors in both, or a hang).
 
 Invariants:
 - The step lock (`FRDiffUNet._lock`, re-entrant) is held for a whole call (the step lookup, any capture
