@@ -287,8 +287,6 @@ def normalize(gm: fx.GraphModule) -> dict[str, int]:
     return counts
 
 
-
-
 def forget_real_tensors(mode: FakeTensorMode) -> None:
     """Drop the weak references `mode` keeps to the real tensors it made fake ones of.
 
