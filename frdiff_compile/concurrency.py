@@ -73,6 +73,10 @@ class ExportGate:
       that an export would wait for. (A runtime called from inside another runtime's call, on another
       thread than the one holding its step lock, could still deadlock against an export; no diffusers
       model does that.)
+    - The price of calls waiting behind exports: an export waits for every call in flight, and a first
+      generation at a shape compiles inside its call (up to minutes cold). A third runtime's calls meanwhile
+      wait behind the export, for the rest of that compile. Building every shape before serving (one 2-step
+      generation per shape, README) keeps exports out of a server's serving time altogether.
     """
 
     def __init__(self) -> None:
