@@ -30,6 +30,7 @@ from torch._subclasses import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from .background_compile import BackgroundCompile
+from .concurrency import EXPORT_GATE
 from .config import inductor_mode_options
 from .passes.capture import forget_real_tensors
 from .passes.split import SplitGraph, split_graph
@@ -81,7 +82,7 @@ def compile_with_inductor(gm: fx.GraphModule, args: tuple[torch.Tensor, ...], op
     # at run time, index arithmetic on them) though a graph serves one signature. Seen in the H200 run: a
     # reuse call took 0.47 of a keyframe call's time for 0.27 of its FLOPs (0.28 on an H100, before this path).
     try:
-        with compile_lock, torch._guards.tracing(context):
+        with EXPORT_GATE.long_work(), compile_lock, torch._guards.tracing(context):
             return compile_fx(copy_graph_module(gm), examples, config_patches=options, ignore_shape_env=True)
     finally:  # what inductor compiled keeps this mode alive, on a cold compile (a cache hit makes no fakes)
         forget_real_tensors(context.fake_mode)
@@ -91,7 +92,8 @@ def _wait_for(background: BackgroundCompile | None, stats: RuntimeStats, kind: s
     """Let a worker compiling a graph (or a part of one) finish first, so that the compile here is a cache hit."""
     if background is None:
         return
-    failure = background.wait(timeout=BACKGROUND_TIMEOUT_S)
+    with EXPORT_GATE.long_work():
+        failure = background.wait(timeout=BACKGROUND_TIMEOUT_S)
     if failure is None:
         stats.background_compiles += 1
     else:

@@ -68,15 +68,16 @@ class ExportGate:
     - Shared holds are re-entrant per thread, and an exporting thread's own calls (none are expected) go on.
     - An export waits for every other thread's calls to end and sets its own thread's holds aside meanwhile:
       a runtime's first call exports inside its own call, and two such calls in two threads must not wait
-      for each other. New calls wait behind a waiting export, so a busy runtime cannot starve another's.
+      for each other.
+    - New calls wait behind a waiting export, so a busy runtime cannot starve another's, except while some
+      call is in long work (`long_work`: a compile, minutes cold). The export could not start before that
+      call ends anyway, so other runtimes' calls go on meanwhile instead of waiting out the compile; once
+      no long work is left they wait again, for the calls in flight to end and the export to run.
     - Callers take their step lock first, then the gate: a thread waiting for a step lock holds no share
       that an export would wait for. (A runtime called from inside another runtime's call, on another
       thread than the one holding its step lock, could still deadlock against an export; no diffusers
       model does that.)
-    - The price of calls waiting behind exports: an export waits for every call in flight, and a first
-      generation at a shape compiles inside its call (up to minutes cold). A third runtime's calls meanwhile
-      wait behind the export, for the rest of that compile. Building every shape before serving (one 2-step
-      generation per shape, README) keeps exports out of a server's serving time altogether.
+    - Only the order of waiting depends on `long_work`: an export never runs beside a call either way.
     """
 
     def __init__(self) -> None:
@@ -84,6 +85,7 @@ class ExportGate:
         self._holds: dict[int, int] = {}  # thread ident -> its shared holds
         self._exporter: int | None = None
         self._exports_waiting = 0
+        self._long_work = 0  # calls in a compile now
 
     def call(self) -> ExportGate:
         """`with gate.call():` holds the gate shared for a runtime call (the gate is its own context manager,
@@ -94,7 +96,7 @@ class ExportGate:
         me = threading.get_ident()
         with self._changed:
             if me not in self._holds and me != self._exporter:
-                while self._exporter is not None or self._exports_waiting:
+                while self._exporter is not None or (self._exports_waiting and not self._long_work):
                     self._changed.wait()
             self._holds[me] = self._holds.get(me, 0) + 1
 
@@ -105,6 +107,19 @@ class ExportGate:
                 self._holds[me] = left
             elif self._exports_waiting:  # only an export waits for calls to end
                 self._changed.notify_all()
+
+    @contextlib.contextmanager
+    def long_work(self) -> Iterator[None]:
+        """Around work inside a call that takes seconds to minutes (a compile, or the wait for a worker's):
+        meanwhile new calls in other threads need not wait behind a waiting export."""
+        with self._changed:
+            self._long_work += 1
+            self._changed.notify_all()  # calls waiting behind an export may go
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._long_work -= 1
 
     @contextlib.contextmanager
     def export(self) -> Iterator[None]:

@@ -274,6 +274,48 @@ def test_the_export_gate_orders_exports_against_calls_in_other_threads():
     assert log == ["call ends", "export", "late call"], log
 
 
+def test_calls_go_ahead_of_a_waiting_export_only_while_a_call_compiles():
+    # A runtime's first generation compiles inside its call for minutes cold; an export waiting for that call
+    # cannot start before it ends, so other runtimes' calls need not wait it out.
+    gate, log = ExportGate(), []
+    compiling, compiled, compile_left = threading.Event(), threading.Event(), threading.Event()
+    call_done = threading.Event()
+
+    def compiling_call():
+        with gate.call():
+            with gate.long_work():
+                compiling.set()
+                compiled.wait(10)
+            compile_left.set()
+            call_done.wait(10)
+            log.append("compiling call ends")
+
+    def export():
+        with gate.export():
+            log.append("export")
+
+    def other_call(name):
+        with gate.call():
+            log.append(name)
+
+    caller = _in_thread(compiling_call)
+    compiling.wait(10)
+    exporter = _in_thread(export)
+    while not gate._exports_waiting:  # the export is waiting for the compiling call
+        exporter.join(0.01)
+    _in_thread(lambda: other_call("call during the compile")).join(10)
+    assert log == ["call during the compile"], log
+    compiled.set()  # the compile is over, the call goes on: new calls wait behind the export again
+    compile_left.wait(10)
+    late = _in_thread(lambda: other_call("call after the compile"))
+    late.join(0.2)
+    assert late.is_alive() and log == ["call during the compile"], log
+    call_done.set()
+    for thread in (caller, exporter, late):
+        thread.join(10)
+    assert log == ["call during the compile", "compiling call ends", "export", "call after the compile"], log
+
+
 def test_calls_that_export_from_inside_themselves_in_two_threads_do_not_wait_for_each_other():
     # A runtime's first call exports inside its own call: each export sets its thread's holds aside, and
     # calls re-enter (a nested call, or one made from inside the export) without waiting.
