@@ -249,10 +249,9 @@ class FRDiffUNet(UNetWrapper):
         """
         arguments = self._bind(args, kwargs)
         arguments.pop("return_dict", None)
-        try:
-            layout, tensors = CallLayout.from_call(arguments)
-        except UnsupportedCall as exc:
-            raise RuntimeError(f"calls with argument {exc} run the eager UNet; there is no graph to prepare") from None
+        if isinstance(call := _flatten(arguments), UnsupportedCall):
+            raise RuntimeError(f"calls with argument {call} run the eager UNet; there is no graph to prepare")
+        layout, tensors = call
         with self._lock, EXPORT_GATE.call():
             hooks = self._use_current_settings()
             if hooks:
