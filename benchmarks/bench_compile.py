@@ -5,11 +5,15 @@ Run (on a CUDA machine; `--dry-run` checks the wiring on CPU with a tiny config)
     python benchmarks/bench_compile.py --variants default,background --phases cold   # the worker's gain
     python benchmarks/bench_compile.py --variants default,parts3 --phases cold       # and the keyframe's parts
     python benchmarks/bench_compile.py --variants default,shared-names   # also with shared kernel names
+    python benchmarks/bench_compile.py --phases cold,portable   # a fresh machine given the cold run's artifacts
 
 Invariants:
 - Every measurement is a process of its own with its own inductor and Triton cache folders: "cold" starts
   from empty folders (a fresh machine), "warm" is a second process over the folders its cold run filled
-  (a restart on the same machine). Nothing is shared between variants.
+  (a restart on the same machine), "portable" a process over new empty folders that first loads the
+  portable cache artifacts the cold process saved (`torch.compiler.save_cache_artifacts` after its compile,
+  `load_cache_artifacts` before the build: a fresh machine given them, README's cold-start recipe). Nothing
+  is shared between variants.
 - A variant is a set of environment variables that inductor reads when it is imported, and FRDiffConfig
   fields, so the library runs as a user setting them would run it. "default" is inductor and the config as
   they come; "background" compiles the reuse graph in a worker process while the keyframe graph compiles
@@ -23,8 +27,10 @@ Invariants:
   Counted on CPU for the SD 1.5 config, only 12 of the reuse graph's 113 kernels could be served so.
 - Times are the runtime's own counters: export and graph passes (`build_seconds`), and each graph's first
   call, compilation included (`compile_seconds`, `reuse_compile_seconds`; with a worker, the reuse share is
-  the wait for it plus the cache hit). CUDA graphs are off: capture is not compilation. "triton binaries"
-  counts the kernels Triton compiled into the empty cache folder.
+  the wait for it plus the cache hit). CUDA graphs are off: capture is not compilation. "triton_binaries"
+  counts the kernels Triton compiled into the empty cache folder; "fx_hits" the graphs inductor's FX-graph
+  cache served (each keyframe part counts), "artifact_mb" the size of what the cold process saved, "load_s"
+  the portable process's load of it (not in the compile seconds).
 - The target (GPU issue): both graphs compiled in <= 60 s for one shape. Appends rows to
   benchmarks/results/bench_compile.csv (none for --dry-run unless --csv is given).
 """
@@ -60,10 +66,15 @@ def device_and_dtype(dry_run: bool) -> tuple[torch.device, torch.dtype]:
 
 def child(args: argparse.Namespace) -> None:
     """One process: build the runtime's graph pair and run each graph once; print the counters as JSON."""
+    from torch._dynamo.utils import counters
+
     import frdiff_compile
     from frdiff_compile import FRDiffConfig
 
     start = time.perf_counter()
+    if args.load_artifacts:  # before anything compiles, as a server would at its start
+        torch.compiler.load_cache_artifacts(Path(args.load_artifacts).read_bytes())
+    load_s = time.perf_counter() - start if args.load_artifacts else None
     device, dtype = device_and_dtype(args.dry_run)
     torch.manual_seed(0)
     unet = build_unet(args.config, args.latent, device).to(dtype)  # initialized on the device: seconds less
@@ -77,6 +88,12 @@ def child(args: argparse.Namespace) -> None:
         entry.run_reuse(tensors, 0.5)
         synchronize(device)
     stats = fr.stats
+    artifact_mb = None
+    if args.save_artifacts:
+        saved = torch.compiler.save_cache_artifacts()
+        if saved is not None:
+            Path(args.save_artifacts).write_bytes(saved[0])
+            artifact_mb = len(saved[0]) / 2**20
     print(json.dumps({
         "export_s": stats.build_seconds,
         "keyframe_s": stats.compile_seconds - stats.reuse_compile_seconds,
@@ -84,16 +101,21 @@ def child(args: argparse.Namespace) -> None:
         "compile_s": stats.compile_seconds,
         "compiles": stats.compiles,
         "background_compiles": stats.background_compiles,
+        "fx_hits": counters["inductor"]["fxgraph_cache_hit"],
+        "artifact_mb": artifact_mb,
+        "load_s": load_s,
         "process_s": time.perf_counter() - start,
     }))
 
 
-def measure(args: argparse.Namespace, variant: str, cache: Path, phase: str) -> dict:
-    """Run `child` in a fresh process over `cache`; the row for the table."""
+def measure(args: argparse.Namespace, variant: str, cache: Path, phase: str, artifacts: dict) -> dict:
+    """Run `child` in a fresh process over `cache`; the row for the table. `artifacts` has "--save-artifacts"
+    or "--load-artifacts" with a path, or neither."""
     env = {**os.environ, **VARIANTS[variant][0], "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
            "TRITON_CACHE_DIR": str(cache / "triton")}
     command = [sys.executable, __file__, "--child", "--variant", variant, "--config", args.config,
-               "--latent", str(args.latent), "--batch", str(args.batch), *(["--dry-run"] if args.dry_run else [])]
+               "--latent", str(args.latent), "--batch", str(args.batch), *(["--dry-run"] if args.dry_run else []),
+               *(x for item in artifacts.items() for x in item)]
     row: dict = {"variant": variant, "phase": phase}
     began = time.perf_counter()
     try:
@@ -113,6 +135,25 @@ def measure(args: argparse.Namespace, variant: str, cache: Path, phase: str) -> 
     return row
 
 
+def variant_runs(args: argparse.Namespace, variant: str, root: Path, phases: list[str]):
+    """Yield the rows of one variant's phases, in order. Cold runs first whenever warm (which reuses its
+    cache folders) or portable (which loads the artifacts it saved) is asked for, and yields only if asked."""
+    cache, saved = root / variant, root / f"{variant}_artifacts.bin"
+    runs = {"cold": (cache, {"--save-artifacts": str(saved)} if "portable" in phases else {}),
+            "warm": (cache, {}),
+            "portable": (root / f"{variant}_portable", {"--load-artifacts": str(saved)})}
+    for phase, (folder, artifacts) in runs.items():
+        if phase not in phases and not (phase == "cold" and {"warm", "portable"} & set(phases)):
+            continue
+        if phase == "portable" and not saved.exists():
+            row = {"variant": variant, "phase": phase, "note": "no artifacts: the cold run saved none"}
+        else:
+            row = measure(args, variant, folder, phase, artifacts)
+        print(f"{variant} {phase}: {row.get('compile_s', float('nan')):.1f} s {row.get('note', '')}", flush=True)
+        if phase in phases:
+            yield row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="sd15", choices=["sd15", "sdxl", "small", "tiny"])
@@ -120,13 +161,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--variants", default="default",
                         help=f"comma-separated subset of {','.join(VARIANTS)}")
-    parser.add_argument("--phases", default="cold,warm", help="cold, warm or both (warm needs cold first)")
+    parser.add_argument("--phases", default="cold,warm",
+                        help="comma-separated subset of cold, warm, portable (warm and portable run cold first)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per process")
     parser.add_argument("--dry-run", action="store_true", help="CPU inductor, a tiny UNet at 8x8 latents")
     parser.add_argument("--csv", default=None,
                         help="default: benchmarks/results/bench_compile.csv (none for --dry-run)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", default="default", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--save-artifacts", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--load-artifacts", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.dry_run:  # CPU inductor compiles even the tiny UNet in about a minute, cold
         args.config, args.latent = "tiny", 8
@@ -135,8 +179,8 @@ def main() -> None:
         return
     variants = [v for v in args.variants.split(",") if v]
     phases = [p for p in args.phases.split(",") if p]
-    if sorted(set(variants) - set(VARIANTS)) or sorted(set(phases) - {"cold", "warm"}):
-        parser.error(f"variants are {', '.join(VARIANTS)}; phases are cold and warm")
+    if sorted(set(variants) - set(VARIANTS)) or sorted(set(phases) - {"cold", "warm", "portable"}):
+        parser.error(f"variants are {', '.join(VARIANTS)}; phases are cold, warm and portable")
     if not args.dry_run and not torch.cuda.is_available():
         parser.error("bench_compile times compilation for CUDA and needs a CUDA device (use --dry-run on CPU)")
     device, dtype = device_and_dtype(args.dry_run)
@@ -147,18 +191,12 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="frdiff_compile_caches_") as root:
         for variant in variants:
-            cache = Path(root) / variant
-            for phase in ("cold", "warm"):
-                if phase in phases or (phase == "cold" and "warm" in phases):  # warm needs the cold caches
-                    row = measure(args, variant, cache, phase)
-                    print(f"{variant} {phase}: {row.get('compile_s', float('nan')):.1f} s {row.get('note', '')}",
-                          flush=True)
-                    if phase in phases:
-                        rows.append(row)
-                        if csv_path:
-                            append_csv(Path(csv_path), [{"shape": shape, "dry_run": args.dry_run, **row}], env)
+            for row in variant_runs(args, variant, Path(root), phases):
+                rows.append(row)
+                if csv_path:  # row by row: a stage cut short by its time limit keeps what it measured
+                    append_csv(Path(csv_path), [{"shape": shape, "dry_run": args.dry_run, **row}], env)
     columns = ["variant", "phase", "export_s", "keyframe_s", "reuse_s", "compile_s", "compiles", "background_compiles",
-               "triton_binaries", "process_s", "wall_s", "note"]
+               "fx_hits", "triton_binaries", "artifact_mb", "load_s", "process_s", "wall_s", "note"]
     print_table(rows, columns, f"bench_compile ({shape}; target: both graphs <= 60 s)")
 
 

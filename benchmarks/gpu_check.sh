@@ -43,8 +43,10 @@ BUDGET_S=${BUDGET_S:-$(( DRY ? 900 : 560 ))}
 # graphs over empty caches, each in a fresh process, as inductor comes, with the reuse graph compiled by a
 # background worker, and with the keyframe graph in 3 parts, two of them compiled by workers:
 # STAGES=bench_compile BUDGET_S=300; about 4 minutes expected on an H200 from the 97 s cold compile seen
-# there, an estimate; COMPILE_VARIANTS=default,parts3 for fewer) and bench_methods (FRDiff M=2 and M=3 and
-# DeepCache at interval 3, all compiled without CUDA graphs, against eager: the two methods on equal footing;
+# there, an estimate; COMPILE_VARIANTS=default,parts3 for fewer; COMPILE_PHASES=cold,portable adds, for each
+# variant, a fresh process over empty caches that loads the portable cache artifacts its cold run saved) and
+# bench_methods (FRDiff M=2 and M=3 and DeepCache at interval 3, all compiled without CUDA graphs, against
+# eager: the two methods on equal footing;
 # STAGES=bench_methods BUDGET_S=300) and bench_calls (SD 1.5 with a UNet call per view, 4 views: call slots
 # under compiled graphs and CUDA graphs; one graph pair to compile; STAGES=bench_calls BUDGET_S=240) and
 # bench_deep (cache_point="deep", DeepCache's method on frdiff's graphs, at intervals 3 and 2 with CUDA
@@ -99,7 +101,7 @@ if (( DRY )); then
   BLEND=(--quick)
   OFFPATH=(--config tiny --latent 16 --dtype float32 --repeats 3)
   UNET=(--small --latent 8 --steps 4 --repeats 1)
-  COMPILE=(--dry-run --variants default,parts3 --phases cold)
+  COMPILE=(--dry-run --variants default,parts3 --phases "${COMPILE_PHASES:-cold}")
   CALLS=(--config tiny --latent 16 --steps 4)
   PROFILE=(--small --latent 8 --calls 2)
   QUANT=(--quantize int8-weight-only)  # float8 needs a GPU's float8 matrix products
@@ -123,7 +125,7 @@ else
   # then compiled once per worker that needs them, in parallel.
   PYTEST=(-v -p timeout --timeout 90 -n 4 --dist load)
   UNET=(--device cuda --latent 64 --repeats 10)
-  COMPILE=(--variants "${COMPILE_VARIANTS:-default,background,parts3}" --phases cold)
+  COMPILE=(--variants "${COMPILE_VARIANTS:-default,background,parts3}" --phases "${COMPILE_PHASES:-cold}")
   CALLS=(--config sd15 --latent 64 --views 4 --steps 30 --repeats 3 --calls per-view)
   PROFILE=(--latent 64 --calls 10)
   QUANT=(--quantize "${QUANTIZE:-float8-dynamic}")

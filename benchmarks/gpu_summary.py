@@ -167,6 +167,8 @@ def summary(out: Path) -> list[tuple[str, str, str, str]]:
     for r in newest(out / "bench_compile.csv"):
         seconds, cold = number(r.get("compile_s")), r.get("phase") == "cold"
         what = f"compile s, {r.get('variant')} {r.get('phase')} ({r.get('triton_binaries') or '?'} Triton binaries"
+        if r.get("phase") == "portable":  # graphs served by the loaded artifacts (keyframe parts count apart)
+            what += f", {r.get('fx_hits') or 0} from the artifacts"
         # Did every worker hand its graph over (else it was compiled here)? "background" has one (the reuse
         # graph); "partsK" K: the reuse graph and the keyframe graph's parts after the first.
         variant = r.get("variant") or ""

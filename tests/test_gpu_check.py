@@ -70,6 +70,8 @@ def test_summary_judges_the_newest_run_against_the_targets(tmp_path):
     write_csv(tmp_path / "bench_compile.csv", [
         {"date": new, "variant": "default", "phase": "cold", "compile_s": "72.5", "triton_binaries": "140"},
         {"date": new, "variant": "default", "phase": "warm", "compile_s": "9.1", "triton_binaries": "140"},
+        {"date": new, "variant": "default", "phase": "portable", "compile_s": "12.0", "triton_binaries": "0",
+         "fx_hits": "2"},
         {"date": new, "variant": "shared-names", "phase": "cold", "compile_s": "58", "triton_binaries": "101"},
         {"date": new, "variant": "background", "phase": "cold", "compile_s": "50", "triton_binaries": "259",
          "background_compiles": "1"},
@@ -90,6 +92,8 @@ def test_summary_judges_the_newest_run_against_the_targets(tmp_path):
     assert verdicts["methods: deepcache-compiled vs eager"][1:] == ("2", "", "-")
     assert verdicts["compile s, default cold (140 Triton binaries)"][1:] == ("72.5", "<= 60", "MISSED")
     assert verdicts["compile s, default warm (140 Triton binaries)"][1:] == ("9.1", "", "-")
+    # A fresh cache folder given the cold run's artifacts: no target (the target is a cold compile).
+    assert verdicts["compile s, default portable (0 Triton binaries, 2 from the artifacts)"][1:] == ("12", "", "-")
     assert verdicts["compile s, shared-names cold (101 Triton binaries)"][3] == "met"
     assert verdicts["compile s, background cold (259 Triton binaries, worker ok)"][1:] == ("50", "<= 60", "met")
     assert "compile s, background warm (259 Triton binaries, worker FAILED (0 handed over))" in verdicts
