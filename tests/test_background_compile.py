@@ -1,8 +1,10 @@
-"""The reuse graph compiled by a worker process into inductor's caches while the keyframe graph compiles here.
+"""The graphs found in inductor's caches: compiled there by a worker process while the keyframe graph compiles
+here, or loaded from torch's portable cache artifacts.
 
 Each test points inductor at an empty cache folder (the worker inherits it), so a hit can only come from
-the worker. CPU inductor: what is checked is the hand-over (cache keys agree, numerics, failure paths).
-The time it saves is `benchmarks/bench_compile.py --variants default,background`'s to measure.
+the worker or the artifacts. CPU inductor: what is checked is the hand-over (cache keys agree, numerics,
+failure paths). The time it saves is `benchmarks/bench_compile.py --variants default,background` (and
+`--phases cold,portable`) to measure.
 """
 
 import logging
@@ -99,6 +101,33 @@ def test_keyframe_parts_after_the_first_are_compiled_by_workers(empty_caches, ca
     assert caplog.text.count("started ahead of its job") == 3, caplog.text
     assert caplog.text.count("handed to worker") == 3, caplog.text
     assert not list((empty_caches / "tmp").glob("frdiff_compile_job_*"))
+
+
+def test_portable_cache_artifacts_serve_both_graphs_on_a_fresh_cache(empty_caches, monkeypatch):
+    """README's cold-start recipe: torch's portable caches, saved after one generation and loaded into empty
+    cache folders (a fresh machine), serve both graphs from the caches. The graphs go to inductor directly,
+    not through torch.compile, so this holds only while the runtime compiles them as a cache user."""
+    unet = make_unet("sd15", layers_per_block=1, block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
+                     up_block_types=("CrossAttnUpBlock2D",))
+    cond = unet_inputs("sd15")
+    built = frdiff_compile.optimize(unet, FRDiffConfig(compile=True))
+    expected = sample(optimized_fn(built, cond), scheduler("sd15"), STEPS)
+    assert cache_events().get("fxgraph_cache_miss") == 2, cache_events()  # both compiled from scratch
+    saved = torch.compiler.save_cache_artifacts()
+    assert saved is not None
+    artifacts, info = saved
+    assert len(info.inductor_artifacts) >= 2 and len(info.aot_autograd_artifacts) >= 2, info
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(empty_caches / "fresh" / "inductor"))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(empty_caches / "fresh" / "triton"))
+    counters.clear()
+    torch.compiler.load_cache_artifacts(artifacts)
+    fresh = frdiff_compile.optimize(unet, FRDiffConfig(compile=True))
+    got = sample(optimized_fn(fresh, cond), scheduler("sd15"), STEPS)
+    events = cache_events()
+    assert events.get("fxgraph_cache_hit") == 2 and not events.get("fxgraph_cache_miss"), events
+    assert events.get("autograd_cache_hit") == 2 and not events.get("autograd_cache_miss"), events
+    assert fresh.stats.compiles == 2 and torch.equal(got, expected)
 
 
 def test_a_worker_started_ahead_and_never_given_a_job_is_stopped(empty_caches):
