@@ -28,9 +28,10 @@ Invariants:
 - Times are the runtime's own counters: export and graph passes (`build_seconds`), and each graph's first
   call, compilation included (`compile_seconds`, `reuse_compile_seconds`; with a worker, the reuse share is
   the wait for it plus the cache hit). CUDA graphs are off: capture is not compilation. "triton_binaries"
-  counts the kernels Triton compiled into the empty cache folder; "fx_hits" the graphs inductor's FX-graph
-  cache served (each keyframe part counts), "artifact_mb" the size of what the cold process saved, "load_s"
-  the portable process's load of it (not in the compile seconds).
+  counts the kernels in the Triton cache folder afterwards (built there; in the portable phase also any the
+  artifacts brought, since inductor writes those out when it serves a graph from them); "fx_hits" the graphs
+  inductor's FX-graph cache served (each keyframe part counts), "artifact_mb" the size of what the cold
+  process saved, "load_s" the portable process's load of it (not in the compile seconds).
 - The target (GPU issue): both graphs compiled in <= 60 s for one shape. Appends rows to
   benchmarks/results/bench_compile.csv (none for --dry-run unless --csv is given).
 """
