@@ -103,16 +103,21 @@ def test_keyframe_parts_after_the_first_are_compiled_by_workers(empty_caches, ca
     assert not list((empty_caches / "tmp").glob("frdiff_compile_job_*"))
 
 
-def test_portable_cache_artifacts_serve_both_graphs_on_a_fresh_cache(empty_caches, monkeypatch):
+@pytest.mark.parametrize("background", [False, True], ids=["here", "worker"])
+def test_portable_cache_artifacts_serve_both_graphs_on_a_fresh_cache(empty_caches, monkeypatch, background):
     """README's cold-start recipe: torch's portable caches, saved after one generation and loaded into empty
     cache folders (a fresh machine), serve both graphs from the caches. The graphs go to inductor directly,
-    not through torch.compile, so this holds only while the runtime compiles them as a cache user."""
+    not through torch.compile, so this holds only while the runtime compiles them as a cache user. With a
+    background worker, the reuse graph was compiled in another process: this one recorded it when it found
+    it in the caches."""
     unet = make_unet("sd15", layers_per_block=1, block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
                      up_block_types=("CrossAttnUpBlock2D",))
     cond = unet_inputs("sd15")
-    built = frdiff_compile.optimize(unet, FRDiffConfig(compile=True))
+    built = frdiff_compile.optimize(unet, FRDiffConfig(compile=True, background_compile=background))
     expected = sample(optimized_fn(built, cond), scheduler("sd15"), STEPS)
-    assert cache_events().get("fxgraph_cache_miss") == 2, cache_events()  # both compiled from scratch
+    # Both compiled from scratch, here or (the reuse graph) by the worker
+    assert cache_events().get("fxgraph_cache_miss") == 2 - background, cache_events()
+    assert built.stats.background_compiles == background, built.stats
     saved = torch.compiler.save_cache_artifacts()
     assert saved is not None
     artifacts, info = saved
