@@ -56,13 +56,13 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 def compile_with_inductor(gm: fx.GraphModule, args: tuple[torch.Tensor, ...], options: dict) -> Callable:
     """`gm` compiled by inductor directly, with its on-disk caches on (shared with `background_compile`)."""
-    # Imported at the first compile, not with the package. Dynamo's process-wide lock, which every torch.compile
-    # compile holds: inductor's compile is not thread-safe (pytorch/pytorch#136833). Direct compiles of two small
-    # graphs in two threads at once failed in each of 7 trials on the CPU machine, under torch 2.11 and 2.13
-    # ("CURRENT_PATCHER is None in finally block", "aten.copy_.default DispatchKey.CPU already in dispatch
-    # cache"), and torch 2.11 left the user's inductor config changed (its config patches are process-wide
-    # there). Two runtimes' first generations in two threads compile so; the lock orders them, and orders them
-    # against torch.compile in other threads (tests/test_concurrency.py).
+    # Both imported at the first compile, not with the package. `compile_lock` is dynamo's process-wide lock,
+    # which every torch.compile compile holds: inductor's compile is not thread-safe (pytorch/pytorch#136833).
+    # Direct compiles of two small graphs in two threads at once failed in each of 7 trials on the CPU machine,
+    # under torch 2.11 and 2.13 ("CURRENT_PATCHER is None in finally block", "aten.copy_.default DispatchKey.CPU
+    # already in dispatch cache"), and torch 2.11 left the user's inductor config changed (its config patches are
+    # process-wide there). Two runtimes' first generations in two threads compile so; the lock orders them, and
+    # orders them against torch.compile in other threads (tests/test_concurrency.py).
     from torch._dynamo.convert_frame import compile_lock
     from torch._inductor.compile_fx import compile_fx
 

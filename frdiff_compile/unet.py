@@ -54,6 +54,7 @@ from .wrapper import UNetWrapper
 
 logger = logging.getLogger(__name__)
 
+
 def _flatten(arguments: dict[str, Any]) -> tuple[CallLayout, list[torch.Tensor]] | UnsupportedCall:
     try:  # `CallLayout.from_call`, or the refusal it raised
         return CallLayout.from_call(arguments)
@@ -309,7 +310,7 @@ class FRDiffUNet(UNetWrapper):
             return None
         if self._where.away:  # moved mid-generation: the graphs' buffers were released
             self._where.check()
-        call = call or _flatten(arguments)
+        call = _flatten(arguments) if call is None else call
         if isinstance(call, UnsupportedCall):  # refused here, once the generation it falls back in has started
             self._fall_back(f"argument {call} is not supported by the captured graphs")
             return None
