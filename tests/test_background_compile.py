@@ -76,7 +76,9 @@ def test_the_worker_compiles_the_reuse_graph_into_the_caches(empty_caches, threa
     assert not list((empty_caches / "tmp").glob("frdiff_compile_job_*"))
 
 
-def test_keyframe_parts_after_the_first_are_compiled_by_workers(empty_caches, caplog):
+def test_keyframe_parts_after_the_first_are_compiled_by_workers(empty_caches, monkeypatch, caplog):
+    """Then the portable cache artifacts saved after that generation hold every part: the same config on empty
+    cache folders finds all four graphs there (one test: the generation they need is most of its time)."""
     # Two cross-attention blocks, so the keyframe graph has room for a cut; three workers' results found.
     unet = make_unet("sd15", layers_per_block=1, block_out_channels=(32, 32),
                      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -101,6 +103,20 @@ def test_keyframe_parts_after_the_first_are_compiled_by_workers(empty_caches, ca
     assert caplog.text.count("started ahead of its job") == 3, caplog.text
     assert caplog.text.count("handed to worker") == 3, caplog.text
     assert not list((empty_caches / "tmp").glob("frdiff_compile_job_*"))
+
+    # The parts the workers compiled were recorded here when found in the caches, so the artifacts hold them.
+    artifacts, info = torch.compiler.save_cache_artifacts()
+    assert len(info.inductor_artifacts) >= 4, info
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(empty_caches / "fresh" / "inductor"))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(empty_caches / "fresh" / "triton"))
+    counters.clear()
+    torch.compiler.load_cache_artifacts(artifacts)
+    fresh = frdiff_compile.optimize(unet, FRDiffConfig(compile=True, background_compile=True, keyframe_parts=3))
+    again = sample(optimized_fn(fresh, cond), scheduler("sd15"), STEPS)
+    events = cache_events()
+    assert events.get("fxgraph_cache_hit") == 4 and not events.get("fxgraph_cache_miss"), events
+    assert fresh.stats.compiles == 2 and fresh.stats.background_failures == 0, fresh.stats
+    assert torch.equal(again, got)
 
 
 @pytest.mark.parametrize("background", [False, True], ids=["here", "worker"])
