@@ -76,9 +76,11 @@ def test_the_worker_compiles_the_reuse_graph_into_the_caches(empty_caches, threa
     assert not list((empty_caches / "tmp").glob("frdiff_compile_job_*"))
 
 
-def test_keyframe_parts_after_the_first_are_compiled_by_workers(empty_caches, monkeypatch, caplog):
-    """Then the portable cache artifacts saved after that generation hold every part: the same config on empty
-    cache folders finds all four graphs there (one test: the generation they need is most of its time)."""
+def test_keyframe_parts_compiled_by_workers_and_their_artifacts_serve_a_fresh_cache(empty_caches, monkeypatch,
+                                                                                     caplog):
+    """The keyframe graph's parts after the first are compiled by workers; the portable cache artifacts saved
+    after that generation hold every part, so the same config on empty cache folders finds all four graphs
+    there (one test: the generation both halves need is most of its time)."""
     # Two cross-attention blocks, so the keyframe graph has room for a cut; three workers' results found.
     unet = make_unet("sd15", layers_per_block=1, block_out_channels=(32, 32),
                      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
