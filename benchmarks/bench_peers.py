@@ -32,7 +32,11 @@ conversion diffusers recommends: its convolutions run channels_last with weights
 frdiff_compile's graphs otherwise keep the NCHW layout the UNet is loaded in; "frdiff-m2-lo" and "frdiff-m3-lo"
 (M=3 on M=2-lo's graphs), frdiff_compile with `conv_layout="inductor"` on the NCHW UNet: inductor's layout
 optimization runs the convolutions channels_last, copying the weights at every call, as compiled-static does
-(the configuration of the 2026-11-26 H100 run, whose reuse call took 0.28 of a keyframe call). Each provider
+(the configuration of the 2026-11-26 H100 run, whose reuse call took 0.28 of a keyframe call); "frdiff-m2-combo"
+and "frdiff-m3-combo" (M=3 on M=2-combo's graphs), frdiff_compile with inductor's experimental `combo_kernels`
+on while its graphs compile: independent kernels share a launch (the SD 1.5 reuse graph's CUDA code has 43
+Triton launches instead of 106, most of them the group-norm kernels of different resnets), which says whether
+the reuse call's launches cost it time. Each provider
 runs one untimed loop (compilation, capture) and then --loops timed loops (CUDA events, median).
 
 Reports per provider: loop ms, speedup against eager and against compiled stock, first-loop seconds (for
@@ -47,6 +51,7 @@ benchmarks/results/bench_peers.csv.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import time
 import types
@@ -54,8 +59,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import (RESULTS, DirectGraphs, append_csv, deepcache, environment, frdiff_step_ms, loop_model_ms, loop_ms,
-                    print_table, synchronize)
+import torch._inductor.config
+from common import (
+    RESULTS,
+    DirectGraphs,
+    append_csv,
+    deepcache,
+    environment,
+    frdiff_step_ms,
+    loop_model_ms,
+    loop_ms,
+    print_table,
+    synchronize,
+)
 from diffusers import DDIMScheduler
 from models import build_unet, example_call
 
@@ -69,12 +85,13 @@ from frdiff_compile.passes import CallLayout
 DEFAULT = ("eager", "frdiff-m2", "compiled-static", "frdiff-m3", "deepcache", "frdiff-m2-nocg")
 ALL = (*DEFAULT, "compiled-static-nchw", "compiled", "deepcache-compiled", "frdiff-m3-nocg", "frdiff-deep3",
        "frdiff-deep2", "frdiff-deep3-nocg", "frdiff-deep2-nocg", "compiled-static-cl", "frdiff-m2-cl", "frdiff-m3-cl",
-       "frdiff-m2-lo", "frdiff-m3-lo")
+       "frdiff-m2-lo", "frdiff-m3-lo", "frdiff-m2-combo", "frdiff-m3-combo")
 # Providers that run another's graphs under their own schedule where that one was built (`reconfigure`).
 SHARES_GRAPHS = {"frdiff-m3": "frdiff-m2", "frdiff-deep2": "frdiff-deep3"}
 BASELINES = ("eager", "compiled-static", "compiled-static-nchw", "compiled-static-cl", "compiled")
 CHANNELS_LAST = "-cl"  # the suffix of the providers that run on the channels_last copy of the UNet
 INDUCTOR_LAYOUT = "-lo"  # the suffix of the frdiff providers compiled with conv_layout="inductor"
+COMBO = "-combo"  # the suffix of the frdiff providers compiled with inductor's combo_kernels on
 
 
 # torchao's configs by the names --quantize takes: what `quantize_` does to every Linear layer (the
@@ -123,7 +140,7 @@ class StaticStock:
 
 def _without_suffixes(name: str) -> str:
     """A frdiff provider's name without its variant suffixes: frdiff-m3-nocg-cl is frdiff-m3."""
-    return name.removesuffix(CHANNELS_LAST).removesuffix(INDUCTOR_LAYOUT).removesuffix("-nocg")
+    return name.removesuffix(COMBO).removesuffix(CHANNELS_LAST).removesuffix(INDUCTOR_LAYOUT).removesuffix("-nocg")
 
 
 def graphs_of(name: str) -> str:
@@ -141,8 +158,17 @@ def channels_last_copy(unet, copies: dict):
     return copies["cl"]
 
 
+def inductor_patches(name: str) -> contextlib.AbstractContextManager:
+    """The inductor settings provider `name` runs under: its graphs compile at its first loop, inside this,
+    and the runtime's own compile options go on top of these (they set no combo_kernels)."""
+    if name.endswith(COMBO):
+        return torch._inductor.config.patch(combo_kernels=True)
+    return contextlib.nullcontext()
+
+
 def frdiff_config(name: str, mode: str) -> FRDiffConfig:
-    """frdiff-m<M>[-nocg][-cl|-lo] (FRDiff's cache points) or frdiff-deep<N>[-nocg] (DeepCache's deep feature)."""
+    """frdiff-m<M>[-nocg][-cl|-lo][-combo] (FRDiff's cache points) or frdiff-deep<N>[-nocg] (DeepCache's deep
+    feature)."""
     method = _without_suffixes(name).removeprefix("frdiff-")
     deep = method.startswith("deep")
     return FRDiffConfig(keyframe_interval=int(method.removeprefix("deep" if deep else "m")),
@@ -239,13 +265,14 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             try:
-                model = build(name, source, scheduler, mode, runtimes, args.deepcache_interval)
-                stats_before = copy.copy(getattr(model, "stats", None))
-                start = time.perf_counter()
-                loop_ms(model, scheduler, latents, call, args.steps, device)  # compile, capture, warm
-                row["first_loop_s"] = time.perf_counter() - start
-                row["loop_ms"] = sorted(loop_ms(model, scheduler, latents, call, args.steps, device)
-                                        for _ in range(args.loops))[args.loops // 2]
+                with inductor_patches(name):
+                    model = build(name, source, scheduler, mode, runtimes, args.deepcache_interval)
+                    stats_before = copy.copy(getattr(model, "stats", None))
+                    start = time.perf_counter()
+                    loop_ms(model, scheduler, latents, call, args.steps, device)  # compile, capture, warm
+                    row["first_loop_s"] = time.perf_counter() - start
+                    row["loop_ms"] = sorted(loop_ms(model, scheduler, latents, call, args.steps, device)
+                                            for _ in range(args.loops))[args.loops // 2]
             except Exception as exc:  # noqa: BLE001 - one provider failing must not hide the others
                 row["note"] = f"failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"
                 print(f"{name}: {row['note']}", flush=True)
