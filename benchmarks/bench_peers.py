@@ -60,18 +60,8 @@ from pathlib import Path
 
 import torch
 import torch._inductor.config
-from common import (
-    RESULTS,
-    DirectGraphs,
-    append_csv,
-    deepcache,
-    environment,
-    frdiff_step_ms,
-    loop_model_ms,
-    loop_ms,
-    print_table,
-    synchronize,
-)
+from common import (RESULTS, DirectGraphs, append_csv, deepcache, environment, frdiff_step_ms, loop_model_ms, loop_ms,
+                    print_table, synchronize)
 from diffusers import DDIMScheduler
 from models import build_unet, example_call
 
