@@ -18,26 +18,26 @@ new schedule, `FRDiffUNet.reconfigure`, so it compiles nothing); frdiff_compile 
 graphs. Also available, not run by default: "compiled-static-nchw", compiled-static with inductor's layout
 optimization off, as frdiff_compile compiles its graphs (inductor otherwise runs convolutions channels_last and
 copies every weight to that layout at every call; the faster of the two is the baseline the summary judges
-against); "compiled", torch.compile in "reduce-overhead" mode (inductor's
-own CUDA graphs; on the first H100 run it took 10.7 ms a step where our captured keyframe graph, which does
-more, took 7.7, so it is not the strongest baseline); "deepcache-compiled", DeepCache at interval 3 with the
-UNet's forward (its block wrappers inside) compiled by inductor, no CUDA graphs (`common.deepcache`): the
-method against frdiff's, both compiled, where "deepcache" compares an eager implementation with compiled
-graphs; set it against frdiff-m3-nocg (the same interval; it runs frdiff-m2-nocg's graphs where that was
-built) and frdiff-m2-nocg; "frdiff-deep3" and "frdiff-deep2" (and "-nocg"), frdiff_compile with
-`cache_point="deep"`: DeepCache's method (branch 0, no score mixing) served by frdiff's two compiled graphs, at
-interval 3 and 2 (deep2 runs deep3's graphs); "compiled-static-cl", "frdiff-m2-cl" and "frdiff-m3-cl" (M=3 on
-M=2-cl's graphs), the same on a copy of the UNet converted with `.to(memory_format=torch.channels_last)`, the
-conversion diffusers recommends: its convolutions run channels_last with weights laid out once, where
-frdiff_compile's graphs otherwise keep the NCHW layout the UNet is loaded in; "frdiff-m2-lo" and "frdiff-m3-lo"
-(M=3 on M=2-lo's graphs), frdiff_compile with `conv_layout="inductor"` on the NCHW UNet: inductor's layout
-optimization runs the convolutions channels_last, copying the weights at every call, as compiled-static does
-(the configuration of the 2026-11-26 H100 run, whose reuse call took 0.28 of a keyframe call); "frdiff-m2-combo"
-and "frdiff-m3-combo" (M=3 on M=2-combo's graphs), frdiff_compile with inductor's experimental `combo_kernels`
-on while its graphs compile: independent kernels share a launch (the SD 1.5 reuse graph's CUDA code has 43
-Triton launches instead of 106, most of them the group-norm kernels of different resnets), which says whether
-the reuse call's launches cost it time. Each provider
-runs one untimed loop (compilation, capture) and then --loops timed loops (CUDA events, median).
+against); "compiled", torch.compile in "reduce-overhead" mode (inductor's own CUDA graphs; on the first H100
+run it took 10.7 ms a step where our captured keyframe graph, which does more, took 7.7, so it is not the
+strongest baseline); "deepcache-compiled", DeepCache at interval 3 with the UNet's forward (its block wrappers
+inside) compiled by inductor, no CUDA graphs (`common.deepcache`): the method against frdiff's, both compiled,
+where "deepcache" compares an eager implementation with compiled graphs; set it against frdiff-m3-nocg (the
+same interval; it runs frdiff-m2-nocg's graphs where that was built) and frdiff-m2-nocg; "frdiff-deep3" and
+"frdiff-deep2" (and "-nocg"), frdiff_compile with `cache_point="deep"`: DeepCache's method (branch 0, no score
+mixing) served by frdiff's two compiled graphs, at interval 3 and 2 (deep2 runs deep3's graphs);
+"compiled-static-cl", "frdiff-m2-cl" and "frdiff-m3-cl" (M=3 on M=2-cl's graphs), the same on a copy of the
+UNet converted with `.to(memory_format=torch.channels_last)`, the conversion diffusers recommends: its
+convolutions run channels_last with weights laid out once, where frdiff_compile's graphs otherwise keep the
+NCHW layout the UNet is loaded in; "frdiff-m2-lo" and "frdiff-m3-lo" (M=3 on M=2-lo's graphs), frdiff_compile
+with `conv_layout="inductor"` on the NCHW UNet: inductor's layout optimization runs the convolutions
+channels_last, copying the weights at every call, as compiled-static does (the configuration of the 2026-11-26
+H100 run, whose reuse call took 0.28 of a keyframe call); "frdiff-m2-combo" and "frdiff-m3-combo" (M=3 on
+M=2-combo's graphs), frdiff_compile with inductor's experimental `combo_kernels` on while its graphs compile:
+independent kernels share a launch (the SD 1.5 reuse graph's CUDA code has 43 Triton launches instead of 106:
+the group-norm kernels of different resnets share them), which says whether the reuse call's launches cost it
+time. Each provider runs one untimed loop (compilation, capture) and then --loops timed loops (CUDA events,
+median).
 
 Reports per provider: loop ms, speedup against eager and against compiled stock, first-loop seconds (for
 compiled providers, mostly compilation), peak memory above what was allocated before it was built; for
