@@ -43,6 +43,19 @@ def cache_events() -> dict:
     return {k: v for k, v in {**counters["inductor"], **counters["aot_autograd"]}.items() if "cache" in k}
 
 
+def move_to_a_fresh_machine(empty_caches, monkeypatch):
+    """README's cold-start recipe across machines: save the portable cache artifacts, point inductor at empty
+    cache folders, and load the artifacts there, with the counters cleared. What was saved (its info)."""
+    saved = torch.compiler.save_cache_artifacts()
+    assert saved is not None
+    artifacts, info = saved
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(empty_caches / "fresh" / "inductor"))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(empty_caches / "fresh" / "triton"))
+    counters.clear()
+    torch.compiler.load_cache_artifacts(artifacts)
+    return info
+
+
 @pytest.fixture
 def threads_not_the_default():
     """A thread count a new process would not start with: CPU kernels are generated for it (the worker must
@@ -107,12 +120,8 @@ def test_keyframe_parts_compiled_by_workers_and_their_artifacts_serve_a_fresh_ca
     assert not list((empty_caches / "tmp").glob("frdiff_compile_job_*"))
 
     # The parts the workers compiled were recorded here when found in the caches, so the artifacts hold them.
-    artifacts, info = torch.compiler.save_cache_artifacts()
+    info = move_to_a_fresh_machine(empty_caches, monkeypatch)
     assert len(info.inductor_artifacts) >= 4, info
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(empty_caches / "fresh" / "inductor"))
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(empty_caches / "fresh" / "triton"))
-    counters.clear()
-    torch.compiler.load_cache_artifacts(artifacts)
     fresh = frdiff_compile.optimize(unet, FRDiffConfig(compile=True, background_compile=True, keyframe_parts=3))
     again = sample(optimized_fn(fresh, cond), scheduler("sd15"), STEPS)
     events = cache_events()
@@ -136,15 +145,8 @@ def test_portable_cache_artifacts_serve_both_graphs_on_a_fresh_cache(empty_cache
     # Both compiled from scratch, here or (the reuse graph) by the worker
     assert cache_events().get("fxgraph_cache_miss") == 2 - background, cache_events()
     assert built.stats.background_compiles == background, built.stats
-    saved = torch.compiler.save_cache_artifacts()
-    assert saved is not None
-    artifacts, info = saved
+    info = move_to_a_fresh_machine(empty_caches, monkeypatch)
     assert len(info.inductor_artifacts) >= 2 and len(info.aot_autograd_artifacts) >= 2, info
-
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(empty_caches / "fresh" / "inductor"))
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(empty_caches / "fresh" / "triton"))
-    counters.clear()
-    torch.compiler.load_cache_artifacts(artifacts)
     fresh = frdiff_compile.optimize(unet, FRDiffConfig(compile=True))
     got = sample(optimized_fn(fresh, cond), scheduler("sd15"), STEPS)
     events = cache_events()
